@@ -1,0 +1,1 @@
+"""recsys: recommender ranking engine."""

@@ -1,0 +1,128 @@
+"""Arrow request rows (already validated) -> :class:`RequestBatch`.
+
+Two steps, so DataLoader workers ship plain numpy arrays (pickled through a pipe,
+one copy) instead of a dozen torch tensors (each moved to its own shared-memory
+segment, which on 2 cores cost more than the collation itself):
+
+1. :func:`collate_arrays` (in the worker): truncate, gather, concatenate -> :class:`BatchArrays`.
+2. :meth:`BatchArrays.to_batch` (in the consumer): zero-copy ``torch.from_numpy`` + KJT construction.
+
+Sequences are truncated to the ``max_len`` most recent events per kind and stay
+jagged: a batch's tensors are as long as its own histories, never padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.data.batch import RequestBatch
+from recsys.data.jagged import jagged_from_arrow, offsets_from_lengths, range_index
+from recsys.data.schema import DataSchema
+
+
+@dataclass
+class KeyedArrays:
+    """A key-major KJT as numpy: ``values`` of key 0 for all rows, then key 1, ...; ``lengths [K * B]``."""
+
+    keys: list[str]
+    values: np.ndarray
+    """[sum of lengths] int64."""
+    lengths: np.ndarray
+    """[K * B] int32."""
+
+    def to_kjt(self) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor(keys=self.keys, values=torch.from_numpy(self.values),
+                                 lengths=torch.from_numpy(self.lengths))
+
+
+def _keyed(keys: list[str], values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedArrays:
+    if not keys:
+        return KeyedArrays([], np.zeros(0, np.int64), np.zeros(0, np.int32))
+    return KeyedArrays(keys, np.concatenate(values).astype(np.int64, copy=False),
+                       np.concatenate(lengths).astype(np.int32))
+
+
+@dataclass
+class BatchArrays:
+    """Everything of a :class:`RequestBatch`, as writable numpy arrays (see ``batch.py`` for shapes)."""
+
+    request_id: np.ndarray
+    user_id: np.ndarray
+    request_ts: np.ndarray
+    sparse: KeyedArrays
+    dense: np.ndarray
+    seq: KeyedArrays
+    seq_ts: KeyedArrays
+    cand: KeyedArrays
+    cand_offsets: np.ndarray
+    labels: np.ndarray
+    true_prob: np.ndarray | None
+
+    def to_batch(self) -> RequestBatch:
+        return RequestBatch(
+            request_id=torch.from_numpy(self.request_id), user_id=torch.from_numpy(self.user_id),
+            request_ts=torch.from_numpy(self.request_ts), sparse=self.sparse.to_kjt(),
+            dense=torch.from_numpy(self.dense), seq=self.seq.to_kjt(), seq_ts=self.seq_ts.to_kjt(),
+            cand=self.cand.to_kjt(), cand_offsets=torch.from_numpy(self.cand_offsets),
+            labels=torch.from_numpy(self.labels),
+            true_prob=None if self.true_prob is None else torch.from_numpy(self.true_prob))
+
+
+def _scalar(table: pa.Table, name: str, dtype: type) -> np.ndarray:
+    return np.array(table.column(name).to_numpy(), dtype=dtype)  # a writable copy
+
+
+def collate_arrays(table: pa.Table, schema: DataSchema, max_len: int) -> BatchArrays:
+    """``B`` rows of a validated table -> :class:`BatchArrays` (histories cut to the last ``max_len``)."""
+    b = table.num_rows
+    col = table.column
+    ones = np.ones(b, dtype=np.int32)
+    sparse = _keyed([f.name for f in schema.sparse], [col(f.name).to_numpy() for f in schema.sparse],
+                    [ones] * len(schema.sparse))
+    if schema.dense:
+        dense = np.stack([col(d).to_numpy().astype(np.float32) for d in schema.dense], axis=1)  # [B, n_dense]
+    else:
+        dense = np.zeros((b, 0), dtype=np.float32)
+
+    seq_keys, seq_vals, seq_lens, ts_vals, ts_lens = [], [], [], [], []
+    for kind in schema.sequences:
+        ts = jagged_from_arrow(col(schema.seq_col(kind, "ts")))
+        keep = np.minimum(ts.lengths, max_len)
+        index, _ = range_index(ts.offsets[1:] - keep, keep)  # the last `keep` events of each row, in order
+        for fld in ("item_id", "category", "action"):
+            seq_keys.append(f"{kind}.{fld}")
+            seq_vals.append(jagged_from_arrow(col(schema.seq_col(kind, fld))).values[index])
+            seq_lens.append(keep)
+        ts_vals.append(ts.values[index])
+        ts_lens.append(keep)
+
+    cand_item = jagged_from_arrow(col("cand_item_id"))
+    cand_cat = jagged_from_arrow(col("cand_category"))
+    c_len = cand_item.lengths
+    labels = np.stack([jagged_from_arrow(col(f"cand_label_{t}")).values for t in schema.tasks], axis=1)  # [sum C, T]
+    true_prob = None
+    if schema.has_true_prob:
+        true_prob = np.stack([jagged_from_arrow(col(f"cand_prob_{t}")).values for t in schema.tasks], axis=1)
+    return BatchArrays(
+        request_id=_scalar(table, "request_id", np.int64),
+        user_id=_scalar(table, "user_id", np.int64),
+        request_ts=_scalar(table, "request_ts", np.int64),
+        sparse=sparse,
+        dense=np.ascontiguousarray(dense),
+        seq=_keyed(seq_keys, seq_vals, seq_lens),
+        seq_ts=_keyed(list(schema.sequences), ts_vals, ts_lens),
+        cand=_keyed(["item_id", "category"], [cand_item.values, cand_cat.values], [c_len, c_len]),
+        cand_offsets=offsets_from_lengths(c_len),
+        labels=np.ascontiguousarray(labels, dtype=np.float32),
+        true_prob=None if true_prob is None else np.ascontiguousarray(true_prob, dtype=np.float32),
+    )
+
+
+def collate(table: pa.Table, schema: DataSchema, max_len: int) -> RequestBatch:
+    """One :class:`RequestBatch` from ``B`` rows of a validated table."""
+    return collate_arrays(table, schema, max_len).to_batch()

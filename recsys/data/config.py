@@ -1,0 +1,218 @@
+"""Structured (Hydra / OmegaConf) configs of the data stage.
+
+Plain dataclasses; every field has a one-line docstring and is checked in
+``__post_init__``. Fixed choices are ``str``-valued enums rather than ``Literal``:
+OmegaConf 2.3 rejects ``Literal`` annotations ("Unexpected type annotation"), while
+an enum is validated at merge time, so a typo in a YAML file or an override fails at
+start-up. The enums subclass ``str``, so ``cfg.source == "synthetic"`` holds.
+
+YAML files under ``configs/data/`` fill a :class:`DataConfig`::
+
+    base = OmegaConf.structured(DataConfig)
+    cfg = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.load("configs/data/tiny.yaml")))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class DataSource(str, Enum):
+    """Where request rows come from."""
+
+    synthetic = "synthetic"
+    ml100k = "ml100k"
+    parquet = "parquet"
+
+
+class HistoryDist(str, Enum):
+    """Heavy-tailed law of a synthetic user's number of events."""
+
+    lognormal = "lognormal"
+    pareto = "pareto"
+
+
+class OovPolicy(str, Enum):
+    """What an id >= its table size does on read (see ``DataSchema.oov_policy``)."""
+
+    error = "error"
+    oov = "oov"
+
+
+SYNTHETIC_TASKS = ("click", "like")
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic event log + impressions with a planted, known click model (see ``synthetic.py``)."""
+
+    seed: int = 0
+    """Seed of every random draw; same seed -> byte-identical Parquet content."""
+    num_users: int = 2500
+    """Number of users."""
+    num_items: int = 5000
+    """Item catalog size (ids 1..num_items; the schema's table has num_items + 1 rows)."""
+    num_categories: int = 32
+    """Number of item categories (ids 1..num_categories)."""
+    sequences: list[str] = field(default_factory=lambda: ["click", "like", "purchase"])
+    """Behaviour kinds; the first one carries the planted signal."""
+    kind_rates: list[float] = field(default_factory=lambda: [0.8, 0.15, 0.05])
+    """Share of events of each kind (same length as ``sequences``, decreasing, sums to 1)."""
+    num_actions: int = 8
+    """Action table size; event actions (dwell / strength buckets) use ids 1..num_actions-1."""
+    requests_per_user: float = 12.0
+    """Mean number of requests (impressions) per user (1 + Poisson(mean - 1))."""
+    candidates_per_request: int = 16
+    """Candidates per request."""
+    history_dist: HistoryDist = HistoryDist.lognormal
+    """Law of a user's total event count."""
+    history_median: float = 40.0
+    """Median events per user (lognormal) / scale x_m (Pareto)."""
+    history_sigma: float = 2.0
+    """Lognormal sigma of the event count (tail weight)."""
+    history_pareto_alpha: float = 1.1
+    """Pareto tail index (used when history_dist = pareto)."""
+    max_history: int = 10000
+    """Cap on a user's total events (>= 10000 keeps a few very long users)."""
+    time_span_days: float = 120.0
+    """All events and requests fall in this many days."""
+    zipf_exponent: float = 1.0
+    """Item popularity ~ 1 / rank^exponent."""
+    preference_concentration: float = 0.3
+    """Dirichlet alpha of a user's category preference (smaller = more focused users)."""
+    stickiness: float = 0.6
+    """Probability that an event repeats the previous event's category (short-term interest)."""
+    candidate_pref_fraction: float = 0.5
+    """Share of candidates drawn from the user's preferred categories (rest: by popularity)."""
+    signal_window: int = 50
+    """The planted model looks at the last this many events of the first kind (keep <= loader.max_len)."""
+    click_bias: float = -3.0
+    """Intercept of the click logit."""
+    w_affinity: float = 1.0
+    """Weight of log(share of the candidate's category in the recent history / uniform share)."""
+    w_recency: float = 1.2
+    """Weight of exp(-events since the candidate's category last appeared / recency_scale)."""
+    recency_scale: float = 5.0
+    """Decay (in events) of the recency term."""
+    w_popularity: float = 0.4
+    """Weight of the standardized log popularity of the candidate item."""
+    w_user_feature: float = 0.6
+    """Std of the planted (age bucket x category) effect."""
+    like_bias: float = -0.5
+    """Intercept of the like-given-click logit."""
+    w_like_quality: float = 1.2
+    """Weight of the hidden per-item quality in the like-given-click logit."""
+    w_like_affinity: float = 0.5
+    """Weight of the affinity term in the like-given-click logit."""
+    tasks: list[str] = field(default_factory=lambda: ["click", "like"])
+    """Label columns: "click" and optionally "like" (like implies click)."""
+    valid_fraction: float = 0.1
+    """Share of requests (latest in time, before test) in the valid split."""
+    test_fraction: float = 0.1
+    """Share of requests (latest in time) in the test split."""
+
+    def __post_init__(self) -> None:
+        self.history_dist = HistoryDist(self.history_dist)
+        for name in ("num_users", "num_items", "num_categories", "candidates_per_request", "signal_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"synthetic.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_actions < 3:
+            raise ValueError(f"synthetic.num_actions must be >= 3, got {self.num_actions}")
+        if not self.sequences or len(set(self.sequences)) != len(self.sequences):
+            raise ValueError(f"synthetic.sequences must be non-empty and unique, got {self.sequences}")
+        if len(self.kind_rates) != len(self.sequences):
+            raise ValueError("synthetic.kind_rates needs one rate per sequence kind")
+        if any(r <= 0 for r in self.kind_rates) or not math.isclose(sum(self.kind_rates), 1.0, abs_tol=1e-6):
+            raise ValueError(f"synthetic.kind_rates must be positive and sum to 1, got {self.kind_rates}")
+        if self.requests_per_user < 1:
+            raise ValueError(f"synthetic.requests_per_user must be >= 1, got {self.requests_per_user}")
+        if self.history_median <= 0 or self.history_sigma <= 0 or self.history_pareto_alpha <= 0:
+            raise ValueError("synthetic history distribution parameters must be > 0")
+        if self.max_history < 1:
+            raise ValueError(f"synthetic.max_history must be >= 1, got {self.max_history}")
+        for name in ("stickiness", "candidate_pref_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"synthetic.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.tasks or self.tasks[0] != "click" or any(t not in SYNTHETIC_TASKS for t in self.tasks) \
+                or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"synthetic.tasks must be ['click'] or ['click', 'like'], got {self.tasks}")
+        if self.valid_fraction < 0 or self.test_fraction < 0 or self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError("synthetic.valid_fraction + test_fraction must be in [0, 1)")
+        if self.time_span_days <= 0 or self.recency_scale <= 0 or self.preference_concentration <= 0:
+            raise ValueError("synthetic.time_span_days, recency_scale, preference_concentration must be > 0")
+
+
+@dataclass
+class Ml100kConfig:
+    """MovieLens-100k as shipped inside the recbole wheel (see ``ml100k.py``)."""
+
+    raw_dir: str | None = None
+    """Where the recbole wheel is downloaded and the three files extracted; None -> <root>/raw."""
+    recbole_version: str = "1.2.1"
+    """recbole release whose wheel carries dataset_example/ml-100k."""
+    like_threshold: int = 4
+    """A rating >= this is a positive of task "like"."""
+    download: bool = True
+    """Download the wheel with pip when the files are missing (False: raise instead)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.like_threshold <= 5:
+            raise ValueError(f"ml100k.like_threshold must be in 1..5, got {self.like_threshold}")
+
+
+@dataclass
+class LoaderConfig:
+    """How :class:`recsys.data.loader.RequestLoader` streams request rows."""
+
+    batch_size: int = 256
+    """Requests per batch (candidates per batch vary)."""
+    max_len: int = 256
+    """Most recent events kept per sequence kind (older ones are dropped on collate)."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = read in the main process)."""
+    shuffle: bool = False
+    """Shuffle row-group order (and rows inside a row group), seeded by seed + epoch."""
+    seed: int = 0
+    """Base seed of the shuffle."""
+    drop_last: bool = False
+    """Drop each shard's last partial batch."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_len < 1:
+            raise ValueError(f"loader.max_len must be >= 1, got {self.max_len}")
+        if self.num_workers < 0:
+            raise ValueError(f"loader.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` config group: which dataset, where it lives, how it is read."""
+
+    source: DataSource = DataSource.synthetic
+    """synthetic (generated), ml100k (MovieLens-100k), parquet (an already prepared directory)."""
+    root: str = "data"
+    """Prepared datasets land in <root>/<source>-<config hash>/."""
+    path: str | None = None
+    """Prepared directory (with schema.json) read when source = parquet."""
+    row_group_size: int = 1024
+    """Requests per Parquet row group (the unit of streaming and sharding)."""
+    oov_policy: OovPolicy = OovPolicy.error
+    """On read, an id >= its table size raises (error) or becomes id 0 (oov)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Generator settings (source = synthetic)."""
+    ml100k: Ml100kConfig = field(default_factory=Ml100kConfig)
+    """MovieLens-100k settings (source = ml100k)."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """Loader settings."""
+
+    def __post_init__(self) -> None:
+        self.source = DataSource(self.source)
+        self.oov_policy = OovPolicy(self.oov_policy)
+        if self.row_group_size < 1:
+            raise ValueError(f"data.row_group_size must be >= 1, got {self.row_group_size}")
+        if self.source == DataSource.parquet and not self.path:
+            raise ValueError("data.source=parquet needs data.path (a prepared directory with schema.json)")

@@ -1,0 +1,347 @@
+"""Event log -> request rows (the one code path that builds histories, for real and synthetic data).
+
+An event log is a table with ``user_id, item_id, timestamp`` and optionally
+``action`` (an action type or strength, e.g. a rating), ``kind`` (the behaviour
+sequence it belongs to: click / like / ...), a label column, plus an optional item
+table ``item_id -> category`` and an optional user table ``user_id -> features``.
+
+The history of a request ``(u, t)`` for kind ``S`` is every event of user ``u`` and
+kind ``S`` with ``timestamp < t`` (strictly: an event at the request's own second is
+*not* history), oldest first, ties in time kept in log order. It is computed for all
+requests at once by one merge of the sorted events with the sorted requests
+(:func:`attach_history`), so it is leakage-free by construction rather than by filter.
+
+Raw ids of any type are re-encoded to dense ids ``1..n`` in sorted order of the raw
+values (id 0 stays *unknown*); already dense integer ids ``1..n`` map to themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recsys.data.jagged import Jagged, range_index
+from recsys.data.parquet_io import RequestColumns
+from recsys.data.schema import DataSchema, SparseFeature
+
+REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+
+
+def read_frame(src: pl.DataFrame | str | Path, separator: str | None = None) -> pl.DataFrame:
+    """A DataFrame as is, or a Parquet / CSV / TSV file (``.tsv``, ``.inter``... read tab-separated)."""
+    if isinstance(src, pl.DataFrame):
+        return src
+    path = Path(src)
+    if path.suffix == ".parquet":
+        return pl.read_parquet(path)
+    sep = separator or ("," if path.suffix == ".csv" else "\t")
+    return pl.read_csv(path, separator=sep, quote_char=None, infer_schema_length=10000)
+
+
+def dense_ids(*series: pl.Series) -> tuple[list[np.ndarray], pl.Series]:
+    """Encodes raw values shared by several series to ids ``1..n`` (sorted raw order); nulls -> 0.
+
+    Returns one int64 array per input and the vocabulary (raw value of id ``i`` at
+    position ``i - 1``).
+    """
+    lengths = [len(s) for s in series]
+    allv = pl.concat([s.rename("v") for s in series])
+    codes = allv.rank("dense").fill_null(0).to_numpy().astype(np.int64)
+    vocab = allv.drop_nulls().unique().sort()
+    out, start = [], 0
+    for n in lengths:
+        out.append(codes[start:start + n])
+        start += n
+    return out, vocab
+
+
+@dataclass
+class EventLog:
+    """An encoded event log: every id dense, one row per event."""
+
+    events: pl.DataFrame
+    """user_id, item_id, category, action (int64 ids), kind (str), timestamp (int64), event_idx (log order)."""
+    kinds: list[str]
+    """Behaviour kinds present, in order of first appearance in the log."""
+    num_items: int
+    """Item table size (max id + 1)."""
+    num_categories: int
+    """Category table size."""
+    num_actions: int
+    """Action table size."""
+    item_vocab: pl.Series
+    """Raw item id of dense id i at position i - 1."""
+    user_vocab: pl.Series
+    """Raw user id of dense id i at position i - 1."""
+    item_category: np.ndarray
+    """[num_items] category id of every item id (0 = unknown), from the item table."""
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    """Other per-event columns kept as numpy (e.g. a label or rating), aligned with ``events``."""
+
+
+def encode_event_log(events: pl.DataFrame, *, item_features: pl.DataFrame | None = None,
+                     default_kind: str = "event", keep: Sequence[str] = ()) -> EventLog:
+    """Validates and encodes a raw event log (see the module docstring for its columns).
+
+    ``item_features``: ``item_id`` and ``category`` (first row per item wins); items
+    only in this table still get an id, so the item table covers the whole catalog.
+    ``keep``: raw columns carried along as numpy in ``EventLog.extra``.
+    """
+    missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in events.columns]
+    if missing:
+        raise ValueError(f"event log lacks column(s) {missing}; it needs {list(REQUIRED_EVENT_COLUMNS)}")
+    nulls = {c: events[c].null_count() for c in REQUIRED_EVENT_COLUMNS if events[c].null_count()}
+    if nulls:
+        raise ValueError(f"event log has nulls in {nulls}")
+    ts = events["timestamp"]
+    if not ts.dtype.is_integer():
+        ts = ts.cast(pl.Float64)
+        if not bool((ts == ts.round()).all()):
+            raise ValueError("event log timestamps must be whole seconds")
+    (users,), user_vocab = dense_ids(events["user_id"])
+    if item_features is not None:
+        if not {"item_id", "category"} <= set(item_features.columns):
+            raise ValueError("item feature table needs columns item_id, category")
+        item_features = item_features.unique(subset="item_id", keep="first", maintain_order=True)
+        feat_ids = item_features["item_id"].cast(events["item_id"].dtype)
+        (items, feat_items), item_vocab = dense_ids(events["item_id"], feat_ids)
+        (feat_cats,), _ = dense_ids(item_features["category"])
+        item_cat = np.zeros(len(item_vocab) + 1, dtype=np.int64)
+        item_cat[feat_items] = feat_cats
+        categories = item_cat[items]
+        num_categories = max(2, int(feat_cats.max(initial=0)) + 1)
+    else:
+        (items,), item_vocab = dense_ids(events["item_id"])
+        item_cat = np.zeros(len(item_vocab) + 1, dtype=np.int64)
+        num_categories = 2
+        categories = item_cat[items]
+    if "action" in events.columns:
+        (actions,), action_vocab = dense_ids(events["action"])
+        num_actions = max(2, len(action_vocab) + 1)
+    else:
+        actions, num_actions = np.ones(len(items), dtype=np.int64), 2
+    if "kind" in events.columns:
+        kind = events["kind"].cast(pl.String)
+    else:
+        kind = pl.select(pl.repeat(default_kind, len(events), dtype=pl.String)).to_series()
+    kinds = list(dict.fromkeys(kind.to_list()))
+    frame = pl.DataFrame({
+        "user_id": users, "item_id": items, "category": categories, "action": actions,
+        "kind": kind, "timestamp": ts.cast(pl.Int64), "event_idx": np.arange(len(events), dtype=np.int64)})
+    extra = {c: events[c].to_numpy() for c in keep}
+    return EventLog(frame, kinds, len(item_vocab) + 1, num_categories, num_actions, item_vocab, user_vocab,
+                    item_cat, extra)
+
+
+def attach_history(events: pl.DataFrame, user_id: np.ndarray, request_ts: np.ndarray, kinds: Sequence[str],
+                   *, max_history: int | None = None) -> RequestColumns:
+    """The behaviour history of every request, per kind: the ``seq_<S>_*`` jagged columns.
+
+    ``events``: columns user_id, timestamp, kind, item_id, category, action and, to
+    break ties in time, event_idx (else row order). ``user_id``, ``request_ts``: [R].
+    History of request r = events of that user and kind with ``timestamp < request_ts[r]``,
+    oldest first; with ``max_history`` only the most recent that many are kept.
+
+    How: requests and events of one kind are merged in (user, time) order with a
+    request placed *before* events of the same second; the number of events before a
+    request in that order, minus the events of earlier users, is its history length.
+    """
+    user_id = np.asarray(user_id, dtype=np.int64)
+    request_ts = np.asarray(request_ts, dtype=np.int64)
+    if "event_idx" not in events.columns:
+        events = events.with_row_index("event_idx")
+    out: RequestColumns = {}
+    for kind in kinds:
+        ev = events.filter(pl.col("kind") == kind).sort(["user_id", "timestamp", "event_idx"])
+        ev_user = ev["user_id"].to_numpy().astype(np.int64)
+        ev_ts = ev["timestamp"].to_numpy().astype(np.int64)
+        n_ev = len(ev_user)
+        # merged order: primary user, then time, then requests (0) before events (1); stable
+        is_event = np.concatenate([np.ones(n_ev, np.int8), np.zeros(len(user_id), np.int8)])
+        order = np.lexsort((is_event, np.concatenate([ev_ts, request_ts]), np.concatenate([ev_user, user_id])))
+        events_before = np.cumsum(is_event[order]) - is_event[order]  # exclusive count at each merged slot
+        hi = np.empty(len(user_id), dtype=np.int64)
+        req_slots = np.flatnonzero(order >= n_ev)
+        hi[order[req_slots] - n_ev] = events_before[req_slots]
+        lo = np.searchsorted(ev_user, user_id, side="left")
+        if max_history is not None:
+            lo = np.maximum(lo, hi - max_history)
+        counts = hi - lo
+        index, offsets = range_index(lo, counts)
+        for fld, src in (("item_id", "item_id"), ("category", "category"), ("action", "action"), ("ts", "timestamp")):
+            out[DataSchema.seq_col(kind, fld)] = Jagged(ev[src].to_numpy().astype(np.int64)[index], offsets)
+    return out
+
+
+def leave_one_out_split(user_id: np.ndarray, timestamp: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """Per user, by time (ties: ``order``, default row order): last -> test (2), second-to-last -> valid (1),
+    the rest -> train (0). Returns int8 codes [N] (see ``SPLIT_CODES``)."""
+    n = len(user_id)
+    order = np.arange(n) if order is None else np.asarray(order)
+    idx = np.lexsort((order, timestamp, user_id))
+    u = np.asarray(user_id)[idx]
+    # position from the end inside the user's block
+    block_end = np.searchsorted(u, u, side="right")
+    from_end = block_end - 1 - np.arange(n)
+    codes = np.zeros(n, dtype=np.int8)
+    codes[idx] = np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0))
+    return codes
+
+
+def time_split(request_ts: np.ndarray, valid_fraction: float, test_fraction: float) -> np.ndarray:
+    """Global split by request time: the latest ``test_fraction`` -> test, the ``valid_fraction`` before it ->
+    valid. Ties in time are broken by row order. Returns int8 codes [N]."""
+    n = len(request_ts)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(request_ts, kind="stable")] = np.arange(n)
+    n_test, n_valid = int(round(n * test_fraction)), int(round(n * valid_fraction))
+    codes = np.zeros(n, dtype=np.int8)
+    codes[rank >= n - n_test - n_valid] = 1
+    codes[rank >= n - n_test] = 2
+    return codes
+
+
+def sample_negatives(user_id: np.ndarray, num_negatives: int, num_items: int, interacted_user: np.ndarray,
+                     interacted_item: np.ndarray, seed: int, max_rounds: int = 100) -> np.ndarray:
+    """``[R, num_negatives]`` item ids drawn uniformly from ``1..num_items-1`` among items the request's user
+    never interacted with (in the whole log), by rejection. Seeded; raises if a user has (almost) no
+    un-interacted item."""
+    rng = np.random.default_rng(seed)
+    r = len(user_id)
+    seen = np.unique(interacted_user.astype(np.int64) * num_items + interacted_item.astype(np.int64))
+    users = np.repeat(np.asarray(user_id, dtype=np.int64), num_negatives)
+    out = rng.integers(1, num_items, size=r * num_negatives)
+    bad = np.flatnonzero(np.isin(users * num_items + out, seen))
+    rounds = 0
+    while bad.size:
+        rounds += 1
+        if rounds > max_rounds:
+            raise ValueError(f"could not sample negatives for {bad.size} slots: users interacted with almost "
+                             "every item")
+        out[bad] = rng.integers(1, num_items, size=bad.size)
+        bad = bad[np.isin(users[bad] * num_items + out[bad], seen)]
+    return out.reshape(r, num_negatives)
+
+
+@dataclass
+class IngestResult:
+    """Request rows built from an event log, not yet written."""
+
+    schema: DataSchema
+    columns: RequestColumns
+    split: np.ndarray
+    """[R] int8 split codes (``SPLIT_CODES``)."""
+    timings: dict[str, float]
+
+
+def user_feature_columns(user_features: pl.DataFrame | None, user_vocab: pl.Series,
+                         request_user: np.ndarray) -> tuple[list[SparseFeature], dict[str, np.ndarray]]:
+    """Every non-``user_id`` column of the user table becomes a sparse feature (values encoded 1..n,
+    users missing from the table -> 0)."""
+    if user_features is None:
+        return [], {}
+    if "user_id" not in user_features.columns:
+        raise ValueError("user feature table needs a user_id column")
+    user_features = user_features.unique(subset="user_id", keep="first", maintain_order=True)
+    lookup = pl.DataFrame({"user_id": user_vocab}).join(
+        user_features.with_columns(pl.col("user_id").cast(user_vocab.dtype)), on="user_id", how="left",
+        maintain_order="left")
+    specs, cols = [], {}
+    for name in user_features.columns:
+        if name == "user_id":
+            continue
+        (codes,), vocab = dense_ids(lookup[name])
+        per_user = np.concatenate([[0], codes])  # dense user id -> code
+        specs.append(SparseFeature(name, max(2, len(vocab) + 1)))
+        cols[name] = per_user[request_user]
+    return specs, cols
+
+
+def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.DataFrame | str | Path | None = None,
+                     user_features: pl.DataFrame | str | Path | None = None, task: str = "click",
+                     label_column: str | None = None, positive_threshold: float | None = None,
+                     num_negatives: int = 0, target_kind: str | None = None, split: str = "leave_one_out",
+                     valid_fraction: float = 0.1, test_fraction: float = 0.1, max_history: int | None = None,
+                     default_kind: str = "event", seed: int = 0) -> IngestResult:
+    """Builds request rows from an event log: one request per event of ``target_kind`` (default: every event).
+
+    Candidates: the event's item (label from ``label_column``, >= ``positive_threshold`` when given; 1 if
+    there is no label column) plus ``num_negatives`` sampled items the user never interacted with (label 0).
+    History: :func:`attach_history` over every kind. Split: ``leave_one_out`` per user by time (ties: log
+    order) or ``time`` (global quantiles of request time).
+    """
+    t0 = time.perf_counter()
+    raw = read_frame(events)
+    if label_column is not None and label_column not in raw.columns:
+        raise ValueError(f"label column {label_column!r} not in the event log {raw.columns}")
+    items_df = None if item_features is None else read_frame(item_features)
+    users_df = None if user_features is None else read_frame(user_features)
+    log = encode_event_log(raw, item_features=items_df, default_kind=default_kind,
+                           keep=[label_column] if label_column else [])
+    ev = log.events
+    target = ev if target_kind is None else ev.filter(pl.col("kind") == target_kind)
+    if len(target) == 0:
+        raise ValueError(f"no event of kind {target_kind!r} to turn into requests")
+    t_encode = time.perf_counter()
+
+    req_user = target["user_id"].to_numpy().astype(np.int64)
+    req_ts = target["timestamp"].to_numpy().astype(np.int64)
+    req_order = target["event_idx"].to_numpy().astype(np.int64)
+    if split == "leave_one_out":
+        codes = leave_one_out_split(req_user, req_ts, req_order)
+    elif split == "time":
+        codes = time_split(req_ts, valid_fraction, test_fraction)
+    else:
+        raise ValueError(f"split must be 'leave_one_out' or 'time', got {split!r}")
+    # requests ordered by (user, time, log order); request_id = that position
+    perm = np.lexsort((req_order, req_ts, req_user))
+    req_user, req_ts, req_order, codes = req_user[perm], req_ts[perm], req_order[perm], codes[perm]
+    r = len(req_user)
+
+    pos_item = ev["item_id"].to_numpy()[req_order]
+    if label_column is None:
+        pos_label = np.ones(r, dtype=np.float32)
+    else:
+        raw_label = log.extra[label_column][req_order].astype(np.float64)
+        if np.isnan(raw_label).any():
+            raise ValueError(f"label column {label_column!r} has {int(np.isnan(raw_label).sum())} missing value(s)")
+        if positive_threshold is not None:
+            pos_label = (raw_label >= positive_threshold).astype(np.float32)
+        else:
+            if not np.isin(raw_label, (0.0, 1.0)).all():
+                raise ValueError(f"label column {label_column!r} must be 0/1 (or give positive_threshold)")
+            pos_label = raw_label.astype(np.float32)
+    item_cat = log.item_category
+    if num_negatives > 0:
+        negs = sample_negatives(req_user, num_negatives, log.num_items, ev["user_id"].to_numpy(),
+                                ev["item_id"].to_numpy(), seed)
+        cand_items = np.concatenate([pos_item[:, None], negs], axis=1)  # [R, 1 + k]
+        cand_labels = np.zeros(cand_items.shape, dtype=np.float32)
+        cand_labels[:, 0] = pos_label
+    else:
+        cand_items, cand_labels = pos_item[:, None], pos_label[:, None]
+    k = cand_items.shape[1]
+    lengths = np.full(r, k, dtype=np.int64)
+    sparse_specs, sparse_cols = user_feature_columns(users_df, log.user_vocab, req_user)
+    cols: RequestColumns = {
+        "request_id": np.arange(r, dtype=np.int64),
+        "user_id": req_user,
+        "request_ts": req_ts,
+        **sparse_cols,
+        **attach_history(ev, req_user, req_ts, log.kinds, max_history=max_history),
+        "cand_item_id": Jagged.from_lengths(cand_items.ravel(), lengths),
+        "cand_category": Jagged.from_lengths(item_cat[cand_items.ravel()], lengths),
+        f"cand_label_{task}": Jagged.from_lengths(cand_labels.ravel(), lengths),
+    }
+    schema = DataSchema(sparse=sparse_specs, dense=[], sequences=log.kinds, tasks=[task],
+                        num_items=log.num_items, num_categories=log.num_categories,
+                        num_actions=log.num_actions, has_true_prob=False)
+    t_done = time.perf_counter()
+    return IngestResult(schema, cols, codes, {"encode_s": t_encode - t0, "build_rows_s": t_done - t_encode})
+

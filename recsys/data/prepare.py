@@ -1,0 +1,183 @@
+"""``prepare_dataset``: config -> a cached directory of request-row Parquet files.
+
+Output: ``<root>/<source>-<hash>/`` (see ``parquet_io`` for the layout), where the
+hash covers every config field that changes the rows (plus ``FORMAT_VERSION``).
+It is built in a temporary sibling directory and renamed into place, so a reader
+never sees half a dataset; a later call with the same config returns the existing
+directory without regenerating (``PreparedDataset.cached``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from recsys.data.config import DataConfig, DataSource
+from recsys.data.ingest import SPLIT_CODES
+from recsys.data.parquet_io import (
+    SPLITS,
+    RequestColumns,
+    read_schema,
+    split_files,
+    take_rows,
+    write_requests,
+    write_schema,
+)
+from recsys.data.schema import DataSchema
+from recsys.data.stats import summarize
+
+FORMAT_VERSION = 1
+"""Bump when generation / ingest changes the rows, so stale caches are not reused."""
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared dataset directory, ready for :class:`recsys.data.loader.RequestLoader`."""
+
+    schema: DataSchema
+    """Columns and table sizes of every file."""
+    splits: dict[str, list[Path]]
+    """Parquet files of "train", "valid", "test"."""
+    summary: dict
+    """Counts, positive rates, history stats, oracle AUC (synthetic), timings (see summary.json)."""
+    path: Path | None = None
+    """The directory (schema.json, summary.json, <split>/*.parquet)."""
+    cached: bool = False
+    """True when an existing directory was reused."""
+
+
+def as_data_config(cfg: DataConfig | DictConfig) -> DataConfig:
+    """A :class:`DataConfig` instance from an OmegaConf node (runs ``__post_init__`` checks)."""
+    if isinstance(cfg, DataConfig):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg)
+    return OmegaConf.to_object(merged)
+
+
+def _plain(obj: object) -> object:
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def config_key(cfg: DataConfig) -> dict:
+    """The config fields that determine the prepared rows."""
+    key: dict = {"source": cfg.source.value, "format_version": FORMAT_VERSION, "row_group_size": cfg.row_group_size}
+    if cfg.source == DataSource.synthetic:
+        key["synthetic"] = _plain(cfg.synthetic)
+    elif cfg.source == DataSource.ml100k:
+        key["ml100k"] = {"recbole_version": cfg.ml100k.recbole_version, "like_threshold": cfg.ml100k.like_threshold}
+    return key
+
+
+def config_hash(cfg: DataConfig) -> str:
+    return hashlib.sha256(json.dumps(config_key(cfg), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def dataset_dir(cfg: DataConfig) -> Path:
+    if cfg.source == DataSource.parquet:
+        return Path(cfg.path)
+    return Path(cfg.root) / f"{cfg.source.value}-{config_hash(cfg)}"
+
+
+def write_dataset(out_dir: Path, schema: DataSchema, cols: RequestColumns, split: np.ndarray, *,
+                  row_group_size: int, seed: int, progress: bool = False) -> dict:
+    """Writes schema.json and one Parquet file per split; returns the per-split summaries.
+
+    Train rows are written in a seeded random order (so every row group is a mix of
+    users and times); valid and test rows in request order.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_schema(schema, out_dir)
+    rng = np.random.default_rng(seed)
+    per_split = {}
+    n_groups = sum(-(-int((split == SPLIT_CODES[s]).sum()) // row_group_size) for s in SPLITS)
+    with tqdm(total=n_groups, desc="write", unit="rg", disable=not progress, leave=False) as bar:
+        for name in SPLITS:
+            rows = np.flatnonzero(split == SPLIT_CODES[name])
+            if name == "train":
+                rows = rng.permutation(rows)
+            part = take_rows(cols, rows)
+            write_requests(part, schema, out_dir / name / "part-00000.parquet", row_group_size,
+                           on_row_group=bar.update)
+            per_split[name] = summarize(part, schema)
+    return per_split
+
+
+def _build(cfg: DataConfig, out_dir: Path, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    extra: dict = {}
+    if cfg.source == DataSource.synthetic:
+        from recsys.data.synthetic import generate
+        data = generate(cfg.synthetic)
+        schema, cols, split, timings, seed = data.schema, data.columns, data.split, data.timings, cfg.synthetic.seed
+        extra["events"] = data.num_events
+    elif cfg.source == DataSource.ml100k:
+        from recsys.data.ml100k import ensure_ml100k, ingest_ml100k
+        raw_dir = Path(cfg.ml100k.raw_dir) if cfg.ml100k.raw_dir else Path(cfg.root) / "raw"
+        files = ensure_ml100k(raw_dir, cfg.ml100k.recbole_version, download=cfg.ml100k.download)
+        data = ingest_ml100k(files, like_threshold=cfg.ml100k.like_threshold)
+        schema, cols, split, timings, seed = data.schema, data.columns, data.split, data.timings, 0
+        extra["protocol"] = "ml-100k CTR: one request per rating, like = rating >= " \
+            f"{cfg.ml100k.like_threshold}, per-user leave-one-out by time (ties: file order)"
+    else:
+        raise ValueError(f"cannot build source {cfg.source!r}")
+    t_rows = time.perf_counter()
+    per_split = write_dataset(out_dir, schema, cols, split, row_group_size=cfg.row_group_size, seed=seed,
+                              progress=progress)
+    t_write = time.perf_counter()
+    total = summarize(cols, schema)
+    summary = {
+        "source": cfg.source.value,
+        "config": config_key(cfg),
+        **extra,
+        **total,
+        "num_items_table": schema.num_items,
+        "splits": per_split,
+        "timings": {**{k: round(v, 3) for k, v in timings.items()}, "rows_s": round(t_rows - t0, 3),
+                    "write_s": round(t_write - t_rows, 3), "total_s": round(time.perf_counter() - t0, 3)},
+    }
+    if schema.has_true_prob:
+        summary["oracle_auc_per_split"] = {s: per_split[s].get("oracle_auc") for s in SPLITS}
+    return summary
+
+
+def _load(directory: Path, cfg: DataConfig, cached: bool) -> PreparedDataset:
+    schema = dataclasses.replace(read_schema(directory), oov_policy=cfg.oov_policy.value)
+    summary_path = directory / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return PreparedDataset(schema=schema, splits=split_files(directory), summary=summary, path=directory,
+                           cached=cached)
+
+
+def prepare_dataset(cfg: DataConfig | DictConfig, *, progress: bool = True) -> PreparedDataset:
+    """Generates / ingests the configured dataset once and returns its files (cached by config hash)."""
+    cfg = as_data_config(cfg)
+    out = dataset_dir(cfg)
+    if cfg.source == DataSource.parquet:
+        return _load(out, cfg, cached=True)
+    if (out / "summary.json").is_file():
+        return _load(out, cfg, cached=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        summary = _build(cfg, tmp, progress)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "summary.json").is_file():  # not a concurrent twin that finished first
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return _load(out, cfg, cached=False)

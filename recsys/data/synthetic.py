@@ -1,0 +1,302 @@
+"""Synthetic requests with a planted click model whose true probability is known.
+
+The world (all draws vectorised numpy, seeded; every stage has its own stream so
+changing one knob leaves the others' draws alone):
+
+* users 1..U with a latent category preference ``pref[u] ~ Dirichlet(alpha)``, an age
+  bucket, a region and a segment (= their favourite category);
+* items 1..I with a category and a Zipf popularity (plus a hidden quality for likes);
+* an event log: each user has a heavy-tailed number of events (lognormal or Pareto,
+  capped at ``max_history``) spread over their active window; an event's category
+  follows ``pref[u]`` with sticky sessions (it repeats the previous category with
+  probability ``stickiness``), its item is popularity-weighted inside the category, its
+  kind is click / like / purchase with decreasing rates, its action a dwell bucket;
+* requests: ``1 + Poisson(requests_per_user - 1)`` per user at random times, each with
+  ``candidates_per_request`` candidates (part from the user's preferred categories,
+  part by popularity).
+
+Histories come from :func:`recsys.data.ingest.attach_history`, the same code path as
+real event logs. The planted click probability of candidate ``i`` of request ``r``
+then depends only on what a ranker can see (``W = signal_window`` most recent events
+of the first kind, the item id, a user feature)::
+
+    aff  = log((n_W(cat_i) + 1) / (W_r + C) * C)     share of the candidate's category in
+                                                     the last W events vs a uniform share
+    rec  = exp(-k / recency_scale)                   k = events since that category was last seen
+                                                     (0 if not in the last W)
+    pop  = standardised log popularity of the item
+    feat = E[age_bucket(u), cat_i],  E ~ N(0, w_user_feature)
+    P(click) = sigmoid(click_bias + w_aff aff + w_rec rec + w_pop pop + feat)
+    P(like | click) = sigmoid(like_bias + w_like_quality quality_i + w_like_aff aff)
+    P(like) = P(click) P(like | click);  like = 0 when click = 0
+
+Labels are Bernoulli draws of these, so the oracle AUC (true probability vs label)
+bounds what any model can reach on the same rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from recsys.data.config import HistoryDist, SyntheticConfig
+from recsys.data.ingest import attach_history, time_split
+from recsys.data.jagged import Jagged
+from recsys.data.parquet_io import RequestColumns
+from recsys.data.schema import DataSchema, SparseFeature
+
+T0 = 1_700_000_000  # first second of the synthetic timeline
+NUM_AGE_BUCKETS = 7
+NUM_REGIONS = 16
+SPARSE_FEATURES = ("user_segment", "age_bucket", "region", "hour_bucket")
+DENSE_FEATURES = ("activity", "recent_activity")
+
+
+def synthetic_schema(cfg: SyntheticConfig) -> DataSchema:
+    """The schema of generated rows (ids: users/items/categories from 1, 0 unused = OOV)."""
+    sparse = [SparseFeature("user_segment", cfg.num_categories + 1),
+              SparseFeature("age_bucket", NUM_AGE_BUCKETS + 1),
+              SparseFeature("region", NUM_REGIONS + 1),
+              SparseFeature("hour_bucket", 25)]
+    return DataSchema(sparse=sparse, dense=list(DENSE_FEATURES), sequences=list(cfg.sequences),
+                      tasks=list(cfg.tasks), num_items=cfg.num_items + 1, num_categories=cfg.num_categories + 1,
+                      num_actions=cfg.num_actions, has_true_prob=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def sample_rowwise(cum: np.ndarray, rows: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Column index drawn from row ``rows[n]`` of a row-wise CDF ``cum [G, K]`` with uniforms ``u [N]``.
+
+    Offsetting row g's CDF by g makes one increasing array, so one searchsorted draws
+    from N different distributions with no [N, K] temporary.
+    """
+    g, k = cum.shape
+    flat = (np.arange(g, dtype=np.float64)[:, None] + cum).ravel()
+    idx = np.searchsorted(flat, rows + u, side="right") - rows * k
+    return np.minimum(idx, k - 1)
+
+
+@dataclass
+class World:
+    """The hidden truth of one seed."""
+
+    pref: np.ndarray
+    """[U+1, C] category preference of each user (row 0 unused); column j is category j + 1."""
+    user_start: np.ndarray
+    """[U+1] first second of each user's active window."""
+    age: np.ndarray
+    """[U+1] age bucket 1..7."""
+    region: np.ndarray
+    """[U+1] region 1..16."""
+    item_category: np.ndarray
+    """[I+1] category 1..C (row 0 unused)."""
+    item_pop: np.ndarray
+    """[I+1] popularity weight (sums to 1 over 1..I)."""
+    item_quality: np.ndarray
+    """[I+1] hidden quality ~ N(0, 1), drives likes."""
+    feat_effect: np.ndarray
+    """[8, C+1] planted (age bucket x category) effect on the click logit."""
+    t_end: int
+    """Last second of the timeline."""
+
+
+def make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> World:
+    u, i, c = cfg.num_users, cfg.num_items, cfg.num_categories
+    if i < c:
+        raise ValueError(f"synthetic.num_items ({i}) must be >= num_categories ({c})")
+    pref = np.zeros((u + 1, c))
+    pref[1:] = rng.dirichlet(np.full(c, cfg.preference_concentration), size=u)
+    span = int(cfg.time_span_days * 86400)
+    user_start = np.zeros(u + 1, dtype=np.int64)
+    user_start[1:] = T0 + (rng.random(u) * 0.5 * span).astype(np.int64)
+    age = np.concatenate([[0], rng.integers(1, NUM_AGE_BUCKETS + 1, size=u)])
+    region = np.concatenate([[0], rng.integers(1, NUM_REGIONS + 1, size=u)])
+    cats = np.concatenate([rng.permutation(c) + 1, rng.integers(1, c + 1, size=i - c)])  # every category non-empty
+    item_category = np.concatenate([[0], rng.permutation(cats)])
+    rank = rng.permutation(i) + 1
+    pop = 1.0 / rank.astype(np.float64) ** cfg.zipf_exponent
+    item_pop = np.concatenate([[0.0], pop / pop.sum()])
+    item_quality = np.concatenate([[0.0], rng.standard_normal(i)])
+    feat_effect = rng.standard_normal((NUM_AGE_BUCKETS + 1, c + 1)) * cfg.w_user_feature
+    return World(pref, user_start, age, region, item_category, item_pop, item_quality, feat_effect, T0 + span)
+
+
+class _ItemSampler:
+    """Draws items by popularity, globally or inside given categories (one searchsorted each)."""
+
+    def __init__(self, world: World) -> None:
+        items = np.arange(1, len(world.item_category))
+        order = np.lexsort((items, world.item_category[1:]))
+        self.items_by_cat = items[order]
+        cat = world.item_category[self.items_by_cat]
+        pop = world.item_pop[self.items_by_cat]
+        cat_total = np.bincount(cat, weights=pop)
+        cum = np.cumsum(pop)
+        start = np.searchsorted(cat, cat, side="left")
+        within = (cum - (cum[start] - pop[start])) / cat_total[cat]
+        within[np.r_[cat[1:] != cat[:-1], True]] = 1.0  # last item of a category closes it exactly
+        self.flat = cat + within
+        self.global_cum = np.cumsum(world.item_pop[1:])
+        self.global_cum[-1] = 1.0
+
+    def in_category(self, cat: np.ndarray, u: np.ndarray) -> np.ndarray:
+        idx = np.searchsorted(self.flat, cat + u, side="right")
+        return self.items_by_cat[np.minimum(idx, len(self.flat) - 1)]
+
+    def by_popularity(self, u: np.ndarray) -> np.ndarray:
+        return np.minimum(np.searchsorted(self.global_cum, u, side="right"), len(self.global_cum) - 1) + 1
+
+
+def _history_lengths(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
+    if cfg.history_dist == HistoryDist.lognormal:
+        n = cfg.history_median * np.exp(cfg.history_sigma * rng.standard_normal(cfg.num_users))
+    else:
+        n = cfg.history_median * (1.0 + rng.pareto(cfg.history_pareto_alpha, size=cfg.num_users))
+    return np.minimum(np.floor(n), cfg.max_history).astype(np.int64)
+
+
+def make_event_log(cfg: SyntheticConfig, world: World, rng: np.random.Generator) -> pl.DataFrame:
+    """The behaviour log: user_id, item_id, category, action, kind, timestamp, event_idx (time-sorted per user)."""
+    n_u = _history_lengths(cfg, rng)
+    user = np.repeat(np.arange(1, cfg.num_users + 1), n_u)
+    n = len(user)
+    start = world.user_start[user]
+    ts = start + (rng.random(n) * (world.t_end - start)).astype(np.int64)
+    order = np.lexsort((ts, user))
+    user, ts = user[order], ts[order]
+    # sticky categories: a "fresh" draw from pref at session starts, copied forward otherwise
+    fresh = rng.random(n) >= cfg.stickiness
+    fresh[np.r_[True, user[1:] != user[:-1]]] = True
+    fresh_idx = np.flatnonzero(fresh)
+    cum = np.cumsum(world.pref, axis=1)
+    cum[:, -1] = 1.0
+    cat = np.zeros(n, dtype=np.int64)
+    cat[fresh_idx] = sample_rowwise(cum, user[fresh_idx], rng.random(fresh_idx.size)) + 1
+    cat = cat[np.maximum.accumulate(np.where(fresh, np.arange(n), 0))]
+    item = _ItemSampler(world).in_category(cat, rng.random(n))
+    kind_cum = np.cumsum(cfg.kind_rates)
+    kind_id = np.minimum(np.searchsorted(kind_cum, rng.random(n) * kind_cum[-1], side="right"),
+                         len(cfg.sequences) - 1)
+    # dwell / strength bucket: longer on categories the user likes
+    share = np.minimum(world.pref[user, cat - 1] * cfg.num_categories, 4.0)
+    action = 1 + np.minimum(np.floor(rng.exponential(1.0 + share / 2.0)), cfg.num_actions - 2).astype(np.int64)
+    kinds = np.asarray(cfg.sequences, dtype=object)
+    return pl.DataFrame({"user_id": user, "item_id": item, "category": world.item_category[item],
+                         "action": action, "kind": pl.Series(kinds[kind_id], dtype=pl.String),
+                         "timestamp": ts, "event_idx": np.arange(n, dtype=np.int64)})
+
+
+def _planted_click_terms(cfg: SyntheticConfig, hist_cat: Jagged, cand_req: np.ndarray,
+                         cand_cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(affinity, recency) of every candidate from the last ``signal_window`` events of its request."""
+    c = cfg.num_categories + 1
+    recent = hist_cat.tail(cfg.signal_window)
+    row = recent.row_ids()
+    pos_from_end = recent.offsets[row + 1] - 1 - np.arange(len(row))  # 0 = most recent
+    key = row * c + recent.values
+    order = np.lexsort((pos_from_end, key))
+    key, pos_from_end = key[order], pos_from_end[order]
+    cand_key = cand_req * c + cand_cat
+    lo = np.searchsorted(key, cand_key, side="left")
+    count = np.searchsorted(key, cand_key, side="right") - lo
+    n_recent = recent.lengths[cand_req]
+    aff = np.log((count + 1.0) / (n_recent + cfg.num_categories) * cfg.num_categories)
+    if len(key):
+        first = pos_from_end[np.minimum(lo, len(key) - 1)]  # the smallest position of that key
+        rec = np.where(count > 0, np.exp(-first / cfg.recency_scale), 0.0)
+    else:
+        rec = np.zeros(len(cand_key))
+    return aff, rec
+
+
+@dataclass
+class SyntheticData:
+    """Generated request rows plus what only the generator knows."""
+
+    schema: DataSchema
+    columns: RequestColumns
+    split: np.ndarray
+    """[R] int8 split codes (0 train, 1 valid, 2 test)."""
+    num_events: int
+    """Rows of the behaviour event log."""
+    timings: dict[str, float]
+
+
+def generate(cfg: SyntheticConfig) -> SyntheticData:
+    """Generates every request row of ``cfg`` (deterministic given ``cfg.seed``)."""
+    t0 = time.perf_counter()
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(5)]
+    world = make_world(cfg, streams[0])
+    events = make_event_log(cfg, world, streams[1])
+    t_events = time.perf_counter()
+
+    rng = streams[2]
+    n_req = 1 + rng.poisson(cfg.requests_per_user - 1, size=cfg.num_users)
+    req_user = np.repeat(np.arange(1, cfg.num_users + 1), n_req)
+    start = world.user_start[req_user]
+    req_ts = start + (rng.random(len(req_user)) * (world.t_end - start)).astype(np.int64)
+    order = np.lexsort((req_ts, req_user))
+    req_user, req_ts = req_user[order], req_ts[order]
+    r, k = len(req_user), cfg.candidates_per_request
+
+    cols: RequestColumns = attach_history(events, req_user, req_ts, cfg.sequences)
+    t_history = time.perf_counter()
+
+    # candidates: part from the user's preferred categories, part by popularity
+    rng = streams[3]
+    cand_req = np.repeat(np.arange(r), k)
+    cand_user = req_user[cand_req]
+    sampler = _ItemSampler(world)
+    from_pref = rng.random(r * k) < cfg.candidate_pref_fraction
+    cum = np.cumsum(world.pref, axis=1)
+    cum[:, -1] = 1.0
+    pref_cat = sample_rowwise(cum, cand_user, rng.random(r * k)) + 1
+    cand_item = np.where(from_pref, sampler.in_category(pref_cat, rng.random(r * k)),
+                         sampler.by_popularity(rng.random(r * k)))
+    cand_cat = world.item_category[cand_item]
+
+    # the planted model
+    first_kind = cfg.sequences[0]
+    aff, rec = _planted_click_terms(cfg, cols[DataSchema.seq_col(first_kind, "category")], cand_req, cand_cat)
+    log_pop = np.log(world.item_pop[1:])
+    pop = (np.log(world.item_pop[cand_item]) - log_pop.mean()) / log_pop.std()
+    feat = world.feat_effect[world.age[cand_user], cand_cat]
+    p_click = _sigmoid(cfg.click_bias + cfg.w_affinity * aff + cfg.w_recency * rec + cfg.w_popularity * pop + feat)
+    q_like = _sigmoid(cfg.like_bias + cfg.w_like_quality * world.item_quality[cand_item] + cfg.w_like_affinity * aff)
+    rng = streams[4]
+    click = rng.random(r * k) < p_click
+    like = click & (rng.random(r * k) < q_like)
+    labels = {"click": (click, p_click), "like": (like, p_click * q_like)}
+
+    lengths = np.full(r, k, dtype=np.int64)
+    hist_len = sum(cols[DataSchema.seq_col(s, "ts")].lengths for s in cfg.sequences)
+    ts_first = cols[DataSchema.seq_col(first_kind, "ts")]
+    recent = (ts_first.values >= np.repeat(req_ts - 86400, ts_first.lengths)).astype(np.int64)
+    recent_count = np.bincount(ts_first.row_ids(), weights=recent, minlength=r)
+    cols.update({
+        "request_id": np.arange(r, dtype=np.int64),
+        "user_id": req_user.astype(np.int64),
+        "request_ts": req_ts,
+        "user_segment": (np.argmax(world.pref, axis=1) + 1)[req_user].astype(np.int64),
+        "age_bucket": world.age[req_user].astype(np.int64),
+        "region": world.region[req_user].astype(np.int64),
+        "hour_bucket": (1 + (req_ts // 3600) % 24).astype(np.int64),
+        "activity": (np.log1p(hist_len) / np.log1p(cfg.max_history)).astype(np.float32),
+        "recent_activity": (np.log1p(recent_count) / 4.0).astype(np.float32),
+        "cand_item_id": Jagged.from_lengths(cand_item.astype(np.int64), lengths),
+        "cand_category": Jagged.from_lengths(cand_cat.astype(np.int64), lengths),
+    })
+    for task in cfg.tasks:
+        lab, prob = labels[task]
+        cols[f"cand_label_{task}"] = Jagged.from_lengths(lab.astype(np.float32), lengths)
+        cols[f"cand_prob_{task}"] = Jagged.from_lengths(prob.astype(np.float32), lengths)
+    split = time_split(req_ts, cfg.valid_fraction, cfg.test_fraction)
+    t_done = time.perf_counter()
+    timings = {"events_s": t_events - t0, "history_s": t_history - t_events, "candidates_s": t_done - t_history}
+    return SyntheticData(synthetic_schema(cfg), cols, split, len(events), timings)

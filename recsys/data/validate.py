@@ -1,0 +1,201 @@
+"""Checks one Parquet row group against the :class:`DataSchema` contract on read.
+
+Every error names the file, the row group and the column (and the row inside the
+row group when one row is at fault), so a bad shard of a large file set can be found
+without re-reading everything. Policies (see docs/data.md):
+
+====================================  =====================================================
+negative id                           error
+id >= table size                      ``schema.oov_policy``: error, or map to id 0
+NaN / Inf dense value                 error
+null anywhere                         error
+empty history                         allowed
+zero candidates                       error
+candidate columns of unequal length   error
+sequence columns of unequal length    error
+history event ts >= request_ts        error (leakage guard)
+history ts decreasing within a row    error (writers sort; a reader that re-sorted would
+                                      hide a writer bug)
+label not in {0, 1}                   error
+true prob outside [0, 1]              error
+====================================  =====================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.types as pat
+
+from recsys.data.jagged import jagged_from_arrow
+from recsys.data.schema import OOV_ID, DataSchema
+
+
+class DataValidationError(ValueError):
+    """A request-row file breaks the data contract; the message says where."""
+
+
+def _where(file: str | Path, row_group: int, column: str, row: int | None = None) -> str:
+    loc = f"{file}, row group {row_group}, column {column!r}"
+    return loc if row is None else f"{loc}, row {row}"
+
+
+def list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as ``(offsets [N+1] int64 from 0, flat values)``."""
+    j = jagged_from_arrow(col)
+    return j.offsets, j.values
+
+
+def _row_of(offsets: np.ndarray, flat_index: int) -> int:
+    """Row that holds element ``flat_index`` of a list column with these offsets."""
+    return int(np.searchsorted(offsets, flat_index, side="right") - 1)
+
+
+def _expected_types(schema: DataSchema) -> dict[str, pa.DataType]:
+    return {f.name: f.type for f in schema.arrow_schema()}
+
+
+def _check_types(table: pa.Table, schema: DataSchema, file: str | Path, row_group: int) -> None:
+    dense = set(schema.dense)
+    for name, want in _expected_types(schema).items():
+        if name not in table.column_names:
+            raise DataValidationError(f"{_where(file, row_group, name)}: missing column (expected {want})")
+        got = table.schema.field(name).type
+        if name in dense:
+            if not (pat.is_float32(got) or pat.is_float64(got)):
+                raise DataValidationError(f"{_where(file, row_group, name)}: dtype {got}, expected float32 or float64")
+        elif not got.equals(want):
+            raise DataValidationError(f"{_where(file, row_group, name)}: dtype {got}, expected {want}")
+        col = table.column(name)
+        nulls = col.null_count + (pc.list_flatten(col).null_count if pat.is_list(got) else 0)
+        if nulls:
+            raise DataValidationError(f"{_where(file, row_group, name)}: {nulls} null value(s)")
+
+
+def _check_ids(values: np.ndarray, size: int, policy: str, where: tuple[str | Path, int, str],
+               row_of: Callable[[int], int]) -> np.ndarray | None:
+    """Returns remapped values when the OOV policy changed something, else None; raises otherwise."""
+    file, rg, col = where
+    if values.size == 0:
+        return None
+    neg = np.flatnonzero(values < 0)
+    if neg.size:
+        i = int(neg[0])
+        raise DataValidationError(f"{_where(file, rg, col, row_of(i))}: negative id {int(values[i])}")
+    big = np.flatnonzero(values >= size)
+    if not big.size:
+        return None
+    if policy == "error":
+        i = int(big[0])
+        raise DataValidationError(
+            f"{_where(file, rg, col, row_of(i))}: id {int(values[i])} >= table size {size} "
+            f"({big.size} such value(s); oov_policy='error')")
+    out = values.copy()
+    out[big] = OOV_ID
+    return out
+
+
+def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_group: int) -> pa.Table:
+    """Checks a row group read from ``file`` against ``schema``; returns it (ids remapped under ``oov``).
+
+    Raises :class:`DataValidationError` naming file, row group, column (and row) on the
+    first violation. Columns not in the schema are dropped from the returned table.
+    """
+    _check_types(table, schema, file, row_group)
+    table = table.select([f.name for f in schema.arrow_schema()])
+    policy = str(getattr(schema.oov_policy, "value", schema.oov_policy))
+    replace: dict[str, pa.Array] = {}
+    n = table.num_rows
+
+    for f in schema.sparse:
+        vals = table.column(f.name).to_numpy()
+        new = _check_ids(vals, f.num_embeddings, policy, (file, row_group, f.name), int)
+        if new is not None:
+            replace[f.name] = pa.array(new, pa.int64())
+    uid = table.column("user_id").to_numpy()
+    if uid.size and uid.min() < 0:
+        i = int(np.flatnonzero(uid < 0)[0])
+        raise DataValidationError(f"{_where(file, row_group, 'user_id', i)}: negative id {int(uid[i])}")
+    for d in schema.dense:
+        vals = table.column(d).to_numpy()
+        bad = np.flatnonzero(~np.isfinite(vals))
+        if bad.size:
+            i = int(bad[0])
+            raise DataValidationError(f"{_where(file, row_group, d, i)}: non-finite dense value {vals[i]}")
+
+    request_ts = table.column("request_ts").to_numpy()
+    for kind in schema.sequences:
+        ref_name = schema.seq_col(kind, "ts")
+        ref_off, ts = list_parts(table.column(ref_name))
+        for fld in schema.SEQ_FIELDS:
+            name = schema.seq_col(kind, fld)
+            off, vals = list_parts(table.column(name))
+            if not np.array_equal(off, ref_off):
+                i = int(np.flatnonzero(np.diff(off) != np.diff(ref_off))[0])
+                raise DataValidationError(
+                    f"{_where(file, row_group, name, i)}: length {int(off[i + 1] - off[i])} != "
+                    f"length {int(ref_off[i + 1] - ref_off[i])} of {ref_name!r}")
+            if fld == "ts":
+                continue
+            new = _check_ids(vals, schema.table_size(fld), policy, (file, row_group, name),
+                             lambda i, o=off: _row_of(o, i))
+            if new is not None:
+                replace[name] = pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(new, pa.int64()))
+        lengths = np.diff(ref_off)
+        late = np.flatnonzero(ts >= np.repeat(request_ts, lengths))
+        if late.size:
+            i = int(late[0])
+            row = _row_of(ref_off, i)
+            raise DataValidationError(
+                f"{_where(file, row_group, ref_name, row)}: history event ts {int(ts[i])} >= request_ts "
+                f"{int(request_ts[row])} (leakage: history must be strictly before the request)")
+        if ts.size > 1:
+            down = np.flatnonzero(ts[1:] < ts[:-1]) + 1
+            # a decrease across a row boundary is fine: keep only those inside one row
+            down = down[~np.isin(down, ref_off)]
+            if down.size:
+                raise DataValidationError(
+                    f"{_where(file, row_group, ref_name, _row_of(ref_off, int(down[0])))}: history timestamps "
+                    "not sorted oldest first")
+
+    cand_off, _ = list_parts(table.column("cand_item_id"))
+    empty = np.flatnonzero(np.diff(cand_off) == 0)
+    if empty.size:
+        raise DataValidationError(f"{_where(file, row_group, 'cand_item_id', int(empty[0]))}: zero candidates")
+    cand_cols = [f"cand_{f}" for f in schema.CAND_ID_FIELDS] + [f"cand_label_{t}" for t in schema.tasks]
+    if schema.has_true_prob:
+        cand_cols += [f"cand_prob_{t}" for t in schema.tasks]
+    for name in cand_cols:
+        off, vals = list_parts(table.column(name))
+        if not np.array_equal(off, cand_off):
+            i = int(np.flatnonzero(np.diff(off) != np.diff(cand_off))[0])
+            raise DataValidationError(
+                f"{_where(file, row_group, name, i)}: {int(off[i + 1] - off[i])} values but "
+                f"{int(cand_off[i + 1] - cand_off[i])} candidates in 'cand_item_id'")
+        if name.startswith("cand_label_"):
+            bad = np.flatnonzero((vals != 0) & (vals != 1))
+            if bad.size:
+                i = int(bad[0])
+                raise DataValidationError(
+                    f"{_where(file, row_group, name, _row_of(off, i))}: label {vals[i]} not in {{0, 1}}")
+        elif name.startswith("cand_prob_"):
+            bad = np.flatnonzero(~((vals >= 0) & (vals <= 1)))
+            if bad.size:
+                i = int(bad[0])
+                raise DataValidationError(
+                    f"{_where(file, row_group, name, _row_of(off, i))}: probability {vals[i]} not in [0, 1]")
+        else:
+            fld = name.removeprefix("cand_")
+            new = _check_ids(vals, schema.table_size(fld), policy, (file, row_group, name),
+                             lambda i, o=off: _row_of(o, i))
+            if new is not None:
+                replace[name] = pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(new, pa.int64()))
+
+    for name, arr in replace.items():
+        table = table.set_column(table.column_names.index(name), name, arr)
+    assert table.num_rows == n
+    return table

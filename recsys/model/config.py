@@ -1,0 +1,94 @@
+"""Configuration of the OneTrans-style ranker (Hydra structured config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from kernels.backend import AttentionBackend
+
+# Fixed choices are str-valued enums, not Literal: OmegaConf rejects Literal annotations,
+# while an enum is checked at merge time, so a typo in YAML or an override fails at start-up.
+
+
+class PyramidMode(str, Enum):
+    none = "none"
+    linear = "linear"
+    explicit = "explicit"
+
+
+class SeqMerge(str, Enum):
+    time_interleaved = "time_interleaved"
+    intent_grouped = "intent_grouped"
+
+
+class NsTokenizer(str, Enum):
+    auto_split = "auto_split"
+    group_wise = "group_wise"
+
+
+@dataclass
+class PyramidConfig:
+    """How many S-token queries each layer keeps (see `PyramidSchedule`)."""
+
+    mode: PyramidMode = PyramidMode.linear
+    """none: every layer keeps all S tokens; linear: shrink from all to `final` by the top layer;
+    explicit: the list in `queries`."""
+    queries: list[int] = field(default_factory=list)
+    """explicit mode: S-query count per layer (non-increasing, one entry per layer)."""
+    final: int = 0
+    """linear mode: S queries kept by the top layer (0 = top layer carries NS tokens only)."""
+    round_to: int = 8
+    """linear mode: round intermediate counts up to a multiple of this (the paper uses 32)."""
+
+    def __post_init__(self) -> None:
+        self.mode = PyramidMode(self.mode)
+        if self.final < 0 or self.round_to < 1:
+            raise ValueError("pyramid.final must be >= 0 and pyramid.round_to >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """OneTrans ranker sizes and tokenizer choices. Sizes: configs/model/{debug,small,base}.yaml."""
+
+    d_model: int = 64
+    """Token width D."""
+    n_heads: int = 4
+    """Attention heads H (D must be divisible by H)."""
+    n_layers: int = 2
+    """Stacked OneTrans blocks."""
+    ffn_mult: int = 4
+    """FFN hidden width = ffn_mult * D."""
+    n_ns_tokens: int = 4
+    """NS tokens per candidate for auto-split (group-wise uses one token per feature group)."""
+    emb_dim: int = 32
+    """Width of every torchrec embedding table."""
+    time_gap_buckets: int = 32
+    """log2 buckets of (request_ts - event_ts); bucket 0 is reserved."""
+    seq_merge: SeqMerge = SeqMerge.time_interleaved
+    """How several behaviour sequences become one S-token sequence."""
+    ns_tokenizer: NsTokenizer = NsTokenizer.auto_split
+    """How non-sequential features become NS tokens."""
+    head_hidden: int = 64
+    """Hidden width of the task-head MLP."""
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+    """Pyramid stacking schedule."""
+    attention_backend: AttentionBackend = AttentionBackend.AUTO
+    """Attention implementation (kernels/); auto = triton on CUDA, torch on CPU."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        for name in ("d_model", "n_heads", "n_layers", "ffn_mult", "n_ns_tokens", "emb_dim", "head_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.time_gap_buckets < 2:
+            raise ValueError("model.time_gap_buckets must be >= 2")
+        self.seq_merge = SeqMerge(self.seq_merge)  # a plain string (tests, checkpoints) -> enum, or ValueError
+        self.ns_tokenizer = NsTokenizer(self.ns_tokenizer)
+        self.attention_backend = AttentionBackend(self.attention_backend)
+        if isinstance(self.pyramid, dict):  # plain construction from a dict (tests, checkpoints)
+            self.pyramid = PyramidConfig(**self.pyramid)
+        if self.pyramid.mode == "explicit" and len(self.pyramid.queries) != self.n_layers:
+            raise ValueError(f"pyramid.queries has {len(self.pyramid.queries)} entries, "
+                             f"expected one per layer ({self.n_layers})")

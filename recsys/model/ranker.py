@@ -1,0 +1,162 @@
+"""The OneTrans-style ranker: tokenizer -> stacked mixed blocks (pyramid) -> task heads.
+
+Two ways to run the same weights, equal to float tolerance (pinned by tests):
+
+* ``rank`` (fast, request-level): stage 1 runs each request's S tokens once through
+  all layers and keeps every layer's S keys/values (`PrefixKV`); stage 2 runs each
+  candidate's N NS tokens through all layers attending to that cached prefix and to
+  their own earlier NS tokens (``candidate_prefix_attention``). Exact because S tokens
+  never attend to NS tokens.
+* ``rank_per_candidate`` (slow reference): every candidate is run alone through the
+  full sequence ``[S tokens of its request ; its NS tokens]`` with plain jagged causal
+  attention. Costs C full passes per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.candidate_prefix_attention import candidate_prefix_attention
+from kernels.jagged_causal_attention import jagged_causal_attention
+from recsys.data.batch import RequestBatch
+from recsys.data.schema import DataSchema
+from recsys.features.tokenizer import TokenizedBatch, UnifiedTokenizer, lengths_to_offsets
+from recsys.model.block import OneTransBlock
+from recsys.model.config import ModelConfig
+from recsys.model.heads import TaskHeads
+from recsys.model.pyramid import PyramidSchedule
+
+
+@dataclass
+class PrefixKV:
+    """Per-layer S-token keys/values of a batch of requests (the user-side KV cache).
+
+    ``keys[l], values[l]``: ``[sum_b L_b^l, H, Dh]`` for the S tokens at the input of
+    layer ``l``; ``offsets[l]``: ``[B+1]``. Candidate-independent.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    offsets: list[torch.Tensor]
+
+
+def keep_last(offsets: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the last ``min(L_b, budget)`` entries of each jagged sequence.
+
+    ``offsets [B+1]`` -> (row indices ``[sum kept]``, kept offsets ``[B+1]``).
+    """
+    lengths = offsets[1:] - offsets[:-1]
+    kept = lengths.clamp(max=budget)
+    kept_offsets = lengths_to_offsets(kept)
+    starts = torch.repeat_interleave(offsets[1:] - kept - kept_offsets[:-1], kept)
+    return torch.arange(int(kept_offsets[-1]), device=offsets.device) + starts, kept_offsets
+
+
+class OneTransRanker(nn.Module):
+    def __init__(self, schema: DataSchema, cfg: ModelConfig, max_s_tokens: int) -> None:
+        """``max_s_tokens``: longest S sequence the data can produce (sizes the pyramid)."""
+        super().__init__()
+        self.cfg = cfg
+        self.tasks = list(schema.tasks)
+        self.tokenizer = UnifiedTokenizer(schema, cfg)
+        n_ns = self.tokenizer.n_ns
+        self.schedule = PyramidSchedule.from_config(cfg.pyramid, cfg.n_layers, max_s_tokens)
+        self.blocks = nn.ModuleList(
+            OneTransBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult * cfg.d_model, n_ns) for _ in range(cfg.n_layers))
+        self.heads = TaskHeads(n_ns, cfg.d_model, cfg.head_hidden, len(self.tasks))
+
+    @property
+    def backend(self) -> str:
+        return self.cfg.attention_backend
+
+    def forward(self, batch: RequestBatch) -> torch.Tensor:
+        """``batch`` -> logits ``[sum C_b, T]``."""
+        return self.rank(self.tokenizer(batch))
+
+    # ---- fast path: shared user prefix ----------------------------------------------
+    def encode_prefix(self, s_tokens: torch.Tensor, s_offsets: torch.Tensor) -> PrefixKV:
+        """Stage 1: S tokens ``[sum L_b, D]`` through every layer; returns each layer's K/V."""
+        keys, values, offsets = [], [], []
+        x, off = s_tokens, s_offsets
+        last = len(self.blocks) - 1
+        for layer, blk in enumerate(self.blocks):
+            # budget(last) == 0: the top layer's S outputs feed nothing, only its K/V are needed.
+            keep, off_out = keep_last(off, self.schedule.budget(layer))
+            q, k, v = blk.s_project(x, keep)
+            keys.append(k)
+            values.append(v)
+            offsets.append(off)
+            if layer == last:
+                break
+            if keep.numel():
+                attn = jagged_causal_attention(q, k, v, off, off_out, backend=self.backend)
+                x = blk.s_finish(x[keep], attn)
+            else:  # the top layers of a pyramid may carry NS tokens only
+                x = x[keep]
+            off = off_out
+        return PrefixKV(keys, values, offsets)
+
+    def score_candidates(self, prefix: PrefixKV, ns_tokens: torch.Tensor, cand_offsets: torch.Tensor) -> torch.Tensor:
+        """Stage 2: NS tokens ``[sum C_b, N, D]`` against the cached prefix -> logits ``[sum C_b, T]``."""
+        x = ns_tokens
+        for layer, blk in enumerate(self.blocks):
+            q, k, v = blk.ns_project(x)
+            attn = candidate_prefix_attention(q, k, v, prefix.keys[layer], prefix.values[layer],
+                                              prefix.offsets[layer], cand_offsets, backend=self.backend)
+            x = blk.ns_finish(x, attn)
+        return self.heads(x)
+
+    def rank(self, tok: TokenizedBatch) -> torch.Tensor:
+        return self.score_candidates(self.encode_prefix(tok.s_tokens, tok.s_offsets), tok.ns_tokens,
+                                     tok.cand_offsets)
+
+    # ---- reference: every candidate alone through the full sequence -------------------
+    def rank_per_candidate(self, tok: TokenizedBatch, return_tokens: bool = False
+                           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slow obvious path: C independent full passes over ``[S ; NS_c]``. Logits ``[sum C_b, T]``.
+
+        ``return_tokens=True`` returns the top layer's tokens instead, for masking tests:
+        ``(s_out [sum_c kept_c, D], s_offsets [C+1], ns_out [C, N, D])``.
+        """
+        cand_len = tok.cand_offsets[1:] - tok.cand_offsets[:-1]
+        s_len = tok.s_offsets[1:] - tok.s_offsets[:-1]
+        owner = torch.repeat_interleave(torch.arange(len(s_len), device=s_len.device), cand_len)  # [C]
+        s_len_c = s_len[owner]
+        s_off_c = lengths_to_offsets(s_len_c)
+        rows = torch.arange(int(s_off_c[-1]), device=s_len.device)
+        rows = rows - torch.repeat_interleave(s_off_c[:-1] - tok.s_offsets[:-1][owner], s_len_c)
+        x_s = tok.s_tokens[rows]  # [sum_c L_c, D]: a private copy of the history per candidate
+        x_ns = tok.ns_tokens  # [C, N, D]
+        n_cand, n_ns = x_ns.shape[0], x_ns.shape[1]
+        ar_ns = torch.arange(n_ns, device=s_len.device)
+        for layer, blk in enumerate(self.blocks):
+            s_len_c = s_off_c[1:] - s_off_c[:-1]
+            keep, s_off_kept = keep_last(s_off_c, self.schedule.queries[layer])  # all S queries, top layer too
+            q_s, k_s, v_s = blk.s_project(x_s, keep)
+            q_n, k_n, v_n = blk.ns_project(x_ns)  # [C, N, H, Dh]
+            # Full sequence c = [its S tokens ; its N NS tokens]; queries = last kept S + all NS.
+            full_off = lengths_to_offsets(s_len_c + n_ns)
+            s_pos = torch.arange(x_s.shape[0], device=s_len.device) + torch.repeat_interleave(
+                full_off[:-1] - s_off_c[:-1], s_len_c)
+            ns_pos = (full_off[:-1] + s_len_c)[:, None] + ar_ns  # [C, N]
+            k_full = k_s.new_empty(int(full_off[-1]), *k_s.shape[1:])
+            v_full = torch.empty_like(k_full)
+            k_full[s_pos], v_full[s_pos] = k_s, v_s
+            k_full[ns_pos.flatten()], v_full[ns_pos.flatten()] = k_n.flatten(0, 1), v_n.flatten(0, 1)
+            kept_len = s_off_kept[1:] - s_off_kept[:-1]
+            q_off = lengths_to_offsets(kept_len + n_ns)
+            qs_pos = torch.arange(q_s.shape[0], device=s_len.device) + torch.repeat_interleave(
+                q_off[:-1] - s_off_kept[:-1], kept_len)
+            qn_pos = ((q_off[:-1] + kept_len)[:, None] + ar_ns).flatten()
+            q_full = q_s.new_empty(int(q_off[-1]), *q_s.shape[1:])
+            q_full[qs_pos], q_full[qn_pos] = q_s, q_n.flatten(0, 1)
+            attn = jagged_causal_attention(q_full, k_full, v_full, full_off, q_off, backend=self.backend)
+            x_s = blk.s_finish(x_s[keep], attn[qs_pos]) if keep.numel() else x_s[keep]
+            x_ns = blk.ns_finish(x_ns, attn[qn_pos].view(n_cand, n_ns, *attn.shape[1:]))
+            s_off_c = s_off_kept
+        if return_tokens:
+            return x_s, s_off_c, x_ns
+        return self.heads(x_ns)

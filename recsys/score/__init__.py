@@ -1,0 +1,1 @@
+"""``python -m recsys.score``: the batch scoring job (see ``recsys/serving/job.py`` and docs/serving.md)."""

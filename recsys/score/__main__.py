@@ -1,0 +1,30 @@
+"""`python -m recsys.score checkpoint=... output_dir=... [hydra overrides]`: score request files, print the
+summary path last.
+
+Examples::
+
+    python -m recsys.score checkpoint=runs/train/latest output_dir=runs/score/test      # test split of its dataset
+    python -m recsys.score checkpoint=runs/train/x/checkpoints/step_400.pt output_dir=out inputs=[data/req.parquet]
+    python -m recsys.score checkpoint=runs/ml100k output_dir=runs/ml100k-catalog mode=catalog batch_size=16
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from recsys.serving.config import ScoreConfig, register_configs
+
+register_configs()
+
+
+@hydra.main(config_path="../../configs", config_name="score", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    cfg: ScoreConfig = OmegaConf.to_object(dcfg)  # runs every __post_init__ validation
+    from recsys.serving.job import run_scoring  # heavy imports after config validation
+
+    print(run_scoring(cfg))
+
+
+if __name__ == "__main__":
+    main()

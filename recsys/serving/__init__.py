@@ -1,0 +1,29 @@
+"""Serving: the user KV cache, cross-candidate scoring, the batch scoring job (docs/serving.md).
+
+Public API::
+
+    scorer = CachedScorer(model, UserKVCache(max_bytes=512 << 20), candidate_chunk=512)
+    logits = scorer.score_batch(batch)          # [sum C_b, T], == model.rank_per_candidate to 1e-5
+    scorer.cache.stats.as_dict()                # hits / partial hits / misses / evictions / bytes
+
+    score_in_chunks(model, prefix, ns_tokens, cand_offsets, candidate_chunk)  # stage 2, chunked
+    extend_states(model, states, new_rows, new_offsets, new_events)          # stage 1, incremental
+    run_scoring(ScoreConfig(...))               # python -m recsys.score
+"""
+
+from recsys.serving.cache import CacheStats, UserKVCache
+from recsys.serving.events import merged_events
+from recsys.serving.scorer import CachedScorer, score_in_chunks
+from recsys.serving.state import UserKVState, empty_state, extend_states, states_to_prefix
+
+__all__ = [
+    "CacheStats",
+    "CachedScorer",
+    "UserKVCache",
+    "UserKVState",
+    "empty_state",
+    "extend_states",
+    "merged_events",
+    "score_in_chunks",
+    "states_to_prefix",
+]

@@ -1,0 +1,143 @@
+"""Structured config of ``python -m recsys.score`` (registered in Hydra's ConfigStore as ``score_schema``).
+
+Every key of ``configs/score.yaml`` and every override is typed by these dataclasses, so a typo
+fails at start-up. Fixed choices are ``str``-valued enums (OmegaConf rejects ``Literal``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ScoreMode(str, Enum):
+    """What is scored for each request."""
+
+    candidates = "candidates"
+    """The request's own candidates (ranking / CTR scoring)."""
+    catalog = "catalog"
+    """Every catalog item (or a given candidate set): full-catalog ranking, top-K written."""
+
+
+class CatalogTarget(str, Enum):
+    """Which of a request's listed candidates count as its held-out relevant items in catalog mode."""
+
+    candidates = "candidates"
+    """Every listed candidate, whatever its label (leave-one-out next-item data such as ml-100k)."""
+    positives = "positives"
+    """Only candidates whose label of the ranking task is 1."""
+
+
+class ScoreDevice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class CacheConfig:
+    """Cross-request user KV cache (``recsys.serving.cache.UserKVCache``)."""
+
+    enabled: bool = True
+    """Reuse user states across requests (False: stage 1 once per request, shared by its candidates only)."""
+    max_bytes: int = 512 * 2**20
+    """Byte budget of the cache (K/V + stored layer inputs + event identities of every entry)."""
+    reset_per_partition: bool = True
+    """Empty the cache at the start of every output partition, so a partition's scores do not depend on
+    which partitions ran before it in this process: a resumed run writes bit-identical files. Reuse then
+    spans one partition (inputs sorted by user keep a user's requests together)."""
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0:
+            raise ValueError(f"cache.max_bytes must be >= 0, got {self.max_bytes}")
+
+
+@dataclass
+class CatalogConfig:
+    """Full-catalog ranking (``mode=catalog``)."""
+
+    items_file: str | None = None
+    """Parquet file with an ``item_id`` column (optional ``category``): the candidate set. None: every
+    item id ``1 .. num_items-1`` of the checkpoint's schema."""
+    category_files: list[str] = field(default_factory=list)
+    """Extra request-row Parquet files (or directories) to learn the item -> category map from; the input
+    files, and every split of the checkpoint's dataset when inputs default to it, are always read."""
+    top_k: int = 100
+    """Items written per request (best first)."""
+    k: int = 10
+    """Cut-off of HR@K / NDCG@K."""
+    target: CatalogTarget = CatalogTarget.candidates
+    """Which listed candidates are the request's held-out relevant items."""
+    rank_task: str | None = None
+    """Task whose score ranks the catalog (None: the first task)."""
+    exclude_history: bool = False
+    """Drop items of the request's (loader-truncated) history from its ranking (targets stay). Default
+    False: seen items stay in the candidate set, the EVALUATION.md default."""
+
+    def __post_init__(self) -> None:
+        self.target = CatalogTarget(self.target)
+        if self.top_k < 1 or self.k < 1:
+            raise ValueError("catalog.top_k and catalog.k must be >= 1")
+
+
+@dataclass
+class ScoreConfig:
+    """Top-level config of the batch scoring job (configs/score.yaml)."""
+
+    checkpoint: str = MISSING
+    """A ``step_<N>.pt`` file, or a training output dir (its newest ``checkpoints/step_<N>.pt``)."""
+    output_dir: str = MISSING
+    """Where ``part-<i>.parquet``, ``_job.json`` and ``summary.json`` go."""
+    inputs: list[str] = field(default_factory=list)
+    """Request-row Parquet files or directories; empty = split ``split`` of the checkpoint's dataset."""
+    split: str = "test"
+    """Split of the checkpoint's dataset scored when ``inputs`` is empty."""
+    mode: ScoreMode = ScoreMode.candidates
+    """candidates: score each request's candidates; catalog: rank the whole catalog."""
+    rows_per_partition: int = 2048
+    """Input requests per output partition (the unit of atomic writes and of resume)."""
+    batch_size: int = 64
+    """Requests per model batch (batches never straddle partitions)."""
+    candidate_chunk: int = 512
+    """Candidate rows per stage-2 call: transient memory grows with this, not with C."""
+    max_len: int | None = None
+    """Events kept per sequence kind (None: the checkpoint's data.loader.max_len, as in training)."""
+    device: ScoreDevice = ScoreDevice.auto
+    """auto = cuda when available."""
+    attention_backend: str | None = None
+    """Override of the model's attention backend (reference / torch / triton / auto); None keeps it."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Cross-request user KV cache."""
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    """Full-catalog mode settings."""
+    overwrite: bool = False
+    """When output_dir holds partitions of a *different* job (other checkpoint / inputs / settings): delete
+    them (True) or refuse to start (False)."""
+    max_partitions: int = 0
+    """Stop after this many partitions in this run (0 = all); a later run resumes."""
+    pause_after_partition_s: float = 0.0
+    """Sleep after each written partition (kill/resume drills and tests only)."""
+    progress: bool = True
+    """tqdm progress bar."""
+
+    def __post_init__(self) -> None:
+        self.mode = ScoreMode(self.mode)
+        self.device = ScoreDevice(self.device)
+        for name in ("rows_per_partition", "batch_size", "candidate_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if self.max_partitions < 0 or self.pause_after_partition_s < 0:
+            raise ValueError("max_partitions and pause_after_partition_s must be >= 0")
+        if self.attention_backend is not None:
+            from kernels.backend import AttentionBackend
+
+            AttentionBackend(self.attention_backend)  # an unknown name fails at start-up
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="score_schema", node=ScoreConfig)

@@ -1,0 +1,369 @@
+"""The batch scoring job behind ``python -m recsys.score``: checkpoint + request files -> scored partitions.
+
+Steps: load the ranker from a checkpoint; list the inputs (the checkpoint's dataset split by
+default); plan deterministic partitions (``recsys.serving.partitions``); for every partition not
+already on disk: read its rows (validated, collated and truncated exactly like the training
+loader: ``validate_table`` + ``collate``), score them batch by batch with the cached scorer,
+write the partition atomically; finally compute the metrics over *all* partitions on disk and
+write ``summary.json``.
+
+Rows are read by partition-aligned row ranges rather than through ``RequestLoader`` (which
+deals row groups to ranks/workers): a partition must be the same rows in every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from recsys.data.batch import RequestBatch
+from recsys.data.collate import collate
+from recsys.data.prepare import as_data_config, prepare_dataset
+from recsys.data.schema import DataSchema
+from recsys.data.validate import validate_table
+from recsys.model.config import ModelConfig
+from recsys.model.ranker import OneTransRanker
+from recsys.serving.cache import UserKVCache
+from recsys.serving.catalog import (
+    catalog_items,
+    collect_item_categories,
+    score_catalog,
+    target_ranks,
+    top_k,
+)
+from recsys.serving.config import CatalogTarget, ScoreConfig, ScoreDevice, ScoreMode
+from recsys.serving.partitions import (
+    PART_PREFIX,
+    Partition,
+    atomic_write_bytes,
+    finished,
+    plan_partitions,
+    prepare_output,
+    write_partition,
+)
+from recsys.serving.scorer import CachedScorer
+from recsys.train.checkpoint import CheckpointManager, load_checkpoint, load_model_state
+from recsys.train.metrics import auc, gauc, hr_ndcg_at_k, logloss
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A ``step_<N>.pt`` file as is; a directory -> its newest ``step_<N>.pt`` (or ``checkpoints/``'s)."""
+    p = Path(path)
+    if p.is_file():
+        return p.resolve()
+    for d in (p / "checkpoints", p):
+        found = CheckpointManager(d).paths()
+        if found:
+            return found[-1].resolve()
+    raise FileNotFoundError(f"no checkpoint file or step_<N>.pt under {p}")
+
+
+def load_ranker(path: Path, device: torch.device, backend: str | None = None
+                ) -> tuple[OneTransRanker, DataSchema, dict[str, Any]]:
+    """(model in eval mode on ``device``, its data schema, the checkpoint's plain config dict)."""
+    state = load_checkpoint(path)
+    schema = DataSchema.from_json(state["schema"])
+    config = state["config"]
+    model_cfg = dict(config["model"])
+    if backend is not None:
+        model_cfg["attention_backend"] = backend
+    model = OneTransRanker(schema, ModelConfig(**model_cfg), int(state["max_s_tokens"]))
+    load_model_state(model, state["model"], str(path))
+    return model.to(device).eval(), schema, config
+
+
+def expand_files(paths: list[str]) -> list[Path]:
+    """Files as given; directories -> their ``*.parquet`` (sorted)."""
+    out: list[Path] = []
+    for s in paths:
+        p = Path(s)
+        if p.is_dir():
+            out += sorted(p.glob("*.parquet"))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"input {p} does not exist")
+    return [p.resolve() for p in out]
+
+
+def resolve_inputs(cfg: ScoreConfig, ckpt_config: dict[str, Any]) -> tuple[list[Path], list[Path]]:
+    """(files to score, files of the checkpoint's whole dataset when inputs default to it, else [])."""
+    if cfg.inputs:
+        return expand_files(cfg.inputs), []
+    ds = prepare_dataset(as_data_config(OmegaConf.create(ckpt_config["data"])), progress=False)
+    if cfg.split not in ds.splits:
+        raise ValueError(f"split {cfg.split!r} not in the dataset {sorted(ds.splits)}")
+    files = [p.resolve() for p in ds.splits[cfg.split]]
+    return files, [p.resolve() for fs in ds.splits.values() for p in fs]
+
+
+def resolve_device(choice: ScoreDevice) -> torch.device:
+    if choice == ScoreDevice.cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is available")
+    if choice == ScoreDevice.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice.value)
+
+
+class PartitionReader:
+    """Validated rows of a partition (keeps the last row group read: partitions of one row group are adjacent)."""
+
+    def __init__(self, schema: DataSchema) -> None:
+        self.schema = schema
+        self.columns = [f.name for f in schema.arrow_schema()]
+        self._key: tuple[str, int] | None = None
+        self._table: pa.Table | None = None
+
+    def read(self, part: Partition) -> pa.Table:
+        if self._key != (part.file, part.row_group):
+            pf = pq.ParquetFile(part.file)
+            present = [c for c in self.columns if c in pf.schema_arrow.names]
+            self._table = validate_table(pf.read_row_group(part.row_group, columns=present), self.schema, part.file,
+                                         part.row_group)
+            self._key = (part.file, part.row_group)
+        return self._table.slice(part.start, part.num_rows)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _sigmoid(x: torch.Tensor) -> np.ndarray:
+    return torch.sigmoid(x.float()).cpu().numpy().astype(np.float32)
+
+
+def candidate_rows(batch: RequestBatch, logits: torch.Tensor, tasks: list[str]) -> dict[str, np.ndarray]:
+    """Output columns of one batch in candidates mode (one row per candidate, input order)."""
+    c = (batch.cand_offsets[1:] - batch.cand_offsets[:-1]).cpu()
+    cols = {"request_id": torch.repeat_interleave(batch.request_id.cpu(), c).numpy(),
+            "user_id": torch.repeat_interleave(batch.user_id.cpu(), c).numpy(),
+            "item_id": batch.cand["item_id"].values().cpu().numpy().astype(np.int64)}
+    for t, task in enumerate(tasks):
+        cols[f"score_{task}"] = _sigmoid(logits[:, t])
+    for t, task in enumerate(tasks):
+        cols[f"label_{task}"] = batch.labels[:, t].cpu().numpy().astype(np.float32)
+    return cols
+
+
+class CatalogRanker:
+    """Catalog mode for one batch: scores, top-K rows and target rows (see ``recsys.serving.catalog``)."""
+
+    def __init__(self, scorer: CachedScorer, items: np.ndarray, cats: np.ndarray, cfg: ScoreConfig,
+                 num_items: int, device: torch.device) -> None:
+        self.scorer, self.cfg = scorer, cfg.catalog
+        self.tasks = list(scorer.model.tasks)
+        task = self.cfg.rank_task or self.tasks[0]
+        if task not in self.tasks:
+            raise ValueError(f"catalog.rank_task {task!r} not among the model's tasks {self.tasks}")
+        self.rank_t = self.tasks.index(task)
+        self.items = torch.as_tensor(items, device=device)
+        self.cats = torch.as_tensor(cats, device=device)
+        self.position = np.full(num_items, -1, dtype=np.int64)  # item id -> catalog position
+        self.position[items] = np.arange(len(items))
+
+    def rows(self, batch: RequestBatch, kinds: list[str]) -> dict[str, np.ndarray]:
+        logits = score_catalog(self.scorer, batch, self.items, self.cats)  # [B, M, T]
+        rank_scores = logits[:, :, self.rank_t].clone()
+        items_np = self.items.cpu().numpy()
+        cand = batch.cand["item_id"].values().cpu().numpy()
+        labels = batch.labels[:, self.rank_t].cpu().numpy()
+        co = batch.cand_offsets.cpu().tolist()
+        seq = batch.seq.to_dict()
+        hist_off = {k: np.concatenate([[0], np.cumsum(seq[f"{k}.item_id"].lengths().cpu().numpy())]) for k in kinds}
+        hist_items = {k: seq[f"{k}.item_id"].values().cpu().numpy() for k in kinds}
+        out: dict[str, list] = {k: [] for k in ("request_id", "user_id", "item_id", "rank", "is_target")}
+        scores_out: list[np.ndarray] = []
+        rid, uid = batch.request_id.cpu().numpy(), batch.user_id.cpu().numpy()
+        for b in range(batch.num_requests):
+            listed = cand[co[b]:co[b + 1]]
+            if self.cfg.target == CatalogTarget.positives:
+                listed = listed[labels[co[b]:co[b + 1]] > 0.5]
+            targets = np.unique(listed)
+            pos = self.position[targets]
+            inside = targets[pos >= 0]
+            if self.cfg.exclude_history:
+                seen = np.unique(np.concatenate([hist_items[k][hist_off[k][b]:hist_off[k][b + 1]] for k in kinds]))
+                seen_pos = self.position[seen[(seen >= 0) & (seen < len(self.position))]]
+                seen_pos = seen_pos[(seen_pos >= 0) & ~np.isin(seen_pos, pos)]
+                rank_scores[b, torch.as_tensor(seen_pos, device=rank_scores.device)] = float("-inf")
+            top = top_k(rank_scores[b], self.cfg.top_k).cpu().numpy()
+            t_pos = torch.as_tensor(pos[pos >= 0], device=rank_scores.device)
+            ranks = target_ranks(rank_scores[b], t_pos).cpu().numpy() if len(t_pos) else np.zeros(0, np.int64)
+            top_items = items_np[top]
+            extra = ~np.isin(inside, top_items)  # targets outside the top-K get their own row
+            rows_items = np.concatenate([top_items, inside[extra], targets[pos < 0]])
+            rows_rank = np.concatenate([np.arange(len(top)), ranks[extra], np.full(int((pos < 0).sum()), -1)])
+            rows_pos = np.concatenate([top, pos[pos >= 0][extra], np.full(int((pos < 0).sum()), -1)])
+            n = len(rows_items)
+            out["request_id"].append(np.full(n, rid[b]))
+            out["user_id"].append(np.full(n, uid[b]))
+            out["item_id"].append(rows_items)
+            out["rank"].append(rows_rank)
+            out["is_target"].append(np.isin(rows_items, targets))
+            sc = np.full((n, len(self.tasks)), np.nan, dtype=np.float32)
+            ok = rows_pos >= 0
+            sc[ok] = _sigmoid(logits[b, torch.as_tensor(rows_pos[ok], device=logits.device)])
+            scores_out.append(sc)
+        cols = {k: np.concatenate(v).astype(bool if k == "is_target" else np.int64) for k, v in out.items()}
+        sc = np.concatenate(scores_out)
+        for t, task in enumerate(self.tasks):
+            cols[f"score_{task}"] = sc[:, t]
+        return cols
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def summary_metrics(output_dir: Path, cfg: ScoreConfig, tasks: list[str]) -> dict[str, Any]:
+    """Metrics over every partition on disk (so a resumed run reports the whole output)."""
+    files = sorted(output_dir.glob(f"{PART_PREFIX}*.parquet"))
+    if not files:
+        return {}
+    df = pl.read_parquet(files)
+    out: dict[str, Any] = {"output_rows": df.height}
+    if cfg.mode == ScoreMode.catalog:
+        targets = df.filter(pl.col("is_target"))
+        inside = targets.filter(pl.col("rank") >= 0)
+        k = cfg.catalog.k
+        hr, ndcg = hr_ndcg_at_k(inside["rank"].to_numpy(), k)
+        out.update({f"hr@{k}": hr, f"ndcg@{k}": ndcg, "targets": inside.height,
+                    "targets_outside_candidate_set": targets.height - inside.height,
+                    "requests_ranked": df["request_id"].n_unique()})
+        return _finite(out)
+    users = df["user_id"].to_numpy()
+    for task in tasks:
+        p, y = df[f"score_{task}"].to_numpy(), df[f"label_{task}"].to_numpy()
+        g, n_users = gauc(p, y, users)
+        out.update({f"{task}_auc": auc(p, y), f"{task}_gauc": g, f"{task}_gauc_users": n_users,
+                    f"{task}_logloss": logloss(p, y)})
+    first = tasks[0]
+    out.update({"auc": out[f"{first}_auc"], "gauc": out[f"{first}_gauc"], "logloss": out[f"{first}_logloss"]})
+    return _finite(out)
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the job
+def checkpoint_identity(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def run_scoring(cfg: ScoreConfig) -> Path:
+    """Run (or resume) the job; returns the path of ``summary.json``."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    model, schema, ckpt_config = load_ranker(ckpt, device, cfg.attention_backend)
+    max_len = cfg.max_len or int(ckpt_config["data"]["loader"]["max_len"])
+    files, dataset_files = resolve_inputs(cfg, ckpt_config)
+    out_dir = Path(cfg.output_dir)
+    parts = plan_partitions(files, cfg.rows_per_partition)
+    job = {"checkpoint": checkpoint_identity(ckpt), "inputs": [(str(f), f.stat().st_size) for f in files],
+           "mode": cfg.mode.value, "max_len": max_len, "rows_per_partition": cfg.rows_per_partition,
+           "batch_size": cfg.batch_size, "candidate_chunk": cfg.candidate_chunk,
+           "attention_backend": str(model.backend), "device": device.type,
+           "cache": asdict(cfg.cache), "catalog": asdict(cfg.catalog) if cfg.mode == ScoreMode.catalog else None}
+    prepare_output(out_dir, job, parts, cfg.overwrite)
+    done = finished(out_dir, parts)
+
+    cache = UserKVCache(cfg.cache.max_bytes) if cfg.cache.enabled else None
+    scorer = CachedScorer(model, cache, cfg.candidate_chunk)
+    tasks = list(schema.tasks)
+    catalog_info: dict[str, Any] = {}
+    ranker = None
+    if cfg.mode == ScoreMode.catalog:
+        cat_files = sorted(set(files) | set(dataset_files) | set(expand_files(cfg.catalog.category_files)))
+        cats = collect_item_categories(cat_files, schema)
+        items, item_cats = catalog_items(schema, cfg.catalog.items_file, cats)
+        ranker = CatalogRanker(scorer, items, item_cats, cfg, schema.num_items, device)
+        catalog_info = {"catalog_items": int(len(items)), "category_files": [str(f) for f in cat_files],
+                        "category_coverage": float(cats.seen[items].mean()) if len(items) else None,
+                        "category_conflicts": cats.conflicts, "rank_task": tasks[ranker.rank_t],
+                        "seen_items_in_candidate_set": not cfg.catalog.exclude_history,
+                        "target": cfg.catalog.target.value}
+
+    todo = [p for p in parts if p.index not in done]
+    if cfg.max_partitions:
+        todo = todo[:cfg.max_partitions]
+    reader = PartitionReader(schema)
+    n_req = n_cand = 0
+    score_time = 0.0
+    t_loop = time.perf_counter()
+    bar = tqdm(total=sum(p.num_rows for p in todo), disable=not cfg.progress, desc="score", unit="req",
+               dynamic_ncols=True)
+    for part in todo:
+        if cache is not None and cfg.cache.reset_per_partition:
+            cache.clear()
+        table = reader.read(part)
+        pieces: list[dict[str, np.ndarray]] = []
+        for s in range(0, table.num_rows, cfg.batch_size):
+            batch = collate(table.slice(s, cfg.batch_size), schema, max_len).to(device)
+            t0 = time.perf_counter()
+            if ranker is None:
+                logits = scorer.score_batch(batch)
+                pieces.append(candidate_rows(batch, logits, tasks))
+                n_cand += batch.num_candidates
+            else:
+                pieces.append(ranker.rows(batch, list(schema.sequences)))
+                n_cand += batch.num_requests * len(ranker.items)
+            score_time += time.perf_counter() - t0
+            n_req += batch.num_requests
+            bar.update(batch.num_requests)
+        cols = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+        write_partition(out_dir / part.name, pa.table(cols))
+        if cfg.pause_after_partition_s:
+            time.sleep(cfg.pause_after_partition_s)
+    bar.close()
+    loop_time = time.perf_counter() - t_loop
+
+    stats = cache.stats.as_dict() if cache is not None else {}
+    remaining = len(parts) - len(finished(out_dir, parts))
+    summary: dict[str, Any] = {
+        "mode": cfg.mode.value, "checkpoint": str(ckpt), "inputs": [str(f) for f in files],
+        "output_dir": str(out_dir.resolve()), "device": device.type, "attention_backend": str(model.backend),
+        "complete": remaining == 0, "partitions_total": len(parts), "partitions_written": len(todo),
+        "partitions_skipped": len(done), "partitions_remaining": remaining,
+        "requests": n_req, "candidates": n_cand, "loop_time_s": loop_time, "score_time_s": score_time,
+        "requests_per_s": n_req / loop_time if n_req else None,
+        "candidates_per_s": n_cand / loop_time if n_req else None,
+        "model_candidates_per_s": n_cand / score_time if n_req else None,
+        "cache_enabled": cache is not None, "cache_max_bytes": cfg.cache.max_bytes if cache is not None else 0,
+        "cache_reset_per_partition": cfg.cache.reset_per_partition,
+        "cache_hit_rate": stats.get("hit_rate"), "cache": stats,
+        "max_len": max_len, "batch_size": cfg.batch_size, "candidate_chunk": cfg.candidate_chunk,
+        **catalog_info,
+        "metrics": summary_metrics(out_dir, cfg, tasks),
+        "metrics_note": ("over every partition on disk" + ("" if remaining == 0 else
+                                                           f" ({remaining} partitions still missing)")),
+        "total_time_s": time.perf_counter() - t_start,
+    }
+    if cfg.mode == ScoreMode.catalog:
+        summary["protocol"] = (f"full-catalog ranking of {catalog_info['catalog_items']} items by "
+                               f"score_{catalog_info['rank_task']}; targets = {cfg.catalog.target.value} of each "
+                               "request; seen items " + ("excluded" if cfg.catalog.exclude_history else "kept") +
+                               f"; HR@{cfg.catalog.k}/NDCG@{cfg.catalog.k} averaged over targets; ties by item id")
+    path = out_dir / "summary.json"
+    atomic_write_bytes(path, json.dumps(summary, indent=2, default=_json_default).encode())
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.bool_):
+        return bool(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+__all__ = ["load_ranker", "resolve_checkpoint", "run_scoring"]

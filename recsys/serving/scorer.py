@@ -1,0 +1,131 @@
+"""Cached scoring of request batches: stage 1 once per user (reused across requests), stage 2 in
+candidate chunks.
+
+Shape legend: ``B`` requests, ``C_b`` candidates of request b, ``N`` NS tokens, ``D`` width,
+``T`` tasks.
+
+Flow of :meth:`CachedScorer.score_batch`:
+
+1. tokenize the batch (S tokens of the full, loader-truncated histories + NS tokens);
+2. for every request, look its user up in the :class:`UserKVCache` with the event identities
+   (``recsys.serving.events``): hit -> reuse, append -> extend the cached state with the new
+   positions only, miss -> compute from an empty state. Requests of one user that occur
+   several times in a batch are processed in *waves* (wave k = k-th occurrence), so the second
+   request already finds the first one's state;
+3. concatenate the states into a batch ``PrefixKV`` and score candidates in chunks of
+   ``candidate_chunk`` rows (:func:`score_in_chunks`): every chunk attends to the shared prefix
+   in place, so memory grows with the chunk, never with ``C x L``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from recsys.data.batch import RequestBatch
+from recsys.features.tokenizer import TokenizedBatch
+from recsys.model.ranker import OneTransRanker, PrefixKV
+from recsys.serving.cache import UserKVCache
+from recsys.serving.events import merged_events
+from recsys.serving.state import UserKVState, empty_state, extend_states, states_to_prefix
+
+
+@torch.no_grad()
+def score_in_chunks(model: OneTransRanker, prefix: PrefixKV, ns_tokens: torch.Tensor, cand_offsets: torch.Tensor,
+                    candidate_chunk: int) -> torch.Tensor:
+    """Stage 2 over candidate rows ``[c0, c0 + candidate_chunk)`` at a time -> logits ``[sum C_b, T]``.
+
+    A chunk may span several requests: its offsets are ``clamp(cand_offsets, c0, c1) - c0``, so
+    requests with no candidate in the chunk simply contribute none; the prefix is never copied.
+    """
+    if candidate_chunk < 1:
+        raise ValueError(f"candidate_chunk must be >= 1, got {candidate_chunk}")
+    total = ns_tokens.shape[0]
+    if total <= candidate_chunk:
+        return model.score_candidates(prefix, ns_tokens, cand_offsets)
+    out = []
+    for c0 in range(0, total, candidate_chunk):
+        c1 = min(total, c0 + candidate_chunk)
+        offs = cand_offsets.clamp(c0, c1) - c0  # [B+1]
+        out.append(model.score_candidates(prefix, ns_tokens[c0:c1], offs))
+    return torch.cat(out)
+
+
+def occurrence_waves(user_ids: list[int]) -> list[list[int]]:
+    """Request indices grouped so that a user appears at most once per wave, in batch order.
+
+    ``[5, 7, 5, 5]`` -> ``[[0, 1], [2], [3]]``.
+    """
+    seen: Counter[int] = Counter()
+    waves: list[list[int]] = []
+    for i, u in enumerate(user_ids):
+        k = seen[u]
+        seen[u] += 1
+        if k == len(waves):
+            waves.append([])
+        waves[k].append(i)
+    return waves
+
+
+class CachedScorer:
+    """Scores :class:`RequestBatch` es with a user-level KV cache and chunked stage 2.
+
+    ``cache=None`` disables cross-request reuse (stage 1 is still computed once per request and
+    shared by all its candidates).
+    """
+
+    def __init__(self, model: OneTransRanker, cache: UserKVCache | None, candidate_chunk: int = 512) -> None:
+        if candidate_chunk < 1:
+            raise ValueError(f"candidate_chunk must be >= 1, got {candidate_chunk}")
+        self.model = model.eval()
+        self.cache = cache
+        self.candidate_chunk = candidate_chunk
+        self.kinds = list(model.tokenizer.kinds)
+        self.seq_merge = model.cfg.seq_merge
+
+    @torch.no_grad()
+    def user_states(self, batch: RequestBatch, tok: TokenizedBatch) -> list[UserKVState]:
+        """Stage 1 for every request of the batch through the cache: one state per request."""
+        values, offsets = merged_events(batch, self.kinds, self.seq_merge)
+        s_off = tok.s_offsets.tolist()
+        if [s_off[i + 1] - s_off[i] for i in range(len(s_off) - 1)] != np.diff(offsets).tolist():
+            raise AssertionError("event identities and S tokens disagree in length (tokenizer merge changed?)")
+        events = [values[offsets[i]:offsets[i + 1]] for i in range(batch.num_requests)]
+        users = batch.user_id.tolist()
+        device, dtype = tok.s_tokens.device, tok.s_tokens.dtype
+        out: list[UserKVState | None] = [None] * batch.num_requests
+        for wave in occurrence_waves(users):
+            jobs, bases = [], []
+            for i in wave:
+                status, entry = ("miss", None) if self.cache is None else self.cache.lookup(users[i], events[i])
+                if status == "hit":
+                    out[i] = entry
+                    continue
+                jobs.append(i)
+                bases.append(entry if status == "append" else empty_state(self.model, device, dtype))
+            if not jobs:
+                continue
+            rows, lens = [], []
+            for i, base in zip(jobs, bases):
+                rows.append(tok.s_tokens[s_off[i] + base.length:s_off[i + 1]])  # the new positions only
+                lens.append(rows[-1].shape[0])
+            new_off = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int64, device=device)
+            new_states = extend_states(self.model, bases, torch.cat(rows), new_off, [events[i] for i in jobs])
+            for i, st in zip(jobs, new_states):
+                out[i] = st
+                if self.cache is not None:
+                    self.cache.put(users[i], st)
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def score_tokens(self, batch: RequestBatch, tok: TokenizedBatch) -> torch.Tensor:
+        """Logits ``[sum C_b, T]`` of an already tokenized batch."""
+        prefix = states_to_prefix(self.user_states(batch, tok))
+        return score_in_chunks(self.model, prefix, tok.ns_tokens, tok.cand_offsets, self.candidate_chunk)
+
+    @torch.no_grad()
+    def score_batch(self, batch: RequestBatch) -> torch.Tensor:
+        """Logits ``[sum C_b, T]``; equal to ``model(batch)`` to float tolerance."""
+        return self.score_tokens(batch, self.model.tokenizer(batch))

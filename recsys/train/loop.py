@@ -1,0 +1,213 @@
+"""The training loop behind `python -m recsys.train`: build, train, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torchrec.optim import RowWiseAdagrad
+from tqdm import tqdm
+
+from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
+from recsys.data.schema import DataSchema
+from recsys.model.config import ModelConfig
+from recsys.model.heads import multitask_bce
+from recsys.model.pyramid import flops_report
+from recsys.model.ranker import OneTransRanker
+from recsys.train.checkpoint import CheckpointManager, load_model_state
+from recsys.train.config import OptimConfig, RunConfig
+from recsys.train.evaluate import metrics_report, predict
+from recsys.train.metrics import auc
+
+
+def max_s_tokens(schema: DataSchema, model_cfg: ModelConfig, max_len: int) -> int:
+    """Longest S sequence the loader can produce: max_len per kind (+ one SEP per kind if grouped)."""
+    k = len(schema.sequences)
+    return k * max_len + (k if model_cfg.seq_merge == "intent_grouped" else 0)
+
+
+def build_model(schema: DataSchema, model_cfg: ModelConfig, max_len: int) -> OneTransRanker:
+    return OneTransRanker(schema, model_cfg, max_s_tokens(schema, model_cfg, max_len))
+
+
+def make_optimizers(model: OneTransRanker, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """(sparse optimizer over the torchrec tables, dense optimizer over everything else)."""
+    sparse_ids = {id(p) for p in model.tokenizer.embeddings.parameters()}
+    sparse = [p for p in model.parameters() if id(p) in sparse_ids]
+    dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+    if cfg.sparse == "rowwise_adagrad":
+        opt_sparse: torch.optim.Optimizer = RowWiseAdagrad(sparse, lr=cfg.sparse_lr)
+    else:
+        opt_sparse = torch.optim.Adagrad(sparse, lr=cfg.sparse_lr)
+    if cfg.dense == "adamw":
+        opt_dense: torch.optim.Optimizer = torch.optim.AdamW(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
+    else:
+        opt_dense = torch.optim.RMSprop(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
+    return opt_sparse, opt_dense
+
+
+def resolve_device(name: str) -> torch.device:
+    name = str(getattr(name, "value", name))
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class PopularityBaseline:
+    """Scores a candidate by how many positive labels (first task) its item had in training."""
+
+    def __init__(self, num_items: int) -> None:
+        self.pos = torch.zeros(num_items, dtype=torch.float64)
+
+    def update(self, items: torch.Tensor, labels: torch.Tensor) -> None:
+        self.pos.index_add_(0, items.cpu(), labels[:, 0].double().cpu())
+
+    def auc(self, items: np.ndarray, labels: np.ndarray) -> float:
+        return auc(self.pos[torch.as_tensor(items)].numpy(), labels)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def train(cfg: RunConfig) -> Path:
+    """Train, evaluate on the test split, write ``report.json``; returns its path."""
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    device = resolve_device(tc.device)
+    ds: PreparedDataset = prepare_dataset(cfg.data, progress=tc.progress)
+    schema = ds.schema
+    model = build_model(schema, cfg.model, cfg.data.loader.max_len).to(device)
+    opt_sparse, opt_dense = make_optimizers(model, tc.optim)
+    warmup = max(1, tc.optim.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_dense, lambda s: min(1.0, (s + 1) / warmup))
+    weights = list(tc.task_weights) or None
+    popularity = PopularityBaseline(schema.num_items)
+    ckpts = CheckpointManager(out_dir / "checkpoints", keep=tc.keep_checkpoints)
+    log_path = out_dir / "train_log.jsonl"
+
+    step, epoch, batch_in_epoch, train_time, samples, requests = 0, 0, 0, 0.0, 0, 0
+    resumed_from = None
+    if tc.resume and (found := ckpts.load_latest()) is not None:
+        resumed_from, state = found
+        load_model_state(model, state["model"], str(resumed_from))
+        opt_sparse.load_state_dict(state["opt_sparse"])
+        opt_dense.load_state_dict(state["opt_dense"])
+        sched.load_state_dict(state["sched"])
+        popularity.pos = state["popularity"]
+        torch.set_rng_state(state["torch_rng"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        train_time, samples, requests = state["train_time"], state["samples"], state["requests"]
+        print(f"[train] resumed from {resumed_from} at step {step}")
+    elif not tc.resume:
+        log_path.unlink(missing_ok=True)
+
+    def checkpoint() -> None:
+        ckpts.save(step, {
+            "model": model.state_dict(), "opt_sparse": opt_sparse.state_dict(), "opt_dense": opt_dense.state_dict(),
+            "sched": sched.state_dict(), "popularity": popularity.pos, "torch_rng": torch.get_rng_state(),
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "train_time": train_time,
+            "samples": samples, "requests": requests,
+            "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True),
+            "schema": schema.to_json(), "max_s_tokens": max_s_tokens(schema, cfg.model, cfg.data.loader.max_len),
+        })
+
+    def log(record: dict[str, Any]) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+
+    def validate() -> dict[str, Any]:
+        loader = RequestLoader(ds.splits["valid"], schema, cfg.data.loader)
+        pred = predict(model, loader, device, tc.eval_max_batches, tc.bf16)
+        return metrics_report(pred, schema.tasks, "valid_")
+
+    done = bool(tc.max_steps) and step >= tc.max_steps
+    bar = tqdm(total=tc.max_steps or None, initial=step, disable=not tc.progress, desc="train", unit="step",
+               dynamic_ncols=True)
+    while epoch < tc.epochs and not done:
+        loader = RequestLoader(ds.splits["train"], schema, cfg.data.loader, epoch=epoch)
+        for i, batch in enumerate(loader):
+            if i < batch_in_epoch:  # resume: these batches were consumed before the checkpoint
+                continue
+            t0 = time.perf_counter()
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                logits = model(batch)
+            loss, per_task = multitask_bce(logits, batch.labels, weights)
+            opt_sparse.zero_grad(set_to_none=True)
+            opt_dense.zero_grad(set_to_none=True)
+            loss.backward()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+            if tc.optim.clip_grad_norm > 0:
+                dense_params = [p for g in opt_dense.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(dense_params, tc.optim.clip_grad_norm)
+            opt_sparse.step()
+            opt_dense.step()
+            sched.step()
+            train_time += time.perf_counter() - t0
+            if epoch == 0:
+                popularity.update(batch.cand["item_id"].values(), batch.labels)
+            step += 1
+            batch_in_epoch = i + 1
+            samples += batch.num_candidates
+            requests += batch.num_requests
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{samples / max(train_time, 1e-9):.0f}")
+            if step % tc.log_every == 0:
+                log({"step": step, "epoch": epoch, "loss": loss.item(),
+                     **{f"loss_{t}": float(v) for t, v in zip(schema.tasks, per_task)},
+                     "samples_per_s": samples / max(train_time, 1e-9)})
+            if tc.eval_every and step % tc.eval_every == 0:
+                log({"step": step, "epoch": epoch, **validate()})
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                checkpoint()
+            if tc.max_steps and step >= tc.max_steps:
+                done = True
+                break
+        else:
+            epoch += 1
+            batch_in_epoch = 0
+    bar.close()
+    checkpoint()
+
+    valid = validate()
+    test_pred = predict(model, RequestLoader(ds.splits["test"], schema, cfg.data.loader), device, 0, tc.bf16)
+    test = metrics_report(test_pred, schema.tasks, "test_")
+    report: dict[str, Any] = {
+        **test,
+        **valid,
+        "oracle_auc": test.get("test_oracle_auc"),  # None unless the data carries planted probabilities
+        "popularity_auc": popularity.auc(test_pred.items, test_pred.labels[:, 0]),
+        "train_samples_per_s": samples / max(train_time, 1e-9),
+        "train_requests_per_s": requests / max(train_time, 1e-9),
+        "train_time_s": train_time, "steps": step, "train_samples": samples,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "params_dense": sum(p.numel() for g in opt_dense.param_groups for p in g["params"]),
+        "params_sparse": sum(p.numel() for g in opt_sparse.param_groups for p in g["params"]),
+        "pyramid": model.schedule.describe(),
+        "flops_per_request": flops_report(
+            model.schedule, max_s_tokens(schema, cfg.model, cfg.data.loader.max_len), model.tokenizer.n_ns,
+            1, cfg.model.d_model, cfg.model.ffn_mult * cfg.model.d_model),
+        "tasks": list(schema.tasks), "data": ds.summary, "device": str(device),
+        "config": {"model": asdict(cfg.model) if not OmegaConf.is_config(cfg.model)
+                   else OmegaConf.to_container(cfg.model)},
+    }
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, default=_json_default))
+    return report_path
