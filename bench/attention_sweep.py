@@ -10,8 +10,9 @@ Dh, full causal self-attention (``q_offsets=None``), ``--dtype`` (fp32 default).
 FLOP formula (as in the Triton fused-attention tutorial):
     forward  = 4 * B * H * L * L * Dh * 0.5     (two matmuls of 2*L*L*Dh each; x0.5 for causal)
     fwd+bwd  = 3.5 * forward                    (backward = 2.5x forward: five matmuls, one recompute)
-Ceiling: the machine's dense matmul GFLOP/s (n x n @ n x n, 2 n^3 FLOPs), fp32 and bf16, measured in
-the same run with the same thread count.
+Ceiling: the machine's dense matmul GFLOP/s (n x n @ n x n, 2 n^3 FLOPs, best over n in
+{512, 1024, 2048} x 9 runs), fp32 and bf16, measured in the same run with the same thread count.
+Attention times are medians.
 
 Providers:
 - ``reference``     kernels.reference (fp32 loop over sequences; materialises [H, L, L] scores).
@@ -24,6 +25,9 @@ Providers:
 A provider is skipped at a length (recorded as ``"skipped: <reason>"``) when its projected time per
 call (last measured time x FLOP ratio) exceeds ``--timeout``, or when the reference's score
 matrices would exceed ``--mem-cap-gb``.
+
+Candidates: forward time of ``candidate_prefix_attention`` (one request, prefix 1024, N = 8) for
+C in {1, 16, 64, 256}, against jagged attention over C concatenated copies of [prefix ; own tokens].
 
 Memory: peak bytes allocated by the CPU allocator during one call, measured with
 ``torch.profiler`` (``profile_memory=True``: running sum of the allocator's [memory] events),
@@ -49,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from kernels import jagged_causal_attention  # noqa: E402
+from kernels import candidate_prefix_attention, jagged_causal_attention  # noqa: E402
 from kernels.torch_attention import _to_jagged, _to_padded  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,11 +87,23 @@ def time_call(fn, device: str, reps: int, budget_s: float) -> tuple[float, int]:
     return statistics.median(times), len(times)
 
 
-def matmul_gflops(dtype: torch.dtype, device: str, n: int = 1024, reps: int = 7) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sec, _ = time_call(lambda: a @ b, device, reps, budget_s=30.0)
-    return 2 * n**3 / sec / 1e9
+def matmul_gflops(dtype: torch.dtype, device: str, sizes=(512, 1024, 2048), reps: int = 9) -> float:
+    """Best GFLOP/s over n x n matmuls, n in ``sizes``, best of ``reps`` each.
+
+    A ceiling is a best case; on this shared 2-vCPU machine a 2-thread matmul varied from ~120 to
+    ~220 GFLOP/s (fp32) between sizes and runs, so one size / the median would understate it.
+    """
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b  # warm-up
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +203,44 @@ def memory_section(heads: int, dh: int, long_len: int, short_len: int, n_short: 
 
 
 # ----------------------------------------------------------------------------------------------
+# candidates: cost vs C with a shared prefix, vs the naive C copies of [prefix ; own tokens]
+# ----------------------------------------------------------------------------------------------
+def _candidate_variants(n_c: int, prefix: int, n_tok: int, heads: int, dh: int, device: str) -> dict:
+    gen = torch.Generator().manual_seed(n_c)
+    q, k, v = (torch.randn(n_c, n_tok, heads, dh, generator=gen).to(device) for _ in range(3))
+    pk, pv = (torch.randn(prefix, heads, dh, generator=gen).to(device) for _ in range(2))
+    p_off = torch.tensor([0, prefix], device=device)
+    c_off = torch.tensor([0, n_c], device=device)
+    # naive: each candidate as its own sequence [prefix ; own N tokens], last N positions query
+    kk = torch.cat([pk.expand(n_c, -1, -1, -1), k], dim=1).reshape(-1, heads, dh)
+    vv = torch.cat([pv.expand(n_c, -1, -1, -1), v], dim=1).reshape(-1, heads, dh)
+    kv_off = torch.arange(n_c + 1, device=device) * (prefix + n_tok)
+    q_off = torch.arange(n_c + 1, device=device) * n_tok
+    return {
+        "candidate_prefix torch": lambda: candidate_prefix_attention(q, k, v, pk, pv, p_off, c_off, backend="torch"),
+        "candidate_prefix reference": lambda: candidate_prefix_attention(
+            q, k, v, pk, pv, p_off, c_off, backend="reference"
+        ),
+        "jagged torch on C copies of [prefix; own]": lambda: jagged_causal_attention(
+            q.reshape(-1, heads, dh), kk, vv, kv_off, q_off, backend="torch"
+        ),
+    }
+
+
+def candidate_section(prefix: int, n_tok: int, heads: int, dh: int, counts: list[int], device: str, reps: int):
+    """Forward time of candidate_prefix_attention vs jagged attention over C concatenated copies."""
+    rows = []
+    for n_c in counts:
+        for name, fn in _candidate_variants(n_c, prefix, n_tok, heads, dh, device).items():
+            with torch.no_grad():
+                sec, _ = time_call(fn, device, reps, budget_s=30.0)
+            row = {"C": n_c, "variant": name, "ms": round(sec * 1e3, 3), "ms_per_candidate": round(sec * 1e3 / n_c, 4)}
+            print(f"candidates C={n_c:4d} {name:42s} {row['ms']:9.2f} ms  ({row['ms_per_candidate']:.3f} ms/cand)", flush=True)
+            rows.append(row)
+    return {"prefix": prefix, "n_tok": n_tok, "heads": heads, "dh": dh, "dtype": "fp32", "mode": "fwd", "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 def main() -> None:
@@ -261,6 +315,10 @@ def main() -> None:
                 rows.append(row)
                 del q, k, v, fn
 
+    candidates = candidate_section(
+        prefix=1024, n_tok=8, heads=args.heads, dh=args.dh,
+        counts=[1, 64] if args.quick else [1, 16, 64, 256], device=device, reps=reps,
+    )
     memory = memory_section(args.heads, args.dh, long_len=1024 if args.quick else 4096, short_len=64, n_short=63)
     for name, mib in memory["peak_mib"].items():
         print(f"memory {name}: {mib} MiB", flush=True)
@@ -277,6 +335,7 @@ def main() -> None:
         "flop_formula": "fwd = 4*B*H*L*L*Dh*0.5 (causal); fwd_bwd = 3.5 * fwd",
         "ceiling": ceiling,
         "sweep": rows,
+        "candidates": candidates,
         "memory_skewed": memory,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

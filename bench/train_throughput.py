@@ -50,7 +50,7 @@ def main() -> None:
         model = OneTransRanker(schema, cfg, max_s_tokens=args.max_len)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-        def step() -> None:
+        def step(model: OneTransRanker = model, opt: torch.optim.Optimizer = opt) -> None:
             loss, _ = multitask_bce(model(batch), batch.labels)
             opt.zero_grad()
             loss.backward()

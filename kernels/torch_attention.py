@@ -3,16 +3,16 @@
 Same math as the references in ``reference.py``, batched:
 
 - ``jagged_causal_attention_torch_{fwd,bwd}``: sequences are grouped into chunks (contiguous
-  runs of sequences, or query-row blocks of one long sequence) whose padded score matrix stays
-  under ``_SCORE_BUDGET`` elements; each chunk is padded with fbgemm ``jagged_to_padded_dense`` to
-  the chunk's own max length (not the batch max), attended with one fused call, and unpadded with
-  ``dense_to_jagged``. Chunks where every sequence queries all its positions use ``is_causal``
+  runs of sequences, or query-row blocks of one long sequence) whose transient memory stays under
+  ``_SCORE_BUDGET`` elements and whose padding at most doubles its rows; each chunk is padded with
+  fbgemm ``jagged_to_padded_dense`` to the chunk's own max length (not the batch max), attended
+  with one fused call, and unpadded with ``dense_to_jagged``. Chunks where every sequence queries all its positions use ``is_causal``
   (fastest CPU kernel); query subsets use an additive mask.
-- ``candidate_prefix_attention_torch_{fwd,bwd}``: for each request and chunk of its candidates,
-  all NS queries attend to the prefix in one fused unmasked call (the prefix is never copied per
-  candidate) and to their own N tokens with small batched matmuls; the two partial softmaxes are
-  merged with log-sum-exp. The backward is exact because it uses the *joint* lse and output: the
-  prefix part is ``flash_bwd(dO, Q, K_prefix, V_prefix, O_joint, lse_joint)``.
+- ``candidate_prefix_attention_torch_{fwd,bwd}``: own N tokens of every candidate by small batched
+  matmuls in one go; the prefix by one fused call per chunk of *many requests* (the NS rows of a
+  request's candidates padded against its prefix, key padding masked; the prefix is never copied
+  per candidate); the two partial softmaxes are merged with log-sum-exp. The backward is exact
+  because it uses the *joint* lse and output: the prefix part is ``flash_bwd(dO, Q, K_prefix, V_prefix, O_joint, lse_joint)``.
 
 The fused call on CPU is ATen's flash kernel, ``aten::_scaled_dot_product_flash_attention_for_cpu``
 and its ``_backward`` (what ``F.scaled_dot_product_attention`` runs on CPU; used directly because
@@ -34,6 +34,8 @@ import torch
 # Max transient elements per chunk (see _plan_chunks: padded rows, masks, or score matrices):
 # bounds memory independently of the batch size, the longest sequence and C.
 _SCORE_BUDGET = 1 << 23
+# Padded key rows a chunk may waste beyond doubling its real rows (small batches still group).
+_PAD_SLACK = 512
 # Use ATen's fused CPU flash kernels for CPU tensors (tests switch this off to cover the explicit path).
 _CPU_FLASH = True
 
@@ -129,8 +131,10 @@ def _plan_chunks(
     - fused flash, full causal: ``n * Lmax * H * Dh`` (one padded tensor; no mask, no scores);
     - fused flash, query subset: ``n * Qmax * Lmax`` (the additive mask);
     - explicit math: ``n * H * Qmax * Lmax`` (score matrices).
-    A sequence too large on its own is split into query-row blocks; a row block ``[j0, j1)`` of
-    sequence i is itself a bottom-right-aligned query subset over keys ``0 .. L_i - q_i + j1 - 1``.
+    A chunk also stops growing when padding would more than double its key rows (skewed batches:
+    one long sequence is not padded together with many short ones). A sequence too large on its own
+    is split into query-row blocks; a row block ``[j0, j1)`` of sequence i is itself a
+    bottom-right-aligned query subset over keys ``0 .. L_i - q_i + j1 - 1``.
     """
     budget = _SCORE_BUDGET if budget is None else budget
 
@@ -141,7 +145,7 @@ def _plan_chunks(
 
     chunks: list[_Chunk] = []
     run: list[int] = []  # sequence ids of the current run
-    run_q = run_l = 0
+    run_q = run_l = run_rows = 0
     run_full = True
 
     def flush() -> None:
@@ -160,7 +164,7 @@ def _plan_chunks(
         full = n_q == n_k
         if cost(1, n_q, n_k, full) > budget:
             flush()
-            run, run_q, run_l, run_full = [], 0, 0, True
+            run, run_q, run_l, run_rows, run_full = [], 0, 0, 0, True
             rows = max(1, budget // cost(1, 1, n_k, False))
             for j0 in range(0, n_q, rows):
                 j1 = min(n_q, j0 + rows)
@@ -168,11 +172,13 @@ def _plan_chunks(
                 chunks.append(_Chunk(qo[i] + j0, qo[i] + j1, kv[i], kv[i] + n_vis, (0, j1 - j0), (0, n_vis)))
             continue
         new_q, new_l, new_full = max(run_q, n_q), max(run_l, n_k), run_full and full
-        if run and cost(len(run) + 1, new_q, new_l, new_full) > budget:
+        too_costly = cost(len(run) + 1, new_q, new_l, new_full) > budget
+        too_padded = (len(run) + 1) * new_l > 2 * (run_rows + n_k) + _PAD_SLACK
+        if run and (too_costly or too_padded):
             flush()
-            run, new_q, new_l, new_full = [], n_q, n_k, full
+            run, new_q, new_l, new_full, run_rows = [], n_q, n_k, full, 0
         run.append(i)
-        run_q, run_l, run_full = new_q, new_l, new_full
+        run_q, run_l, run_full, run_rows = new_q, new_l, new_full, run_rows + n_k
     flush()
     return chunks
 
@@ -284,30 +290,84 @@ def jagged_causal_attention_torch_bwd(
 # ----------------------------------------------------------------------------------------------
 # Candidate-prefix attention
 # ----------------------------------------------------------------------------------------------
-def _candidate_chunks(po: list[int], co: list[int], n_tok: int, heads: int, head_dim: int, fused: bool):
-    """Yield (p0, p1, c0, c1): request b's prefix rows and one chunk of its candidates.
+def _candidate_segments(po: list[int], co: list[int], n_tok: int, heads: int, budget: int
+                        ) -> list[list[tuple[int, int, int]]]:
+    """Plan the prefix part: segments ``(b, c0, c1)`` (request b, candidates c0:c1) grouped into chunks.
 
-    Per candidate a chunk holds ``H * N * N`` own-token scores plus either ``H * N * Dh`` rows (fused
-    prefix call) or ``H * N * L_b`` prefix scores (explicit math).
+    A chunk is attended as one padded batch, ``[n_seg, H, max rows, max L]`` score elements, kept under
+    ``budget``; a request whose candidates alone exceed it is split into several segments (each reads
+    the same prefix). Requests with an empty prefix or no candidates need no prefix work at all.
     """
+    chunks: list[list[tuple[int, int, int]]] = []
+    run: list[tuple[int, int, int]] = []
+    run_m = run_l = 0
     for b in range(len(po) - 1):
-        p0, p1 = po[b], po[b + 1]
-        per_cand = heads * n_tok * (n_tok + (head_dim if fused else p1 - p0))
-        chunk = max(1, _SCORE_BUDGET // per_cand)
-        for c0 in range(co[b], co[b + 1], chunk):
-            yield p0, p1, c0, min(co[b + 1], c0 + chunk)
+        length = po[b + 1] - po[b]
+        if length == 0 or co[b + 1] == co[b]:
+            continue
+        step = max(1, budget // (heads * n_tok * length))
+        for c0 in range(co[b], co[b + 1], step):
+            c1 = min(co[b + 1], c0 + step)
+            m = (c1 - c0) * n_tok
+            new_m, new_l = max(run_m, m), max(run_l, length)
+            if run and (len(run) + 1) * heads * new_m * new_l > budget:
+                chunks.append(run)
+                run, new_m, new_l = [], m, length
+            run.append((b, c0, c1))
+            run_m, run_l = new_m, new_l
+    if run:
+        chunks.append(run)
+    return chunks
 
 
-def _rows_view(x: torch.Tensor) -> torch.Tensor:
-    """``[c, N, H, Dh]`` -> ``[1, H, c*N, Dh]`` (all NS queries of a chunk as one sequence)."""
-    c, n, h, d = x.shape
-    return x.reshape(c * n, h, d).transpose(0, 1)[None]
+class _PrefixGrid:
+    """Padded layout of one chunk of segments: NS query rows ``[n, M]`` and prefix key rows ``[n, Lmax]``.
+
+    Index ``-1`` marks padding and picks an appended zero row. Padded keys are masked out; padded
+    query rows see real keys (every segment has L >= 1), so nothing is NaN, and they are dropped.
+    """
+
+    def __init__(self, seg: list[tuple[int, int, int]], po: list[int], n_tok: int, device: torch.device) -> None:
+        m = max((c1 - c0) * n_tok for _, c0, c1 in seg)
+        lmax = max(po[b + 1] - po[b] for b, _, _ in seg)
+        q_start = torch.tensor([c0 * n_tok for _, c0, _ in seg], device=device)
+        q_len = torch.tensor([(c1 - c0) * n_tok for _, c0, c1 in seg], device=device)
+        k_start = torch.tensor([po[b] for b, _, _ in seg], device=device)
+        k_len = torch.tensor([po[b + 1] - po[b] for b, _, _ in seg], device=device)
+        q_ok = torch.arange(m, device=device) < q_len[:, None]  # [n, M]
+        k_ok = torch.arange(lmax, device=device) < k_len[:, None]  # [n, Lmax]
+        self.q_idx = torch.where(q_ok, q_start[:, None] + torch.arange(m, device=device), -1)
+        self.k_idx = torch.where(k_ok, k_start[:, None] + torch.arange(lmax, device=device), -1)
+        self.q_flat = q_ok.flatten().nonzero().squeeze(1)  # real query slots in the n*M grid
+        self.q_rows = self.q_idx.flatten()[self.q_flat]  # ... and their rows in the jagged tensors
+        self.k_flat = k_ok.flatten().nonzero().squeeze(1)
+        self.k_rows = self.k_idx.flatten()[self.k_flat]
+        self.visible = k_ok[:, None, None, :]  # [n, 1, 1, Lmax]: key padding only
+
+    @staticmethod
+    def pad(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``rows [R, H, X]`` -> ``[n, H, M, X]``, zero where ``idx == -1``."""
+        padded = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])[idx]  # [n, M, H, X]
+        return padded.transpose(1, 2).contiguous()
+
+    @staticmethod
+    def _unpad(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        n, h, m = x.shape[:3]
+        return x.transpose(1, 2).reshape(n * m, h, *x.shape[3:]).index_select(0, flat)
+
+    def real_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, H, M, *]`` -> ``[R, H, *]`` for the real query rows (in ``q_rows`` order)."""
+        return self._unpad(x, self.q_flat)
+
+    def real_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, H, Lmax, Dh]`` -> ``[K, H, Dh]`` for the real prefix rows (in ``k_rows`` order)."""
+        return self._unpad(x, self.k_flat)
 
 
 def _own_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Own-token scores ``[H, c, N, N]`` in fp32, causal within each candidate (diagonal visible)."""
+    """Own-token scores ``[C, H, N, N]`` in fp32, causal within each candidate (diagonal visible)."""
     n = q.shape[1]
-    s = torch.matmul(q.float().permute(2, 0, 1, 3), k.float().permute(2, 0, 3, 1)) * scale  # [H, c, N, N]
+    s = torch.matmul(q.float().transpose(1, 2), k.float().permute(0, 2, 3, 1)) * scale  # [C, H, N, N]
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     return s.masked_fill(~causal, float("-inf"))
 
@@ -322,31 +382,31 @@ def candidate_prefix_attention_torch_fwd(
     cand_offsets: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``out [sum C_b, N, H, Dh]`` and the joint ``lse [H, sum C_b * N]`` (fp32)."""
-    _, n, h, d = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty((h, q.shape[0] * n), dtype=torch.float32, device=q.device)
-    for p0, p1, c0, c1 in _candidate_chunks(prefix_offsets.tolist(), cand_offsets.tolist(), n, h, d, _fused(q.device)):
-        c = c1 - c0
-        s_own = _own_scores(q[c0:c1], k[c0:c1], scale)  # [H, c, N, N]
-        lse_own = torch.logsumexp(s_own, dim=-1).reshape(h, c * n)  # [H, c*N]
-        o_own = torch.matmul(torch.exp(s_own - lse_own.view(h, c, n, 1)), v[c0:c1].float().permute(2, 0, 1, 3))
-        o_own = o_own.reshape(h, c * n, d)  # [H, c*N, Dh] fp32
-        if p1 > p0:
-            # Every NS query of the chunk sees every prefix key: one unmasked fused call.
-            pk = prefix_k[p0:p1].transpose(0, 1)[None]  # [1, H, L_b, Dh]
-            pv = prefix_v[p0:p1].transpose(0, 1)[None]
-            o_pre, lse_pre = attend_fwd(_rows_view(q[c0:c1]), pk, pv, scale)  # [1,H,cN,Dh], [1,H,cN]
-            lse_pre = lse_pre[0]
-            # softmax over [prefix ; own] from the two partial softmaxes
-            l_joint = torch.logaddexp(lse_pre, lse_own)
-            o = torch.exp(lse_pre - l_joint)[..., None] * o_pre[0].float()
-            o = o + torch.exp(lse_own - l_joint)[..., None] * o_own
-        else:
-            l_joint, o = lse_own, o_own
-        out[c0:c1] = o.view(h, c, n, d).permute(1, 2, 0, 3)  # [c, N, H, Dh]
-        lse[:, c0 * n : c1 * n] = l_joint
-    return out, lse
+    """Returns ``out [sum C_b, N, H, Dh]`` and the joint ``lse [H, sum C_b * N]`` (fp32).
+
+    Own tokens: every candidate at once (``[C, H, N, N]`` scores). Prefix: a few padded batches over
+    many requests (one fused call per chunk, not per request: training batches have hundreds of
+    requests with a handful of candidates each). The two partial softmaxes merge by log-sum-exp.
+    """
+    c_tot, n, h, d = q.shape
+    po, co = prefix_offsets.tolist(), cand_offsets.tolist()  # host sync: chunk plan
+    s_own = _own_scores(q, k, scale)  # [C, H, N, N]
+    lse_own = torch.logsumexp(s_own, -1)  # [C, H, N]
+    o_own = torch.matmul(torch.exp(s_own - lse_own[..., None]), v.float().transpose(1, 2))  # [C, H, N, Dh]
+    out = o_own.transpose(1, 2).reshape(c_tot * n, h, d)  # rows [C*N, H, Dh] fp32
+    lse = lse_own.transpose(1, 2).reshape(c_tot * n, h)  # [C*N, H]
+    q_rows = q.reshape(c_tot * n, h, d)
+    for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
+        g = _PrefixGrid(seg, po, n, q.device)
+        o_pre, l_pre = attend_fwd(g.pad(q_rows, g.q_idx), g.pad(prefix_k, g.k_idx), g.pad(prefix_v, g.k_idx),
+                                  scale, visible=g.visible)  # [n, H, M, Dh], [n, H, M]
+        o_pre, l_pre = g.real_queries(o_pre).float(), g.real_queries(l_pre)  # [R, H, Dh], [R, H]
+        l_own, o_mine = lse.index_select(0, g.q_rows), out.index_select(0, g.q_rows)
+        l_joint = torch.logaddexp(l_pre, l_own)  # softmax over [prefix ; own] from the two partials
+        merged = torch.exp(l_pre - l_joint)[..., None] * o_pre + torch.exp(l_own - l_joint)[..., None] * o_mine
+        out.index_copy_(0, g.q_rows, merged)
+        lse.index_copy_(0, g.q_rows, l_joint)
+    return out.view(c_tot, n, h, d).to(q.dtype), lse.T.contiguous()
 
 
 def candidate_prefix_attention_torch_bwd(
@@ -362,33 +422,33 @@ def candidate_prefix_attention_torch_bwd(
     cand_offsets: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward given the joint output and lse: ``(dq, dk, dv, dprefix_k, dprefix_v)``."""
-    _, n, h, d = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    """Backward given the joint output and lse: ``(dq, dk, dv, dprefix_k, dprefix_v)``.
+
+    With the *joint* ``out``/``lse`` each key set's share of the gradient is exact on its own: own
+    tokens by explicit math for all candidates at once, the prefix by the fused backward per chunk.
+    """
+    c_tot, n, h, d = q.shape
+    po, co = prefix_offsets.tolist(), cand_offsets.tolist()
+    lse_rows = lse.T.contiguous()  # [C*N, H]
+    l_joint = lse_rows.view(c_tot, n, h).transpose(1, 2)  # [C, H, N]
+    dof = dout.float().transpose(1, 2)  # [C, H, N, Dh]
+    delta = (dof * out.float().transpose(1, 2)).sum(-1, keepdim=True)  # [C, H, N, 1]
+    p_own = torch.exp(_own_scores(q, k, scale) - l_joint[..., None])  # [C, H, N, N]
+    ds = p_own * (torch.matmul(dof, v.float().permute(0, 2, 3, 1)) - delta)
+    dq = (torch.matmul(ds, k.float().transpose(1, 2)) * scale).transpose(1, 2).reshape(c_tot * n, h, d)
+    dk = (torch.matmul(ds.transpose(-1, -2), q.float().transpose(1, 2)) * scale).transpose(1, 2)
+    dv = torch.matmul(p_own.transpose(-1, -2), dof).transpose(1, 2)
     dpk = torch.zeros(prefix_k.shape, dtype=torch.float32, device=q.device)  # summed over candidates
     dpv = torch.zeros(prefix_v.shape, dtype=torch.float32, device=q.device)
-    for p0, p1, c0, c1 in _candidate_chunks(prefix_offsets.tolist(), cand_offsets.tolist(), n, h, d, _fused(q.device)):
-        c = c1 - c0
-        l_joint = lse[:, c0 * n : c1 * n]  # [H, c*N]
-        # own tokens: explicit math with the joint probabilities
-        dof = dout[c0:c1].float().permute(2, 0, 1, 3)  # [H, c, N, Dh]
-        delta = (dof * out[c0:c1].float().permute(2, 0, 1, 3)).sum(-1, keepdim=True)  # [H, c, N, 1]
-        p_own = torch.exp(_own_scores(q[c0:c1], k[c0:c1], scale) - l_joint.reshape(h, c, n, 1))
-        vf = v[c0:c1].float().permute(2, 0, 1, 3)
-        ds = p_own * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)  # [H, c, N, N]
-        dq_c = torch.matmul(ds, k[c0:c1].float().permute(2, 0, 1, 3)) * scale  # [H, c, N, Dh]
-        dk[c0:c1] = (torch.matmul(ds.transpose(-1, -2), q[c0:c1].float().permute(2, 0, 1, 3)) * scale).permute(1, 2, 0, 3)
-        dv[c0:c1] = torch.matmul(p_own.transpose(-1, -2), dof).permute(1, 2, 0, 3)
-        if p1 > p0:
-            # prefix: its exact share of the joint softmax gradient, from the joint out and lse
-            pk = prefix_k[p0:p1].transpose(0, 1)[None]  # [1, H, L_b, Dh]
-            pv = prefix_v[p0:p1].transpose(0, 1)[None]
-            dq_p, dpk_p, dpv_p = attend_bwd(
-                _rows_view(dout[c0:c1]), _rows_view(q[c0:c1]), pk, pv, _rows_view(out[c0:c1]),
-                l_joint[None].contiguous(), scale,
-            )
-            dq_c = dq_c + dq_p[0].float().view(h, c, n, d)
-            dpk[p0:p1] += dpk_p[0].transpose(0, 1).float()
-            dpv[p0:p1] += dpv_p[0].transpose(0, 1).float()
-        dq[c0:c1] = dq_c.permute(1, 2, 0, 3)
-    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+    q_rows, do_rows, o_rows = (x.reshape(c_tot * n, h, d) for x in (q, dout, out))
+    for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
+        g = _PrefixGrid(seg, po, n, q.device)
+        # Padded query rows: dO = 0, q = 0, lse = 0 -> P = exp(0) = 1 stays finite and dS = 0 there.
+        lp = g.pad(lse_rows[..., None], g.q_idx)[..., 0].contiguous()  # [n, H, M]
+        dqp, dkp, dvp = attend_bwd(g.pad(do_rows, g.q_idx), g.pad(q_rows, g.q_idx), g.pad(prefix_k, g.k_idx),
+                                   g.pad(prefix_v, g.k_idx), g.pad(o_rows, g.q_idx), lp, scale, visible=g.visible)
+        dq.index_add_(0, g.q_rows, g.real_queries(dqp).float())
+        dpk.index_add_(0, g.k_rows, g.real_keys(dkp).float())
+        dpv.index_add_(0, g.k_rows, g.real_keys(dvp).float())
+    return (dq.view(c_tot, n, h, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(prefix_k.dtype),
+            dpv.to(prefix_v.dtype))

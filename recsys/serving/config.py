@@ -107,6 +107,8 @@ class ScoreConfig:
     """Events kept per sequence kind (None: the checkpoint's data.loader.max_len, as in training)."""
     device: ScoreDevice = ScoreDevice.auto
     """auto = cuda when available."""
+    num_threads: int = 0
+    """torch intra-op CPU threads (0 = torch's default). Small models on a busy machine run faster on 1."""
     attention_backend: str | None = None
     """Override of the model's attention backend (reference / torch / triton / auto); None keeps it."""
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -126,6 +128,8 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         self.mode = ScoreMode(self.mode)
         self.device = ScoreDevice(self.device)
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         for name in ("rows_per_partition", "batch_size", "candidate_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

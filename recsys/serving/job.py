@@ -28,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from kernels.backend import AttentionBackend
 from recsys.data.batch import RequestBatch
 from recsys.data.collate import collate
 from recsys.data.prepare import as_data_config, prepare_dataset
@@ -77,10 +78,12 @@ def load_ranker(path: Path, device: torch.device, backend: str | None = None
     state = load_checkpoint(path)
     schema = DataSchema.from_json(state["schema"])
     config = state["config"]
-    model_cfg = dict(config["model"])
+    # Through a structured merge, not ModelConfig(**d): it type-checks every key and accepts enum
+    # values ("auto", what checkpoints store) as well as names ("AUTO", older checkpoints).
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])
     if backend is not None:
-        model_cfg["attention_backend"] = backend
-    model = OneTransRanker(schema, ModelConfig(**model_cfg), int(state["max_s_tokens"]))
+        model_cfg.attention_backend = AttentionBackend(backend)
+    model = OneTransRanker(schema, OmegaConf.to_object(model_cfg), int(state["max_s_tokens"]))
     load_model_state(model, state["model"], str(path))
     return model.to(device).eval(), schema, config
 
@@ -261,6 +264,16 @@ def checkpoint_identity(path: Path) -> dict[str, Any]:
 
 def run_scoring(cfg: ScoreConfig) -> Path:
     """Run (or resume) the job; returns the path of ``summary.json``."""
+    threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: ScoreConfig) -> Path:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.checkpoint)
@@ -272,7 +285,7 @@ def run_scoring(cfg: ScoreConfig) -> Path:
     job = {"checkpoint": checkpoint_identity(ckpt), "inputs": [(str(f), f.stat().st_size) for f in files],
            "mode": cfg.mode.value, "max_len": max_len, "rows_per_partition": cfg.rows_per_partition,
            "batch_size": cfg.batch_size, "candidate_chunk": cfg.candidate_chunk,
-           "attention_backend": str(model.backend), "device": device.type,
+           "attention_backend": AttentionBackend(model.backend).value, "device": device.type,
            "cache": asdict(cfg.cache), "catalog": asdict(cfg.catalog) if cfg.mode == ScoreMode.catalog else None}
     prepare_output(out_dir, job, parts, cfg.overwrite)
     done = finished(out_dir, parts)
@@ -331,7 +344,8 @@ def run_scoring(cfg: ScoreConfig) -> Path:
     remaining = len(parts) - len(finished(out_dir, parts))
     summary: dict[str, Any] = {
         "mode": cfg.mode.value, "checkpoint": str(ckpt), "inputs": [str(f) for f in files],
-        "output_dir": str(out_dir.resolve()), "device": device.type, "attention_backend": str(model.backend),
+        "output_dir": str(out_dir.resolve()), "device": device.type,
+        "attention_backend": AttentionBackend(model.backend).value, "threads": torch.get_num_threads(),
         "complete": remaining == 0, "partitions_total": len(parts), "partitions_written": len(todo),
         "partitions_skipped": len(done), "partitions_remaining": remaining,
         "requests": n_req, "candidates": n_cand, "loop_time_s": loop_time, "score_time_s": score_time,

@@ -130,7 +130,7 @@ def prepare_output(directory: Path, job: dict[str, Any], parts: list[Partition],
         if not overwrite:
             raise RuntimeError(f"{directory} holds outputs of a different scoring job (fingerprint "
                                f"{old.get('fingerprint')} != {fp}); use another output_dir or overwrite=true")
-    if overwrite or job_path.is_file():
+    if overwrite:  # (a different job's _job.json without overwrite has raised above)
         for p in directory.glob(f"{PART_PREFIX}*.parquet"):
             p.unlink()
         (directory / "summary.json").unlink(missing_ok=True)

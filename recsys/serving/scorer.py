@@ -92,7 +92,8 @@ class CachedScorer:
         s_off = tok.s_offsets.tolist()
         if [s_off[i + 1] - s_off[i] for i in range(len(s_off) - 1)] != np.diff(offsets).tolist():
             raise AssertionError("event identities and S tokens disagree in length (tokenizer merge changed?)")
-        events = [values[offsets[i]:offsets[i + 1]] for i in range(batch.num_requests)]
+        # copies: a cache entry must not keep the whole batch's array alive (its nbytes counts its own rows)
+        events = [values[offsets[i]:offsets[i + 1]].copy() for i in range(batch.num_requests)]
         users = batch.user_id.tolist()
         device, dtype = tok.s_tokens.device, tok.s_tokens.dtype
         out: list[UserKVState | None] = [None] * batch.num_requests

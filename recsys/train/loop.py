@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torchrec.optim import RowWiseAdagrad
 from tqdm import tqdm
 
@@ -76,6 +75,11 @@ class PopularityBaseline:
         return auc(self.pos[torch.as_tensor(items)].numpy(), labels)
 
 
+def plain_config(cfg: RunConfig) -> dict[str, Any]:
+    """The run config as plain JSON types, enums by *value* (what YAML and overrides use)."""
+    return json.loads(json.dumps(asdict(cfg)))  # str-valued enums serialise as their values
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -123,7 +127,7 @@ def train(cfg: RunConfig) -> Path:
             "sched": sched.state_dict(), "popularity": popularity.pos, "torch_rng": torch.get_rng_state(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "train_time": train_time,
             "samples": samples, "requests": requests,
-            "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True),
+            "config": plain_config(cfg),
             "schema": schema.to_json(), "max_s_tokens": max_s_tokens(schema, cfg.model, cfg.data.loader.max_len),
         })
 
@@ -205,8 +209,7 @@ def train(cfg: RunConfig) -> Path:
             model.schedule, max_s_tokens(schema, cfg.model, cfg.data.loader.max_len), model.tokenizer.n_ns,
             1, cfg.model.d_model, cfg.model.ffn_mult * cfg.model.d_model),
         "tasks": list(schema.tasks), "data": ds.summary, "device": str(device),
-        "config": {"model": asdict(cfg.model) if not OmegaConf.is_config(cfg.model)
-                   else OmegaConf.to_container(cfg.model)},
+        "config": plain_config(cfg),
     }
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=_json_default))

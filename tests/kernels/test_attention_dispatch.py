@@ -170,3 +170,42 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(
         direct(q, k, v), jagged_causal_attention(q, k, v, kv_off, q_off, scale=0.25, backend="reference")
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton autotune prune filter (pure Python; the autotuner itself only runs on a GPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not INTERPRETER, reason="imports Triton kernels; covered by the CUDA tests otherwise")
+def test_autotune_prune_filter():
+    from kernels.triton_attention_common import hopper_configs, make_prune
+
+    configs = hopper_configs()
+    assert len(configs) == 24
+    prune = make_prune("Q", "MAX_Q", "MAX_K", streamed="N")
+    fp16 = {"Q": torch.empty(0, dtype=torch.float16)}
+    # short query side: no 128-row query tiles
+    kept = prune(configs, fp16, MAX_Q=64, MAX_K=4096, BLOCK_D=64)
+    assert kept and all(c.kwargs["BLOCK_M"] == 64 for c in kept)
+    # everything shorter than the smallest tile: the smallest config survives
+    kept = prune(configs, fp16, MAX_Q=16, MAX_K=16, BLOCK_D=64)
+    assert len(kept) == 1 and kept[0].kwargs == {"BLOCK_M": 64, "BLOCK_N": 64}
+    # shared memory: fp32, Dh = 128: deep pipelines of 128-row tiles exceed Hopper's 227 KiB
+    fp32 = {"Q": torch.empty(0, dtype=torch.float32)}
+    kept = prune(configs, fp32, MAX_Q=4096, MAX_K=4096, BLOCK_D=128)
+    assert all((c.kwargs["BLOCK_M"] + c.num_stages * 2 * c.kwargs["BLOCK_N"]) * 128 * 4 <= 227 * 1024 for c in kept)
+    assert 0 < len(kept) < len(configs)
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90():
+    """Real Triton compiler (not the interpreter) down to an sm_90 cubin; no GPU needed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("triton_aot_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "compiled 22 kernel variants for sm_90" in proc.stdout

@@ -25,6 +25,7 @@ PYRAMIDS = {
     "none": PyramidConfig(mode="none"),
     "linear": PyramidConfig(mode="linear", final=0, round_to=2),
     "explicit": PyramidConfig(mode="explicit", queries=[10, 4, 0]),
+    "explicit1": PyramidConfig(mode="explicit", queries=[5]),  # one layer: its budget is ignored (top layer)
 }
 
 
@@ -40,8 +41,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("n_layers,pyramid", [(1, "none"), (1, "linear"), (3, "none"), (3, "linear"),
-                                              (3, "explicit")])
+@pytest.mark.parametrize("n_layers,pyramid", [(1, "none"), (1, "linear"), (1, "explicit1"), (3, "none"),
+                                              (3, "linear"), (3, "explicit")])
 def test_cached_equals_per_candidate(n_layers, pyramid):
     """encode_prefix once + chunked score_candidates (any chunk) == each candidate alone through [S ; NS]."""
     model = make_model(n_layers, PYRAMIDS[pyramid], max_s=16)
@@ -127,7 +128,7 @@ def expected_statuses(batches) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("pyramid", sorted(PYRAMIDS))
+@pytest.mark.parametrize("pyramid", ["none", "linear", "explicit"])
 def test_cross_request_appends_are_exact_and_counted(pyramid):
     model = make_model(3, PYRAMIDS[pyramid], max_s=16)
     rng = np.random.default_rng(1)
@@ -150,6 +151,7 @@ def test_cross_request_appends_are_exact_and_counted(pyramid):
     last = sum(int(batches[-1].seq_ts[k].lengths().sum()) for k in SCHEMA.sequences)
     assert s.computed_tokens == last  # every event was run through the layers exactly once
     assert s.entries == 1 and s.bytes == cache.peek(7).nbytes and s.evictions == 0
+    assert cache.peek(7).events.base is None  # owns its rows: the byte count is what it keeps alive
 
 
 def test_truncation_is_a_miss_and_exact():
@@ -209,3 +211,37 @@ def test_no_cache_and_tiny_cache_still_exact():
             torch.testing.assert_close(scorer.score_batch(b), reference(model, b), rtol=1e-5, atol=1e-5)
         if cache is not None:
             assert len(cache) == 0 and cache.stats.rejected == 3 and cache.stats.misses == 3
+
+
+def test_stage_two_memory_is_bounded_by_the_chunk(monkeypatch):
+    """10k candidates: every stage-2 call sees <= candidate_chunk candidates and the *same* prefix tensors
+    (attended in place, never copied per candidate or per chunk)."""
+    model = make_model(2, PYRAMIDS["linear"], max_s=16)
+    batch = random_request_batch(SCHEMA, [(6, 2), (1, 0)], [10_000, 3], seed=9)
+    seen = []
+    real = model.score_candidates
+
+    def spy(prefix, ns_tokens, cand_offsets):
+        seen.append((ns_tokens.shape[0], [k.data_ptr() for k in prefix.keys]))
+        return real(prefix, ns_tokens, cand_offsets)
+
+    monkeypatch.setattr(model, "score_candidates", spy)
+    with torch.no_grad():
+        out = CachedScorer(model, None, candidate_chunk=1024).score_batch(batch)
+    assert out.shape == (10_003, 2) and torch.isfinite(out).all()
+    assert len(seen) == 10 and max(n for n, _ in seen) <= 1024
+    assert len({tuple(p) for _, p in seen}) == 1
+    # spot-check a few candidates against the per-candidate reference
+    with torch.no_grad():
+        tok = model.tokenizer(batch)
+        idx = torch.tensor([0, 4321, 9999, 10_001])
+        sub = type(tok)(tok.s_tokens, tok.s_offsets, tok.ns_tokens[idx], torch.tensor([0, 3, 4]))
+        torch.testing.assert_close(out[idx], real.__self__.rank_per_candidate(sub), rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_and_top_k_break_ties_by_item_id():
+    from recsys.serving.catalog import target_ranks, top_k
+
+    scores = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.9])
+    assert top_k(scores, 3).tolist() == [1, 4, 0]
+    assert target_ranks(scores, torch.tensor([0, 2, 4, 3])).tolist() == [2, 3, 1, 4]
