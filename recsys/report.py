@@ -1,39 +1,59 @@
-"""`python -m recsys.report <report.json>`: print the headline figures of a run as a table."""
+"""`python -m recsys.report <json> [<json> ...]`: print the headline figures of a run.
+
+Takes the training report (``recsys.train``) and any scoring summaries (``recsys.score``).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-HEADLINE = [
-    ("test_auc", "test AUC ({task})"), ("oracle_auc", "oracle AUC (planted probabilities)"),
+TRAIN = [
+    ("test_auc", "test AUC (first task, pooled)"), ("oracle_auc", "oracle AUC (planted probabilities)"),
     ("popularity_auc", "popularity-only AUC"), ("test_gauc", "test GAUC"), ("test_logloss", "test log loss"),
-    ("hr@10", "HR@10"), ("ndcg@10", "NDCG@10"),
     ("train_samples_per_s", "train samples/s"), ("train_time_s", "train time (s)"), ("steps", "steps"),
+    ("pyramid", "pyramid S queries per layer"),
 ]
+SCORE = [("auc", "AUC"), ("gauc", "GAUC"), ("logloss", "log loss"), ("hr@10", "HR@10"), ("ndcg@10", "NDCG@10")]
+SCORE_TOP = [("requests_per_s", "requests/s"), ("candidates_per_s", "candidates/s"),
+             ("cache_hit_rate", "user KV-cache hit rate")]
 
 
-def format_report(report: dict) -> str:
-    task = (report.get("tasks") or ["first task"])[0]
-    rows = []
-    for key, label in HEADLINE:
-        if key in report and report[key] is not None:
-            v = report[key]
-            rows.append((label.format(task=task), f"{v:.4f}" if isinstance(v, float) else str(v)))
-    width = max(len(r[0]) for r in rows) if rows else 0
-    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+def _rows(src: dict[str, Any], keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    out = []
+    for key, label in keys:
+        v = src.get(key)
+        if v is not None:
+            out.append((label, f"{v:.4f}" if isinstance(v, float) else str(v)))
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    if "mode" in report:  # a scoring summary
+        title = f"scoring ({report['mode']} mode, {report.get('requests')} requests)"
+        rows = _rows(report.get("metrics", {}), SCORE) + _rows(report, SCORE_TOP)
+        if report.get("protocol"):
+            rows.append(("protocol", report["protocol"]))
+    else:
+        title = f"training (tasks {report.get('tasks')})"
+        rows = _rows(report, TRAIN)
+    width = max((len(r[0]) for r in rows), default=0)
+    return "\n".join([title] + [f"  {k.ljust(width)}  {v}" for k, v in rows])
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m recsys.report <report.json>", file=sys.stderr)
+    if not argv:
+        print("usage: python -m recsys.report <report.json> [<summary.json> ...]", file=sys.stderr)
         return 2
-    path = Path(argv[0])
-    if not path.is_file():
-        print(f"no report at {path}", file=sys.stderr)
-        return 2
-    print(f"report {path}:\n{format_report(json.loads(path.read_text()))}")
+    for arg in argv:
+        path = Path(arg)
+        if not path.is_file():
+            print(f"no report at {path}", file=sys.stderr)
+            return 2
+        print(format_report(json.loads(path.read_text())))
+        print(f"  ({path})")
     return 0
 
 

@@ -53,3 +53,18 @@ def test_post_init_validation_runs():
         cfg = compose("train", overrides=["model.d_model=30", "model.n_heads=4"])
     with pytest.raises(ValueError, match="divisible"):
         OmegaConf.to_object(cfg)
+
+
+def test_prepare_and_score_primaries_compose():
+    from recsys.data.__main__ import PrepareConfig  # registers prepare_schema
+    from recsys.serving.config import ScoreConfig
+    from recsys.serving.config import register_configs as register_score
+
+    register_score()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        prep = compose("prepare")
+        score = compose("score", overrides=["checkpoint=/tmp/ckpt", "output_dir=/tmp/out"])
+        with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+            compose("score", overrides=["checkpoint=/tmp/ckpt", "output_dir=/tmp/out", "cache.max_byte=1"])
+    assert isinstance(OmegaConf.to_object(score), ScoreConfig)
+    assert isinstance(OmegaConf.to_object(prep), PrepareConfig)

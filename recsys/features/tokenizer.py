@@ -18,8 +18,9 @@ embedding. The K sequences are merged
 * ``intent_grouped``: kinds concatenated in schema order, each group followed by a
   learned ``[SEP_k]`` token (present even when the group is empty).
 
-NS tokens. The request's pooled sparse embeddings, (signed-log) dense features and
-recency embedding (user side) and the candidate's item/category embeddings (candidate side) become
+NS tokens. The request's pooled sparse embeddings, (signed-log) dense features, recency
+embedding and the embeddings of each kind's R most recent events, one slot per recency
+rank (user side; S tokens carry no position, so this is where "how recent" enters) and the candidate's item/category embeddings (candidate side) become
 
 * ``auto_split`` (default): one MLP over the concatenation, reshaped to N tokens; the
   first layer is split into a user and a candidate half so the user half is computed
@@ -39,6 +40,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
 from recsys.embeddings.tables import FeatureEmbeddings
+from recsys.features.jagged import keep_last, lengths_to_offsets
 from recsys.model.config import ModelConfig
 
 
@@ -52,11 +54,6 @@ class TokenizedBatch:
     """[sum C_b, N, D] NS tokens of every candidate."""
     cand_offsets: torch.Tensor
     """[B+1] int64."""
-
-
-def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
-    """[B] -> [B+1] exclusive cumulative sum (int64)."""
-    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]).to(torch.int64)
 
 
 def time_gap_bucket(gap_s: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -93,7 +90,9 @@ class UnifiedTokenizer(nn.Module):
             self.kind_emb = nn.Parameter(torch.randn(len(self.kinds), d) * 0.02)
         else:
             self.sep = nn.Parameter(torch.randn(len(self.kinds), d) * 0.02)
-        user_dim = self.embeddings.pooled_dim + self.n_dense + e  # + recency embedding
+        self.recent = cfg.ns_recent_events
+        recent_dim = len(self.kinds) * self.recent * e
+        user_dim = self.embeddings.pooled_dim + self.n_dense + e + recent_dim  # + recency + recent events
         cand_dim = 2 * e
         if cfg.ns_tokenizer == "auto_split":
             self.n_ns = cfg.n_ns_tokens
@@ -102,7 +101,7 @@ class UnifiedTokenizer(nn.Module):
             self.ns_cand = nn.Linear(cand_dim, hidden)
             self.ns_out = nn.Linear(hidden, cfg.n_ns_tokens * d)
         else:
-            groups = {"cand": cand_dim, "user": self.embeddings.pooled_dim + e}
+            groups = {"cand": cand_dim, "user": self.embeddings.pooled_dim + e + recent_dim}
             if self.n_dense:
                 groups["dense"] = self.n_dense
             self.group_names = sorted(groups)
@@ -148,6 +147,21 @@ class UnifiedTokenizer(nn.Module):
         out = time_gap_bucket(batch.request_ts - torch.where(empty, batch.request_ts, newest),
                               self.cfg.time_gap_buckets)
         return torch.where(empty, torch.zeros_like(out), out)
+
+    def _recent_events(self, emb: dict, ts: dict, batch_size: int) -> torch.Tensor:
+        """``[B, K * R * E]``: (item + category) embedding of each kind's R most recent events, one
+        slot per recency rank (slot 0 = newest; empty slots are zero)."""
+        parts = []
+        for k in self.kinds:
+            vals = emb[f"{k}.item_id"].values() + emb[f"{k}.category"].values()  # [sum L, E]
+            offsets = lengths_to_offsets(ts[k].lengths().to(torch.int64))
+            rows, kept = keep_last(offsets, self.recent)
+            owner = torch.repeat_interleave(torch.arange(batch_size, device=vals.device), kept[1:] - kept[:-1])
+            slot = offsets[1:][owner] - 1 - rows  # 0 = most recent
+            out = vals.new_zeros(batch_size * self.recent, vals.shape[-1])
+            out[owner * self.recent + slot] = vals[rows]
+            parts.append(out.view(batch_size, -1))
+        return torch.cat(parts, -1)
 
     def _merge(self, per_kind: list[torch.Tensor], lengths: list[torch.Tensor],
                ts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +212,8 @@ class UnifiedTokenizer(nn.Module):
         cand_vec = torch.cat([emb["cand.item_id"].values(), emb["cand.category"].values()], -1)  # [sum C, 2E]
         sparse = self.embeddings.pooled(batch.sparse, b)  # [B, n_sparse*E]
         recency = emb["req.recency"].values()  # [B, E]
+        if self.recent:
+            recency = torch.cat([recency, self._recent_events(emb, ts_dict, b)], -1)  # [B, E + K*R*E]
         dense = signed_log1p(batch.dense.to(cand_vec.dtype))  # [B, n_dense]
         if self.cfg.ns_tokenizer == "auto_split":
             h = self.ns_cand(cand_vec)  # [sum C, N*D]

@@ -69,6 +69,8 @@ class ModelConfig:
     """How several behaviour sequences become one S-token sequence."""
     ns_tokenizer: NsTokenizer = NsTokenizer.auto_split
     """How non-sequential features become NS tokens."""
+    ns_recent_events: int = 5
+    """Per kind, the R most recent events' embeddings join the user-side NS features (0 = off)."""
     head_hidden: int = 64
     """Hidden width of the task-head MLP."""
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
@@ -79,6 +81,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.ns_recent_events < 0:
+            raise ValueError(f"model.ns_recent_events must be >= 0, got {self.ns_recent_events}")
         for name in ("d_model", "n_heads", "n_layers", "ffn_mult", "n_ns_tokens", "emb_dim", "head_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")

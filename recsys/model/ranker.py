@@ -23,7 +23,8 @@ from kernels.candidate_prefix_attention import candidate_prefix_attention
 from kernels.jagged_causal_attention import jagged_causal_attention
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
-from recsys.features.tokenizer import TokenizedBatch, UnifiedTokenizer, lengths_to_offsets
+from recsys.features.jagged import keep_last, lengths_to_offsets
+from recsys.features.tokenizer import TokenizedBatch, UnifiedTokenizer
 from recsys.model.block import OneTransBlock
 from recsys.model.config import ModelConfig
 from recsys.model.heads import TaskHeads
@@ -41,18 +42,6 @@ class PrefixKV:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     offsets: list[torch.Tensor]
-
-
-def keep_last(offsets: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the last ``min(L_b, budget)`` entries of each jagged sequence.
-
-    ``offsets [B+1]`` -> (row indices ``[sum kept]``, kept offsets ``[B+1]``).
-    """
-    lengths = offsets[1:] - offsets[:-1]
-    kept = lengths.clamp(max=budget)
-    kept_offsets = lengths_to_offsets(kept)
-    starts = torch.repeat_interleave(offsets[1:] - kept - kept_offsets[:-1], kept)
-    return torch.arange(int(kept_offsets[-1]), device=offsets.device) + starts, kept_offsets
 
 
 class OneTransRanker(nn.Module):

@@ -9,7 +9,8 @@ import torch
 
 from recsys.model.config import ModelConfig, PyramidConfig
 from recsys.model.pyramid import UNBOUNDED, PyramidSchedule, flops_report
-from recsys.model.ranker import OneTransRanker, keep_last
+from recsys.features.jagged import keep_last
+from recsys.model.ranker import OneTransRanker
 from recsys.testing import random_request_batch, tiny_schema
 
 SCHEMA = tiny_schema()
@@ -206,3 +207,21 @@ def test_previous_event_gap_bucket():
     out = previous_event_gap_bucket(ts, torch.tensor([3, 0, 1, 2]), buckets=32)
     # request 0: first event -> 0, gaps 1 and 3; request 2: single event -> 0; request 3: first -> 0, gap 1
     assert out.tolist() == [0, 2, 3, 0, 0, 2]
+
+
+def test_recent_event_slots():
+    """Slot r of kind k holds the r-th most recent event of that kind (zeros past its length)."""
+    model = make_model(1)
+    tok = model.tokenizer
+    batch = random_request_batch(SCHEMA, [(7, 1), (0, 2)], [1, 1], seed=2)
+    emb = tok.embeddings.sequence(tok._id_kjt(batch))
+    with torch.no_grad():
+        got = tok._recent_events(emb, batch.seq_ts.to_dict(), 2).view(2, len(SCHEMA.sequences), tok.recent, -1)
+    click = emb["click.item_id"].values() + emb["click.category"].values()  # request 0: rows 0..6
+    for r in range(tok.recent):
+        torch.testing.assert_close(got[0, 0, r], click[6 - r])
+    assert torch.count_nonzero(got[1, 0]) == 0  # empty click history
+    like = emb["like.item_id"].values() + emb["like.category"].values()  # request 0: row 0, request 1: rows 1-2
+    torch.testing.assert_close(got[1, 1, 0], like[2])
+    torch.testing.assert_close(got[1, 1, 1], like[1])
+    assert torch.count_nonzero(got[1, 1, 2:]) == 0

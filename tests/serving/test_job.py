@@ -20,7 +20,7 @@ from job_fixtures import CONFIGS, make_checkpoint, tiny_data_config
 from omegaconf import OmegaConf
 
 from recsys.data.collate import collate
-from recsys.serving.catalog import with_candidates
+from recsys.serving.catalog import collect_item_categories, with_candidates
 from recsys.serving.config import ScoreConfig, register_configs
 from recsys.serving.job import PartitionReader, load_ranker, resolve_checkpoint, run_scoring
 from recsys.serving.partitions import plan_partitions
@@ -150,9 +150,9 @@ def test_catalog_mode_top_k_and_ranks(trained):
     part = plan_partitions(summary["inputs"], 8)[0]
     batch = collate(PartitionReader(schema).read(part), schema, 32)
     items = torch.arange(1, schema.num_items)
-    cat_of = dict(zip(*[pl.read_parquet(summary["category_files"]).select(pl.col(c).explode())[c].to_list()
-                        for c in ("cand_item_id", "cand_category")]))
-    cats = torch.tensor([cat_of.get(int(i), 0) for i in items])
+    # The job's item -> category map reads candidate AND behaviour columns; an item seen only in
+    # histories has a real category there, so the brute force must use the same map.
+    cats = torch.as_tensor(collect_item_categories([Path(f) for f in summary["category_files"]], schema).category[1:])
     with torch.no_grad():
         probs = torch.sigmoid(model(with_candidates(batch, items, cats))).view(batch.num_requests, -1, 2)
     first = pl.read_parquet(out / "part-00000.parquet")
