@@ -67,11 +67,14 @@ def onepass(model: OneTransRanker, s: torch.Tensor, ns: torch.Tensor, block_rows
     """Logits ``[C, T]`` from one masked pass per layer over ``[S (L rows) ; NS (C*N rows)]``."""
     c, n = ns.shape[:2]
     x_s, x_n, n_s = s, ns, s.shape[0]
+    length = s.shape[0]
+    pos_n = torch.full((c, 1), length) + torch.arange(n)  # NS tokens follow the S tokens
     for layer, blk in enumerate(model.blocks):
         n_q = min(n_s, model.schedule.budget(layer))
         keep = torch.arange(n_s - n_q, n_s)
-        q_s, k_s, v_s = blk.s_project(x_s, keep)  # [n_q, H, Dh], [n_s, H, Dh]
-        q_n, k_n, v_n = blk.ns_project(x_n)  # [C, N, H, Dh]
+        pos_s = torch.arange(length - n_s, length)  # surviving S rows are the most recent ones
+        q_s, k_s, v_s = blk.s_project(x_s, keep, pos_s)  # [n_q, H, Dh], [n_s, H, Dh]
+        q_n, k_n, v_n = blk.ns_project(x_n, pos_n)  # [C, N, H, Dh]
         k = torch.cat([k_s, k_n.flatten(0, 1)]).transpose(0, 1)[None]  # [1, H, T, Dh], T = n_s + C*N
         v = torch.cat([v_s, v_n.flatten(0, 1)]).transpose(0, 1)[None]
         q = torch.cat([q_s, q_n.flatten(0, 1)])  # [n_q + C*N, H, Dh]

@@ -69,7 +69,9 @@ class ModelConfig:
     """How several behaviour sequences become one S-token sequence."""
     ns_tokenizer: NsTokenizer = NsTokenizer.auto_split
     """How non-sequential features become NS tokens."""
-    ns_recent_events: int = 5
+    rope: bool = True
+    """Rotary positions in attention (S position = index from the oldest event; NS = S length + n)."""
+    ns_recent_events: int = 0
     """Per kind, the R most recent events' embeddings join the user-side NS features (0 = off)."""
     head_hidden: int = 64
     """Hidden width of the task-head MLP."""

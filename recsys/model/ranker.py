@@ -44,6 +44,22 @@ class PrefixKV:
     offsets: list[torch.Tensor]
 
 
+def positions_in_sequence(offsets: torch.Tensor) -> torch.Tensor:
+    """``offsets [B+1]`` -> ``[sum L_b]`` index of every row inside its own sequence."""
+    lengths = offsets[1:] - offsets[:-1]
+    return torch.arange(int(offsets[-1]), device=offsets.device) - torch.repeat_interleave(offsets[:-1], lengths)
+
+
+def ns_positions(s_offsets: torch.Tensor, cand_offsets: torch.Tensor, n_ns: int) -> torch.Tensor:
+    """``[C, N]`` positions of every candidate's NS tokens: its request's S length + n.
+
+    ``s_offsets [B+1]``: the requests' full (layer-0) S sequences; ``cand_offsets [B+1]``.
+    """
+    s_len = s_offsets[1:] - s_offsets[:-1]
+    owner = torch.repeat_interleave(torch.arange(len(s_len), device=s_len.device), cand_offsets[1:] - cand_offsets[:-1])
+    return s_len[owner][:, None] + torch.arange(n_ns, device=s_len.device)
+
+
 class OneTransRanker(nn.Module):
     def __init__(self, schema: DataSchema, cfg: ModelConfig, max_s_tokens: int) -> None:
         """``max_s_tokens``: longest S sequence the data can produce (sizes the pyramid)."""
@@ -54,7 +70,8 @@ class OneTransRanker(nn.Module):
         n_ns = self.tokenizer.n_ns
         self.schedule = PyramidSchedule.from_config(cfg.pyramid, cfg.n_layers, max_s_tokens)
         self.blocks = nn.ModuleList(
-            OneTransBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult * cfg.d_model, n_ns) for _ in range(cfg.n_layers))
+            OneTransBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult * cfg.d_model, n_ns, rope=cfg.rope)
+            for _ in range(cfg.n_layers))
         self.heads = TaskHeads(n_ns, cfg.d_model, cfg.head_hidden, len(self.tasks))
 
     @property
@@ -70,11 +87,12 @@ class OneTransRanker(nn.Module):
         """Stage 1: S tokens ``[sum L_b, D]`` through every layer; returns each layer's K/V."""
         keys, values, offsets = [], [], []
         x, off = s_tokens, s_offsets
+        pos = positions_in_sequence(off)  # [sum L_b]; kept rows keep their positions
         last = len(self.blocks) - 1
         for layer, blk in enumerate(self.blocks):
             # budget(last) == 0: the top layer's S outputs feed nothing, only its K/V are needed.
             keep, off_out = keep_last(off, self.schedule.budget(layer))
-            q, k, v = blk.s_project(x, keep)
+            q, k, v = blk.s_project(x, keep, pos)
             keys.append(k)
             values.append(v)
             offsets.append(off)
@@ -85,14 +103,15 @@ class OneTransRanker(nn.Module):
                 x = blk.s_finish(x[keep], attn)
             else:  # the top layers of a pyramid may carry NS tokens only
                 x = x[keep]
-            off = off_out
+            off, pos = off_out, pos[keep]
         return PrefixKV(keys, values, offsets)
 
     def score_candidates(self, prefix: PrefixKV, ns_tokens: torch.Tensor, cand_offsets: torch.Tensor) -> torch.Tensor:
         """Stage 2: NS tokens ``[sum C_b, N, D]`` against the cached prefix -> logits ``[sum C_b, T]``."""
         x = ns_tokens
+        pos = ns_positions(prefix.offsets[0], cand_offsets, x.shape[1])  # [C, N]
         for layer, blk in enumerate(self.blocks):
-            q, k, v = blk.ns_project(x)
+            q, k, v = blk.ns_project(x, pos)
             attn = candidate_prefix_attention(q, k, v, prefix.keys[layer], prefix.values[layer],
                                               prefix.offsets[layer], cand_offsets, backend=self.backend)
             x = blk.ns_finish(x, attn)
@@ -121,11 +140,13 @@ class OneTransRanker(nn.Module):
         x_ns = tok.ns_tokens  # [C, N, D]
         n_cand, n_ns = x_ns.shape[0], x_ns.shape[1]
         ar_ns = torch.arange(n_ns, device=s_len.device)
+        pos_s = positions_in_sequence(s_off_c)  # S positions inside each candidate's own sequence
+        pos_ns = s_len_c[:, None] + ar_ns  # [C, N]: NS tokens follow the (layer-0) S tokens
         for layer, blk in enumerate(self.blocks):
             s_len_c = s_off_c[1:] - s_off_c[:-1]
             keep, s_off_kept = keep_last(s_off_c, self.schedule.queries[layer])  # all S queries, top layer too
-            q_s, k_s, v_s = blk.s_project(x_s, keep)
-            q_n, k_n, v_n = blk.ns_project(x_ns)  # [C, N, H, Dh]
+            q_s, k_s, v_s = blk.s_project(x_s, keep, pos_s)
+            q_n, k_n, v_n = blk.ns_project(x_ns, pos_ns)  # [C, N, H, Dh]
             # Full sequence c = [its S tokens ; its N NS tokens]; queries = last kept S + all NS.
             full_off = lengths_to_offsets(s_len_c + n_ns)
             s_pos = torch.arange(x_s.shape[0], device=s_len.device) + torch.repeat_interleave(
@@ -144,6 +165,7 @@ class OneTransRanker(nn.Module):
             q_full[qs_pos], q_full[qn_pos] = q_s, q_n.flatten(0, 1)
             attn = jagged_causal_attention(q_full, k_full, v_full, full_off, q_off, backend=self.backend)
             x_s = blk.s_finish(x_s[keep], attn[qs_pos]) if keep.numel() else x_s[keep]
+            pos_s = pos_s[keep]
             x_ns = blk.ns_finish(x_ns, attn[qn_pos].view(n_cand, n_ns, *attn.shape[1:]))
             s_off_c = s_off_kept
         if return_tokens:

@@ -124,7 +124,7 @@ def extend_states(model: OneTransRanker, states: list[UserKVState], new_rows: to
     inputs: list[list[torch.Tensor | None]] = [[] for _ in range(n_jobs)]
     for layer, blk in enumerate(model.blocks):
         cap, budget, store = caps[layer], sched.budget(layer), stores_inputs(sched, layer)
-        pieces, keep, q_lens, kv_lens, slid = [], [], [], [], []
+        pieces, keep, q_lens, kv_lens, slid, positions = [], [], [], [], [], []
         start = 0
         for j, st in enumerate(states):
             n_new = min(new_len[j], cap)  # window length after the append
@@ -140,6 +140,8 @@ def extend_states(model: OneTransRanker, states: list[UserKVState], new_rows: to
                 pieces.append(stored[stored.shape[0] - x_old:])
             pieces.append(rows[j])
             seg = x_old + r
+            # A layer's rows are always the *last* positions of the user's S sequence.
+            positions.append(torch.arange(new_len[j] - seg, new_len[j], device=new_rows.device))
             keep.append(torch.arange(start + seg - n_q, start + seg, device=new_rows.device))
             q_lens.append(n_q)
             kv_lens.append(n_new)
@@ -147,7 +149,8 @@ def extend_states(model: OneTransRanker, states: list[UserKVState], new_rows: to
             start += seg
         x = torch.cat(pieces) if pieces else new_rows[:0]
         keep_idx = torch.cat(keep)
-        q, k_x, v_x = blk.s_project(x, keep_idx)  # q [sum n_q, H, Dh]; k_x, v_x [sum seg, H, Dh]
+        pos = torch.cat(positions) if positions else keep_idx
+        q, k_x, v_x = blk.s_project(x, keep_idx, pos)  # q [sum n_q, H, Dh]; k_x, v_x [sum seg, H, Dh]
         k_parts, v_parts = [], []
         start = 0
         for j, st in enumerate(states):

@@ -124,9 +124,12 @@ def test_mixed_parameterization():
     out = model.rank(tok)
     swapped = dataclasses.replace(tok, ns_tokens=tok.ns_tokens[:, [1, 0, 2]])
     assert not torch.allclose(model.rank(swapped), out)
-    q0, k0, v0 = blk.s_project(tok.s_tokens, torch.arange(5))
-    q1, k1, v1 = blk.s_project(tok.s_tokens.flip(0), torch.arange(5))
+    pos = torch.arange(5)
+    q0, k0, v0 = blk.s_project(tok.s_tokens, pos, pos)
+    q1, k1, v1 = blk.s_project(tok.s_tokens.flip(0), pos, pos.flip(0))
     torch.testing.assert_close(k1, k0.flip(0))
+    with pytest.raises(ValueError, match="rotary"):
+        blk.s_project(tok.s_tokens, pos)
 
 
 def test_pyramid_keeping_everything_equals_no_pyramid():
@@ -166,7 +169,7 @@ def test_keep_last():
 @pytest.mark.parametrize("merge", ["time_interleaved", "intent_grouped"])
 @pytest.mark.parametrize("ns", ["auto_split", "group_wise"])
 def test_tokenizer_shapes(merge, ns):
-    model = make_model(2, seq_merge=merge, ns_tokenizer=ns)
+    model = make_model(2, seq_merge=merge, ns_tokenizer=ns, ns_recent_events=3)
     batch = random_request_batch(SCHEMA, [(3, 2), (0, 0), (1, 4)], [2, 1, 3])
     tok = model.tokenizer(batch)
     extra = len(SCHEMA.sequences) if merge == "intent_grouped" else 0
@@ -211,7 +214,7 @@ def test_previous_event_gap_bucket():
 
 def test_recent_event_slots():
     """Slot r of kind k holds the r-th most recent event of that kind (zeros past its length)."""
-    model = make_model(1)
+    model = make_model(1, ns_recent_events=5)
     tok = model.tokenizer
     batch = random_request_batch(SCHEMA, [(7, 1), (0, 2)], [1, 1], seed=2)
     emb = tok.embeddings.sequence(tok._id_kjt(batch))
@@ -225,3 +228,21 @@ def test_recent_event_slots():
     torch.testing.assert_close(got[1, 1, 0], like[2])
     torch.testing.assert_close(got[1, 1, 1], like[1])
     assert torch.count_nonzero(got[1, 1, 2:]) == 0
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    from recsys.model.block import rotary
+
+    q, k = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    def score(i, j):
+        return (rotary(q, torch.tensor([i])) * rotary(k, torch.tensor([j]))).sum(-1)
+    torch.testing.assert_close(score(7, 3), score(104, 100), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(score(7, 3), score(7, 5))
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_cached_equals_per_candidate_with_and_without_rope(rope):
+    model = make_model(3, PYRAMIDS["linear"], "torch", rope=rope)
+    tok = tokens(model, [(9, 4), (0, 0), (1, 2)], [3, 2, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(model.rank(tok), model.rank_per_candidate(tok), rtol=1e-5, atol=1e-5)
