@@ -28,7 +28,7 @@ if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_KEY" 
   exit 0
 fi
 
-echo "[setup] creating $VENV ($FLAVOR)" >&2
+echo "[setup] installing the $FLAVOR stack into $VENV" >&2
 start=$(date +%s)
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 # pip's config on some machines names local index folders that may be absent; drop
