@@ -1,19 +1,12 @@
 """Test setup for the attention kernels.
 
-On a machine without CUDA the Triton tests run under the Triton interpreter. Triton reads
-``TRITON_INTERPRET`` when ``triton.jit`` decorates a kernel, i.e. when ``kernels.triton_*`` is
-first imported; ``kernels`` imports those modules lazily (first ``backend="triton"`` call), and
-this conftest is imported before any test in this folder runs, so setting the flag here is early
-enough. Nothing here touches CUDA (``torch.cuda.is_available`` does not initialise a context).
+On a machine without CUDA the Triton tests run under the Triton interpreter: the root
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before any test module is imported (setting it
+here was too late in a full-suite run, where another folder's tests import the kernels first).
 """
-
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
