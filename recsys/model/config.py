@@ -27,6 +27,16 @@ class NsTokenizer(str, Enum):
     group_wise = "group_wise"
 
 
+class Backend(str, Enum):
+    """Config-side name of a ``kernels.AttentionBackend`` (same values). OmegaConf matches enum
+    *names*, and the kernel enum's names are upper case, so configs use this lower-case twin."""
+
+    reference = "reference"
+    torch = "torch"
+    triton = "triton"
+    auto = "auto"
+
+
 @dataclass
 class PyramidConfig:
     """How many S-token queries each layer keeps (see `PyramidSchedule`)."""
@@ -77,7 +87,7 @@ class ModelConfig:
     """Hidden width of the task-head MLP."""
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     """Pyramid stacking schedule."""
-    attention_backend: AttentionBackend = AttentionBackend.AUTO
+    attention_backend: Backend = Backend.auto
     """Attention implementation (kernels/); auto = triton on CUDA, torch on CPU."""
 
     def __post_init__(self) -> None:
@@ -92,7 +102,8 @@ class ModelConfig:
             raise ValueError("model.time_gap_buckets must be >= 2")
         self.seq_merge = SeqMerge(self.seq_merge)  # a plain string (tests, checkpoints) -> enum, or ValueError
         self.ns_tokenizer = NsTokenizer(self.ns_tokenizer)
-        self.attention_backend = AttentionBackend(self.attention_backend)
+        self.attention_backend = Backend(self.attention_backend)
+        AttentionBackend(self.attention_backend.value)  # the kernels know every config name
         if isinstance(self.pyramid, dict):  # plain construction from a dict (tests, checkpoints)
             self.pyramid = PyramidConfig(**self.pyramid)
         if self.pyramid.mode == "explicit" and len(self.pyramid.queries) != self.n_layers:

@@ -34,7 +34,7 @@ from recsys.data.collate import collate
 from recsys.data.prepare import as_data_config, prepare_dataset
 from recsys.data.schema import DataSchema
 from recsys.data.validate import validate_table
-from recsys.model.config import ModelConfig
+from recsys.model.config import Backend, ModelConfig
 from recsys.model.ranker import OneTransRanker
 from recsys.serving.cache import UserKVCache
 from recsys.serving.catalog import (
@@ -78,11 +78,11 @@ def load_ranker(path: Path, device: torch.device, backend: str | None = None
     state = load_checkpoint(path)
     schema = DataSchema.from_json(state["schema"])
     config = state["config"]
-    # Through a structured merge, not ModelConfig(**d): it type-checks every key and accepts enum
-    # values ("auto", what checkpoints store) as well as names ("AUTO", older checkpoints).
+    # Through a structured merge, not ModelConfig(**d): it type-checks every key (config enums have
+    # lower-case names equal to their values, which is what checkpoints store).
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])
     if backend is not None:
-        model_cfg.attention_backend = AttentionBackend(backend)
+        model_cfg.attention_backend = Backend(backend)
     model = OneTransRanker(schema, OmegaConf.to_object(model_cfg), int(state["max_s_tokens"]))
     load_model_state(model, state["model"], str(path))
     return model.to(device).eval(), schema, config

@@ -141,8 +141,9 @@ def train(cfg: RunConfig) -> Path:
         return metrics_report(pred, schema.tasks, "valid_")
 
     done = bool(tc.max_steps) and step >= tc.max_steps
-    bar = tqdm(total=tc.max_steps or None, initial=step, disable=not tc.progress, desc="train", unit="step",
-               dynamic_ncols=True)
+    steps_per_epoch = len(RequestLoader(ds.splits["train"], schema, cfg.data.loader))  # from Parquet footers
+    total = min(tc.max_steps, tc.epochs * steps_per_epoch) if tc.max_steps else tc.epochs * steps_per_epoch
+    bar = tqdm(total=total, initial=step, disable=not tc.progress, desc="train", unit="step", dynamic_ncols=True)
     while epoch < tc.epochs and not done:
         loader = RequestLoader(ds.splits["train"], schema, cfg.data.loader, epoch=epoch)
         for i, batch in enumerate(loader):

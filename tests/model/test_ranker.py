@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from recsys.features.jagged import keep_last
 from recsys.model.config import ModelConfig, PyramidConfig
 from recsys.model.pyramid import UNBOUNDED, PyramidSchedule, flops_report
-from recsys.features.jagged import keep_last
 from recsys.model.ranker import OneTransRanker
 from recsys.testing import random_request_batch, tiny_schema
 
