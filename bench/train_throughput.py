@@ -34,11 +34,12 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=256, help="max S tokens per request")
     ap.add_argument("--requests", type=int, default=64, help="requests per batch")
     ap.add_argument("--candidates", type=int, default=16, help="candidates per request")
+    ap.add_argument("--median-history", type=float, default=60.0, help="median S tokens (lognormal, sigma 1.2)")
     args = ap.parse_args()
     repeats = 3 if args.quick else 7
     rng = np.random.default_rng(0)
     schema = tiny_schema(kinds=("click",), tasks=("click", "like"))
-    lengths = np.minimum(rng.lognormal(np.log(60), 1.2, args.requests).astype(int), args.max_len).tolist()
+    lengths = np.minimum(rng.lognormal(np.log(args.median_history), 1.2, args.requests).astype(int), args.max_len).tolist()
     batch = random_request_batch(schema, lengths, [args.candidates] * args.requests, seed=0)
     ceiling = matmul_gflops(torch.float32)
     records = []
