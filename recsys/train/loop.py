@@ -98,6 +98,7 @@ def train(cfg: RunConfig) -> Path:
     schema = ds.schema
     model = build_model(schema, cfg.model, cfg.data.loader.max_len).to(device)
     opt_sparse, opt_dense = make_optimizers(model, tc.optim)
+    dense_params = [p for g in opt_dense.param_groups for p in g["params"]]
     warmup = max(1, tc.optim.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_dense, lambda s: min(1.0, (s + 1) / warmup))
     weights = list(tc.task_weights) or None
@@ -149,18 +150,17 @@ def train(cfg: RunConfig) -> Path:
         for i, batch in enumerate(loader):
             if i < batch_in_epoch:  # resume: these batches were consumed before the checkpoint
                 continue
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # train_time: model step only (reading/collating is timed by bench/data_throughput.py)
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
                 logits = model(batch)
             loss, per_task = multitask_bce(logits, batch.labels, weights)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch}, batch {i})")
             opt_sparse.zero_grad(set_to_none=True)
             opt_dense.zero_grad(set_to_none=True)
             loss.backward()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
             if tc.optim.clip_grad_norm > 0:
-                dense_params = [p for g in opt_dense.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(dense_params, tc.optim.clip_grad_norm)
             opt_sparse.step()
             opt_dense.step()
@@ -203,7 +203,7 @@ def train(cfg: RunConfig) -> Path:
         "train_requests_per_s": requests / max(train_time, 1e-9),
         "train_time_s": train_time, "steps": step, "train_samples": samples,
         "resumed_from": str(resumed_from) if resumed_from else None,
-        "params_dense": sum(p.numel() for g in opt_dense.param_groups for p in g["params"]),
+        "params_dense": sum(p.numel() for p in dense_params),
         "params_sparse": sum(p.numel() for g in opt_sparse.param_groups for p in g["params"]),
         "pyramid": model.schedule.describe(),
         "flops_per_request": flops_report(

@@ -66,3 +66,22 @@ def test_checkpoint_of_another_config_fails_naming_the_keys(tmp_path):
     train(run_config(tmp_path, "c", "train.max_steps=2"))
     with pytest.raises(ValueError, match=r"shape mismatches .*blocks\.0\."):
         train(run_config(tmp_path, "c", "train.max_steps=3", "model.d_model=48"))
+
+
+def test_checkpoint_from_training_scores_with_the_same_auc(tmp_path):
+    """recsys.train -> recsys.score on the real checkpoint format (config saved with enum values)."""
+    from recsys.serving.config import ScoreConfig
+    from recsys.serving.config import register_configs as register_score
+    from recsys.serving.job import run_scoring
+
+    register_score()
+    report = json.loads(train(run_config(tmp_path, "t", "train.max_steps=3",
+                                         "model.attention_backend=torch")).read_text())
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        dcfg = compose("score", overrides=[f"checkpoint={tmp_path / 't'}", f"output_dir={tmp_path / 's'}",
+                                           "progress=false"])
+    cfg: ScoreConfig = OmegaConf.to_object(dcfg)
+    summary = json.loads(run_scoring(cfg).read_text())
+    assert summary["complete"] and summary["requests"] > 0
+    assert summary["metrics"]["auc"] == pytest.approx(report["test_auc"], abs=1e-6)
+    assert summary["metrics"]["logloss"] == pytest.approx(report["test_logloss"], rel=1e-4)
