@@ -24,3 +24,9 @@ def keep_last(offsets: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.T
     kept_offsets = lengths_to_offsets(kept)
     starts = torch.repeat_interleave(offsets[1:] - kept - kept_offsets[:-1], kept)
     return torch.arange(int(kept_offsets[-1]), device=offsets.device) + starts, kept_offsets
+
+
+def positions_in_sequence(offsets: torch.Tensor) -> torch.Tensor:
+    """``offsets [B+1]`` -> ``[sum L_b]`` index of every row inside its own sequence."""
+    lengths = offsets[1:] - offsets[:-1]
+    return torch.arange(int(offsets[-1]), device=offsets.device) - torch.repeat_interleave(offsets[:-1], lengths)

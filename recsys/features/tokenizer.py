@@ -19,8 +19,9 @@ embedding. The K sequences are merged
   learned ``[SEP_k]`` token (present even when the group is empty).
 
 NS tokens. The request's pooled sparse embeddings, (signed-log) dense features, recency
-embedding and the embeddings of each kind's R most recent events, one slot per recency
-rank (user side; S tokens carry no position, so this is where "how recent" enters) and the candidate's item/category embeddings (candidate side) become
+embedding and, optionally (``ns_recent_events``), the embeddings of each kind's R most
+recent events, one slot per recency rank (user side), and the candidate's item/category
+embeddings (candidate side) become
 
 * ``auto_split`` (default): one MLP over the concatenation, reshaped to N tokens; the
   first layer is split into a user and a candidate half so the user half is computed

@@ -23,7 +23,7 @@ from kernels.candidate_prefix_attention import candidate_prefix_attention
 from kernels.jagged_causal_attention import jagged_causal_attention
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
-from recsys.features.jagged import keep_last, lengths_to_offsets
+from recsys.features.jagged import keep_last, lengths_to_offsets, positions_in_sequence
 from recsys.features.tokenizer import TokenizedBatch, UnifiedTokenizer
 from recsys.model.block import OneTransBlock
 from recsys.model.config import ModelConfig
@@ -42,12 +42,6 @@ class PrefixKV:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     offsets: list[torch.Tensor]
-
-
-def positions_in_sequence(offsets: torch.Tensor) -> torch.Tensor:
-    """``offsets [B+1]`` -> ``[sum L_b]`` index of every row inside its own sequence."""
-    lengths = offsets[1:] - offsets[:-1]
-    return torch.arange(int(offsets[-1]), device=offsets.device) - torch.repeat_interleave(offsets[:-1], lengths)
 
 
 def ns_positions(s_offsets: torch.Tensor, cand_offsets: torch.Tensor, n_ns: int) -> torch.Tensor:
@@ -141,7 +135,7 @@ class OneTransRanker(nn.Module):
         n_cand, n_ns = x_ns.shape[0], x_ns.shape[1]
         ar_ns = torch.arange(n_ns, device=s_len.device)
         pos_s = positions_in_sequence(s_off_c)  # S positions inside each candidate's own sequence
-        pos_ns = s_len_c[:, None] + ar_ns  # [C, N]: NS tokens follow the (layer-0) S tokens
+        pos_ns = ns_positions(tok.s_offsets, tok.cand_offsets, n_ns)  # [C, N]: right after the S tokens
         for layer, blk in enumerate(self.blocks):
             s_len_c = s_off_c[1:] - s_off_c[:-1]
             keep, s_off_kept = keep_last(s_off_c, self.schedule.queries[layer])  # all S queries, top layer too
