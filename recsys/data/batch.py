@@ -46,6 +46,11 @@ class RequestBatch:
     """[sum C_b, T] float32 in {0, 1}."""
     true_prob: torch.Tensor | None = None
     """[sum C_b, T] float32, planted probabilities (synthetic data only)."""
+    long_seq: KeyedJaggedTensor | None = None
+    """Long history (``loader.long_max_len > 0`` only; see ``recsys.longseq``): keys ``"item_id"``,
+    ``"category"``, ``"action"``, ``"ts"``, ``"kind"`` (index into the schema's kinds) and
+    ``"in_window"`` (1 if the event is also an S token in ``seq``); lengths [B] per key. Per request,
+    each kind's last ``long_max_len`` events, kind-major (schema order), oldest first inside a kind."""
 
     @property
     def num_requests(self) -> int:

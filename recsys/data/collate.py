@@ -62,6 +62,8 @@ class BatchArrays:
     cand_offsets: np.ndarray
     labels: np.ndarray
     true_prob: np.ndarray | None
+    long_seq: KeyedArrays | None = None
+    """Long history (``long_max_len > 0``): see ``RequestBatch.long_seq``."""
 
     def to_batch(self) -> RequestBatch:
         return RequestBatch(
@@ -70,15 +72,50 @@ class BatchArrays:
             dense=torch.from_numpy(self.dense), seq=self.seq.to_kjt(), seq_ts=self.seq_ts.to_kjt(),
             cand=self.cand.to_kjt(), cand_offsets=torch.from_numpy(self.cand_offsets),
             labels=torch.from_numpy(self.labels),
-            true_prob=None if self.true_prob is None else torch.from_numpy(self.true_prob))
+            true_prob=None if self.true_prob is None else torch.from_numpy(self.true_prob),
+            long_seq=None if self.long_seq is None else self.long_seq.to_kjt())
 
 
 def _scalar(table: pa.Table, name: str, dtype: type) -> np.ndarray:
     return np.array(table.column(name).to_numpy(), dtype=dtype)  # a writable copy
 
 
-def collate_arrays(table: pa.Table, schema: DataSchema, max_len: int) -> BatchArrays:
-    """``B`` rows of a validated table -> :class:`BatchArrays` (histories cut to the last ``max_len``)."""
+LONG_KEYS = ("item_id", "category", "action", "ts", "kind", "in_window")
+"""Keys of ``RequestBatch.long_seq``."""
+
+
+def long_history_arrays(table: pa.Table, schema: DataSchema, max_len: int, long_max_len: int) -> KeyedArrays:
+    """Each row's last ``long_max_len`` events per kind, kind-major, as one jagged row (see
+    ``RequestBatch.long_seq``); ``in_window`` marks the last ``max_len`` of each kind (the S tokens).
+
+    Jagged throughout: the arrays are as long as the batch's own histories (100k events cost
+    100k entries, not ``B x 100k``).
+    """
+    b = table.num_rows
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in LONG_KEYS}
+    owner_parts, lens = [], np.zeros(b, dtype=np.int64)
+    for ki, kind in enumerate(schema.sequences):
+        ts = jagged_from_arrow(table.column(schema.seq_col(kind, "ts")))
+        keep = np.minimum(ts.lengths, long_max_len)
+        index, _ = range_index(ts.offsets[1:] - keep, keep)
+        for fld in ("item_id", "category", "action"):
+            parts[fld].append(jagged_from_arrow(table.column(schema.seq_col(kind, fld))).values[index])
+        parts["ts"].append(ts.values[index])
+        pos_from_end = np.repeat(ts.offsets[1:], keep) - 1 - index  # 0 = newest event of its kind
+        parts["in_window"].append((pos_from_end < max_len).astype(np.int64))
+        parts["kind"].append(np.full(len(index), ki, dtype=np.int64))
+        owner_parts.append(np.repeat(np.arange(b), keep))
+        lens += keep
+    order = np.argsort(np.concatenate(owner_parts), kind="stable")  # request-major, kinds in schema order
+    values = [np.concatenate(parts[k]).astype(np.int64, copy=False)[order] for k in LONG_KEYS]
+    return _keyed(list(LONG_KEYS), values, [lens.astype(np.int32)] * len(LONG_KEYS))
+
+
+def collate_arrays(table: pa.Table, schema: DataSchema, max_len: int, long_max_len: int = 0) -> BatchArrays:
+    """``B`` rows of a validated table -> :class:`BatchArrays` (histories cut to the last ``max_len``;
+    ``long_max_len > 0`` also attaches the long history, see :func:`long_history_arrays`)."""
+    if long_max_len and long_max_len < max_len:
+        raise ValueError(f"long_max_len ({long_max_len}) must be 0 (off) or >= max_len ({max_len})")
     b = table.num_rows
     col = table.column
     ones = np.ones(b, dtype=np.int32)
@@ -120,9 +157,10 @@ def collate_arrays(table: pa.Table, schema: DataSchema, max_len: int) -> BatchAr
         cand_offsets=offsets_from_lengths(c_len),
         labels=np.ascontiguousarray(labels, dtype=np.float32),
         true_prob=None if true_prob is None else np.ascontiguousarray(true_prob, dtype=np.float32),
+        long_seq=long_history_arrays(table, schema, max_len, long_max_len) if long_max_len else None,
     )
 
 
-def collate(table: pa.Table, schema: DataSchema, max_len: int) -> RequestBatch:
+def collate(table: pa.Table, schema: DataSchema, max_len: int, long_max_len: int = 0) -> RequestBatch:
     """One :class:`RequestBatch` from ``B`` rows of a validated table."""
-    return collate_arrays(table, schema, max_len).to_batch()
+    return collate_arrays(table, schema, max_len, long_max_len).to_batch()

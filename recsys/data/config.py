@@ -112,6 +112,15 @@ class SyntheticConfig:
     """Share of requests (latest in time, before test) in the valid split."""
     test_fraction: float = 0.1
     """Share of requests (latest in time) in the test split."""
+    cold_item_fraction: float = 0.0
+    """Share of items held out as cold-start items: in no event and no train/valid candidate, only
+    among test candidates (0 = off; left out of the data cache key while 0, see prepare.config_key)."""
+    long_range_weight: float = 0.0
+    """Planted long-range term of the click logit: + weight x 1[the candidate's category appears among
+    the first kind's events older than its last ``long_range_window`` ones, and not among those]
+    (0 = off; issue 7; left out of the data cache key while at its default)."""
+    long_range_window: int = 32
+    """Recent events of the first kind that the long-range term looks *past* (match loader.max_len)."""
 
     def __post_init__(self) -> None:
         self.history_dist = HistoryDist(self.history_dist)
@@ -142,6 +151,10 @@ class SyntheticConfig:
             raise ValueError("synthetic.valid_fraction + test_fraction must be in [0, 1)")
         if self.time_span_days <= 0 or self.recency_scale <= 0 or self.preference_concentration <= 0:
             raise ValueError("synthetic.time_span_days, recency_scale, preference_concentration must be > 0")
+        if self.long_range_window < 1:
+            raise ValueError(f"synthetic.long_range_window must be >= 1, got {self.long_range_window}")
+        if not 0.0 <= self.cold_item_fraction < 1.0:
+            raise ValueError(f"synthetic.cold_item_fraction must be in [0, 1), got {self.cold_item_fraction}")
 
 
 @dataclass
@@ -170,6 +183,9 @@ class LoaderConfig:
     """Requests per batch (candidates per batch vary)."""
     max_len: int = 256
     """Most recent events kept per sequence kind (older ones are dropped on collate)."""
+    long_max_len: int = 0
+    """Long history for ``model.long_seq`` (memory / search): the most recent events kept per kind in
+    ``RequestBatch.long_seq`` (0 = off; else >= max_len). The S-token window stays ``max_len``."""
     num_workers: int = 0
     """DataLoader worker processes (0 = read in the main process)."""
     shuffle: bool = False
@@ -184,6 +200,9 @@ class LoaderConfig:
             raise ValueError(f"loader.batch_size must be >= 1, got {self.batch_size}")
         if self.max_len < 1:
             raise ValueError(f"loader.max_len must be >= 1, got {self.max_len}")
+        if self.long_max_len and self.long_max_len < self.max_len:
+            raise ValueError(f"loader.long_max_len must be 0 (off) or >= max_len ({self.max_len}), "
+                             f"got {self.long_max_len}")
         if self.num_workers < 0:
             raise ValueError(f"loader.num_workers must be >= 0, got {self.num_workers}")
 

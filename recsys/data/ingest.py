@@ -38,10 +38,52 @@ def read_frame(src: pl.DataFrame | str | Path, separator: str | None = None) -> 
     if isinstance(src, pl.DataFrame):
         return src
     path = Path(src)
-    if path.suffix == ".parquet":
-        return pl.read_parquet(path)
-    sep = separator or ("," if path.suffix == ".csv" else "\t")
-    return pl.read_csv(path, separator=sep, quote_char=None, infer_schema_length=10000)
+    if not path.is_file():
+        raise FileNotFoundError(f"event/feature table {path} does not exist")
+    try:
+        if path.suffix == ".parquet":
+            return pl.read_parquet(path)
+        sep = separator or ("," if path.suffix == ".csv" else "\t")
+        return pl.read_csv(path, separator=sep, quote_char=None, infer_schema_length=10000)
+    except (pl.exceptions.PolarsError, OSError) as e:  # ragged rows, bad encoding, not a Parquet file...
+        raise ValueError(f"cannot read {path} as {'Parquet' if path.suffix == '.parquet' else 'CSV/TSV'}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+MAX_ABS_SECONDS = 2**62
+"""Timestamps are checked to lie in ``(-2**62, 2**62)`` s, so every difference of two fits in int64."""
+
+
+def event_seconds(ts: pl.Series) -> pl.Series:
+    """Event times as int64 seconds: integers as is, whole finite floats, or datetimes (epoch seconds).
+
+    Raises ``ValueError`` naming the first offending value (fractional, NaN/Inf, out of range) or the dtype.
+    """
+    if ts.dtype == pl.Date or isinstance(ts.dtype, pl.Datetime):
+        ts = ts.dt.epoch("s")
+    elif ts.dtype.is_float():
+        bad = (~ts.is_finite() | (ts != ts.round()) | (ts.abs() >= MAX_ABS_SECONDS)).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"event log timestamp {ts[i]!r} (row {i}) is not a whole number of seconds in "
+                             f"(-2**62, 2**62)")
+    elif not ts.dtype.is_integer():
+        raise ValueError(f"event log column 'timestamp' has dtype {ts.dtype}; expected integer seconds "
+                         "(whole floats and datetimes are converted)")
+    far = (ts.cast(pl.Float64).abs() >= MAX_ABS_SECONDS).to_numpy()  # float: abs(int64 min) would overflow
+    if far.any():
+        i = int(np.flatnonzero(far)[0])
+        raise ValueError(f"event log timestamp {ts[i]!r} (row {i}) is outside (-2**62, 2**62) seconds")
+    return ts.cast(pl.Int64)
+
+
+def cast_ids(ids: pl.Series, dtype: pl.DataType, what: str) -> pl.Series:
+    """``ids`` of a side table cast to the event log's id dtype, or a ``ValueError`` saying which table."""
+    try:
+        return ids.cast(dtype)
+    except pl.exceptions.PolarsError as e:
+        raise ValueError(f"{what}: column {ids.name!r} of dtype {ids.dtype} does not convert to the event log's "
+                         f"{dtype} ids ({str(e).splitlines()[0]})") from e
 
 
 def dense_ids(*series: pl.Series) -> tuple[list[np.ndarray], pl.Series]:
@@ -99,17 +141,13 @@ def encode_event_log(events: pl.DataFrame, *, item_features: pl.DataFrame | None
     nulls = {c: events[c].null_count() for c in REQUIRED_EVENT_COLUMNS if events[c].null_count()}
     if nulls:
         raise ValueError(f"event log has nulls in {nulls}")
-    ts = events["timestamp"]
-    if not ts.dtype.is_integer():
-        ts = ts.cast(pl.Float64)
-        if not bool((ts == ts.round()).all()):
-            raise ValueError("event log timestamps must be whole seconds")
+    ts = event_seconds(events["timestamp"])
     (users,), user_vocab = dense_ids(events["user_id"])
     if item_features is not None:
         if not {"item_id", "category"} <= set(item_features.columns):
             raise ValueError("item feature table needs columns item_id, category")
         item_features = item_features.unique(subset="item_id", keep="first", maintain_order=True)
-        feat_ids = item_features["item_id"].cast(events["item_id"].dtype)
+        feat_ids = cast_ids(item_features["item_id"], events["item_id"].dtype, "item feature table")
         (items, feat_items), item_vocab = dense_ids(events["item_id"], feat_ids)
         (feat_cats,), _ = dense_ids(item_features["category"])
         item_cat = np.zeros(len(item_vocab) + 1, dtype=np.int64)
@@ -128,6 +166,8 @@ def encode_event_log(events: pl.DataFrame, *, item_features: pl.DataFrame | None
         actions, num_actions = np.ones(len(items), dtype=np.int64), 2
     if "kind" in events.columns:
         kind = events["kind"].cast(pl.String)
+        if kind.null_count():
+            raise ValueError(f"event log has {kind.null_count()} null value(s) in column 'kind'")
     else:
         kind = pl.select(pl.repeat(default_kind, len(events), dtype=pl.String)).to_series()
     kinds = list(dict.fromkeys(kind.to_list()))
@@ -250,7 +290,8 @@ def user_feature_columns(user_features: pl.DataFrame | None, user_vocab: pl.Seri
         raise ValueError("user feature table needs a user_id column")
     user_features = user_features.unique(subset="user_id", keep="first", maintain_order=True)
     lookup = pl.DataFrame({"user_id": user_vocab}).join(
-        user_features.with_columns(pl.col("user_id").cast(user_vocab.dtype)), on="user_id", how="left",
+        user_features.with_columns(cast_ids(user_features["user_id"], user_vocab.dtype, "user feature table")),
+        on="user_id", how="left",
         maintain_order="left")
     specs, cols = [], {}
     for name in user_features.columns:
@@ -287,7 +328,8 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
     ev = log.events
     target = ev if target_kind is None else ev.filter(pl.col("kind") == target_kind)
     if len(target) == 0:
-        raise ValueError(f"no event of kind {target_kind!r} to turn into requests")
+        raise ValueError("the event log has no rows" if len(ev) == 0 else
+                         f"no event of kind {target_kind!r} to turn into requests (kinds present: {log.kinds})")
     t_encode = time.perf_counter()
 
     req_user = target["user_id"].to_numpy().astype(np.int64)

@@ -122,11 +122,11 @@ class RequestStream(IterableDataset):
             buf = pa.concat_tables(pending)
             start = 0
             while n_pending - start >= bs:
-                yield collate_arrays(buf.slice(start, bs), self.schema, self.cfg.max_len)
+                yield collate_arrays(buf.slice(start, bs), self.schema, self.cfg.max_len, self.cfg.long_max_len)
                 start += bs
             pending, n_pending = [buf.slice(start)], n_pending - start
         if n_pending and not self.cfg.drop_last:
-            yield collate_arrays(pa.concat_tables(pending), self.schema, self.cfg.max_len)
+            yield collate_arrays(pa.concat_tables(pending), self.schema, self.cfg.max_len, self.cfg.long_max_len)
 
 
 def _worker_init(_: int) -> None:
@@ -171,7 +171,11 @@ class RequestLoader:
     def __iter__(self) -> Iterator[RequestBatch]:
         stream = RequestStream(self.units, self.schema, self.cfg, rank=self.rank, world_size=self.world_size,
                                epoch=self.epoch)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+        # Own generator: DataLoader draws a worker base seed per iteration, which would otherwise advance the
+        # global torch RNG and make a resumed training run (that re-creates the loader) diverge from an
+        # uninterrupted one (docs/reliability.md). Seeded per epoch: worker seeds are reproducible too.
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, generator=gen,
                             worker_init_fn=_worker_init if self.cfg.num_workers > 0 else None)
         for arrays in loader:
             yield arrays.to_batch()

@@ -39,6 +39,9 @@ from recsys.data.stats import summarize
 
 FORMAT_VERSION = 1
 """Bump when generation / ingest changes the rows, so stale caches are not reused."""
+OPTIONAL_SYNTHETIC_FIELDS: dict[str, object] = {"cold_item_fraction": 0.0, "long_range_weight": 0.0,
+                                                 "long_range_window": 32}
+"""Synthetic fields added after datasets were cached: left out of the key while at these defaults."""
 
 
 @dataclass
@@ -74,6 +77,9 @@ def config_key(cfg: DataConfig) -> dict:
     key: dict = {"source": cfg.source.value, "format_version": FORMAT_VERSION, "row_group_size": cfg.row_group_size}
     if cfg.source == DataSource.synthetic:
         key["synthetic"] = _plain(cfg.synthetic)
+        for name, default in OPTIONAL_SYNTHETIC_FIELDS.items():  # at its default: same key (and hash) as before
+            if key["synthetic"].get(name) == default:
+                del key["synthetic"][name]
     elif cfg.source == DataSource.ml100k:
         key["ml100k"] = {"recbole_version": cfg.ml100k.recbole_version, "like_threshold": cfg.ml100k.like_threshold}
     return key

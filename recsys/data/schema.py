@@ -88,6 +88,14 @@ class DataSchema:
             raise ValueError("schema needs at least one task")
         if self.oov_policy not in ("error", "oov"):
             raise ValueError(f"oov_policy must be 'error' or 'oov', got {self.oov_policy!r}")
+        for what, group in (("sequence kind", self.sequences), ("task", self.tasks),
+                            ("sparse feature", [f.name for f in self.sparse]), ("dense feature", self.dense)):
+            for n in group:  # names become torch module / torchrec feature keys, where "." is the separator
+                if not isinstance(n, str) or not n or "." in n:
+                    raise ValueError(f"{what} name {n!r} must be a non-empty string without '.'")
+        for what, group in (("sequence kinds", self.sequences), ("tasks", self.tasks)):
+            if len(set(group)) != len(group):
+                raise ValueError(f"{what} used twice: {sorted({n for n in group if group.count(n) > 1})}")
         names = [f.name for f in self.sparse] + list(self.dense)
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -27,6 +27,9 @@ of the first kind, the item id, a user feature)::
     pop  = standardised log popularity of the item
     feat = E[age_bucket(u), cat_i],  E ~ N(0, w_user_feature)
     P(click) = sigmoid(click_bias + w_aff aff + w_rec rec + w_pop pop + feat)
+                                                     (+ long_range_weight * long, off by default: see
+                                                     ``long_range_term``, a signal only a history longer
+                                                     than ``long_range_window`` events carries)
     P(like | click) = sigmoid(like_bias + w_like_quality quality_i + w_like_aff aff)
     P(like) = P(click) P(like | click);  like = 0 when click = 0
 
@@ -36,6 +39,7 @@ bounds what any model can reach on the same rows.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -43,7 +47,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.config import HistoryDist, SyntheticConfig
-from recsys.data.ingest import attach_history, time_split
+from recsys.data.ingest import SPLIT_CODES, attach_history, time_split
 from recsys.data.jagged import Jagged
 from recsys.data.parquet_io import RequestColumns
 from recsys.data.schema import DataSchema, SparseFeature
@@ -125,6 +129,33 @@ def make_world(cfg: SyntheticConfig, rng: np.random.Generator) -> World:
     item_quality = np.concatenate([[0.0], rng.standard_normal(i)])
     feat_effect = rng.standard_normal((NUM_AGE_BUCKETS + 1, c + 1)) * cfg.w_user_feature
     return World(pref, user_start, age, region, item_category, item_pop, item_quality, feat_effect, T0 + span)
+
+
+def cold_item_mask(cfg: SyntheticConfig, world: World) -> np.ndarray:
+    """``[I+1]`` bool: the ``cold_item_fraction`` of items held out of training (own seeded stream).
+
+    Never cold: each category's highest item id and item I (the samplers' closing entries), so
+    every category keeps a warm item and a zero-popularity item can never be drawn by rounding.
+    """
+    mask = np.zeros(len(world.item_category), dtype=bool)
+    if cfg.cold_item_fraction <= 0:
+        return mask
+    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(6)[5])
+    items = np.arange(1, len(world.item_category))
+    protected = np.zeros_like(mask)
+    last_of_cat = np.zeros(cfg.num_categories + 1, dtype=np.int64)
+    np.maximum.at(last_of_cat, world.item_category[items], items)
+    protected[last_of_cat[1:]] = True
+    protected[-1] = True
+    pool = items[~protected[items]]
+    mask[rng.choice(pool, size=min(len(pool), int(round(cfg.cold_item_fraction * len(items)))), replace=False)] = True
+    return mask
+
+
+def warm_world(world: World, cold: np.ndarray) -> World:
+    """The same world with cold items' popularity set to 0 (the samplers never draw them)."""
+    pop = np.where(cold, 0.0, world.item_pop)
+    return dataclasses.replace(world, item_pop=pop / pop.sum())
 
 
 class _ItemSampler:
@@ -215,6 +246,20 @@ def _planted_click_terms(cfg: SyntheticConfig, hist_cat: Jagged, cand_req: np.nd
     return aff, rec
 
 
+def long_range_term(hist_cat: Jagged, window: int, cand_req: np.ndarray, cand_cat: np.ndarray) -> np.ndarray:
+    """``[N]`` 1.0 where candidate n's category is among its request's events *older* than the last
+    ``window`` ones and not among the last ``window`` (information only a long history holds), else 0."""
+    lengths = hist_cat.lengths
+    row = hist_cat.row_ids()
+    old = (np.arange(len(row)) - hist_cat.offsets[row]) < (lengths[row] - window)  # [E] older than the window
+    big = int(max(hist_cat.values.max(initial=0), cand_cat.max(initial=0))) + 1
+    key = row * big + hist_cat.values
+    cand_key = cand_req * big + cand_cat
+    in_old = np.isin(cand_key, key[old])
+    in_recent = np.isin(cand_key, key[~old])
+    return (in_old & ~in_recent).astype(np.float64)
+
+
 @dataclass
 class SyntheticData:
     """Generated request rows plus what only the generator knows."""
@@ -233,7 +278,8 @@ def generate(cfg: SyntheticConfig) -> SyntheticData:
     t0 = time.perf_counter()
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(5)]
     world = make_world(cfg, streams[0])
-    events = make_event_log(cfg, world, streams[1])
+    cold = cold_item_mask(cfg, world)
+    events = make_event_log(cfg, warm_world(world, cold) if cold.any() else world, streams[1])
     t_events = time.perf_counter()
 
     rng = streams[2]
@@ -257,8 +303,15 @@ def generate(cfg: SyntheticConfig) -> SyntheticData:
     cum = np.cumsum(world.pref, axis=1)
     cum[:, -1] = 1.0
     pref_cat = sample_rowwise(cum, cand_user, rng.random(r * k)) + 1
-    cand_item = np.where(from_pref, sampler.in_category(pref_cat, rng.random(r * k)),
-                         sampler.by_popularity(rng.random(r * k)))
+    u_cat, u_pop = rng.random(r * k), rng.random(r * k)  # same draw order as one np.where(...) call
+    cand_item = np.where(from_pref, sampler.in_category(pref_cat, u_cat), sampler.by_popularity(u_pop))
+    if cold.any():  # cold items only among test candidates: other rows draw the same uniforms from warm items
+        warm = _ItemSampler(warm_world(world, cold))
+        not_test = np.repeat(time_split(req_ts, cfg.valid_fraction, cfg.test_fraction) != SPLIT_CODES["test"], k)
+        warm_item = np.where(from_pref, warm.in_category(pref_cat, u_cat), warm.by_popularity(u_pop))
+        cand_item = np.where(not_test, warm_item, cand_item)
+        if cold[cand_item[not_test]].any() or cold[events["item_id"].to_numpy()].any():
+            raise AssertionError("synthetic: a cold item was drawn outside the test candidates")
     cand_cat = world.item_category[cand_item]
 
     # the planted model
@@ -267,7 +320,11 @@ def generate(cfg: SyntheticConfig) -> SyntheticData:
     log_pop = np.log(world.item_pop[1:])
     pop = (np.log(world.item_pop[cand_item]) - log_pop.mean()) / log_pop.std()
     feat = world.feat_effect[world.age[cand_user], cand_cat]
-    p_click = _sigmoid(cfg.click_bias + cfg.w_affinity * aff + cfg.w_recency * rec + cfg.w_popularity * pop + feat)
+    logit = cfg.click_bias + cfg.w_affinity * aff + cfg.w_recency * rec + cfg.w_popularity * pop + feat
+    if cfg.long_range_weight:  # off by default: the default rows stay byte-identical
+        logit = logit + cfg.long_range_weight * long_range_term(
+            cols[DataSchema.seq_col(first_kind, "category")], cfg.long_range_window, cand_req, cand_cat)
+    p_click = _sigmoid(logit)
     q_like = _sigmoid(cfg.like_bias + cfg.w_like_quality * world.item_quality[cand_item] + cfg.w_like_affinity * aff)
     rng = streams[4]
     click = rng.random(r * k) < p_click

@@ -17,6 +17,7 @@ history event ts >= request_ts        error (leakage guard)
 history ts decreasing within a row    error (writers sort; a reader that re-sorted would
                                       hide a writer bug)
 label not in {0, 1}                   error
+request_id repeated in a row group    error (across row groups / files: the writer's contract, not checked)
 true prob outside [0, 1]              error
 ====================================  =====================================================
 """
@@ -120,6 +121,14 @@ def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_gr
     if uid.size and uid.min() < 0:
         i = int(np.flatnonzero(uid < 0)[0])
         raise DataValidationError(f"{_where(file, row_group, 'user_id', i)}: negative id {int(uid[i])}")
+    rid = table.column("request_id").to_numpy()
+    if rid.size > 1:  # unique per row group here; across row groups / files it is the writer's contract
+        order = np.argsort(rid, kind="stable")
+        dup = np.flatnonzero(rid[order][1:] == rid[order][:-1])
+        if dup.size:
+            first, again = int(order[dup[0]]), int(order[dup[0] + 1])
+            raise DataValidationError(f"{_where(file, row_group, 'request_id', again)}: request_id {int(rid[again])} "
+                                      f"already used by row {first} (request ids must be unique)")
     for d in schema.dense:
         vals = table.column(d).to_numpy()
         bad = np.flatnonzero(~np.isfinite(vals))

@@ -25,7 +25,9 @@ embeddings (candidate side) become
 
 * ``auto_split`` (default): one MLP over the concatenation, reshaped to N tokens; the
   first layer is split into a user and a candidate half so the user half is computed
-  once per request, not once per candidate; or
+  once per request, not once per candidate; with ``ns_cross`` (default) the hidden layer
+  also gets an explicit crossing term ``(U user) * (V cand)`` (elementwise), which is
+  what user-feature x item-feature effects need and keeps the same per-request split; or
 * ``group_wise``: one small MLP per feature group (user sparse + recency, dense,
   candidate), one token each.
 """
@@ -42,6 +44,8 @@ from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
 from recsys.embeddings.tables import FeatureEmbeddings
 from recsys.features.jagged import keep_last, lengths_to_offsets
+from recsys.longseq.features import LongSequenceFeatures
+from recsys.longseq.memory import MemoryState
 from recsys.model.config import ModelConfig
 
 
@@ -85,7 +89,7 @@ class UnifiedTokenizer(nn.Module):
         self.n_dense = len(schema.dense)
         self.cfg = cfg
         d, e = cfg.d_model, cfg.emb_dim
-        self.embeddings = FeatureEmbeddings(schema, e, cfg.time_gap_buckets)
+        self.embeddings = FeatureEmbeddings(schema, e, cfg.time_gap_buckets, cfg.item_embedding)
         self.seq_proj = nn.ModuleDict({k: nn.Linear(4 * e, d) for k in self.kinds})
         if cfg.seq_merge == "time_interleaved":
             self.kind_emb = nn.Parameter(torch.randn(len(self.kinds), d) * 0.02)
@@ -101,6 +105,9 @@ class UnifiedTokenizer(nn.Module):
             self.ns_user = nn.Linear(user_dim, hidden, bias=False)
             self.ns_cand = nn.Linear(cand_dim, hidden)
             self.ns_out = nn.Linear(hidden, cfg.n_ns_tokens * d)
+            if cfg.ns_cross:
+                self.ns_user_x = nn.Linear(user_dim, hidden)
+                self.ns_cand_x = nn.Linear(cand_dim, hidden)
         else:
             groups = {"cand": cand_dim, "user": self.embeddings.pooled_dim + e + recent_dim}
             if self.n_dense:
@@ -109,6 +116,10 @@ class UnifiedTokenizer(nn.Module):
             self.n_ns = len(groups)
             self.ns_groups = nn.ModuleDict({
                 g: nn.Sequential(nn.Linear(w, 2 * d), nn.SiLU(), nn.Linear(2 * d, d)) for g, w in groups.items()})
+        self.long = None  # long-history NS tokens (memory / search), appended after the others
+        if cfg.long_seq.enabled:
+            self.long = LongSequenceFeatures(cfg.long_seq, e, d, schema.num_items, schema.num_categories)
+            self.n_ns += self.long.n_tokens
 
     # ------------------------------------------------------------------ S tokens
     def _id_kjt(self, batch: RequestBatch) -> KeyedJaggedTensor:
@@ -196,8 +207,40 @@ class UnifiedTokenizer(nn.Module):
         order = order[torch.argsort(req_all, stable=True)]
         return values[order], torch.stack(lengths).sum(0)
 
+    # ------------------------------------------------------------------ long history
+    def long_event_features(self, long_seq: KeyedJaggedTensor) -> torch.Tensor:
+        """``RequestBatch.long_seq`` -> ``[E, 3E]`` = [item | category | action] embeddings of every event.
+
+        Looked up in the same tables as the S tokens (through ``FeatureEmbeddings.sequence``, so
+        every item-embedding mode applies): the events ride on the first kind's feature names,
+        every other feature of the collection is passed empty.
+        """
+        d = long_seq.to_dict()
+        k0 = self.kinds[0]
+        n_req = d["item_id"].lengths().numel()
+        keys = [f"{k}.{f}" for k in self.kinds for f in ("item_id", "category", "action", "time_gap")]
+        keys += ["cand.item_id", "cand.category", "req.recency"]
+        empty_v = d["item_id"].values()[:0]
+        empty_l = torch.zeros(n_req, dtype=torch.int32, device=empty_v.device)
+        values, lengths = [], []
+        for key in keys:
+            fld = key.split(".", 1)[1]
+            used = key.startswith(f"{k0}.") and fld != "time_gap"
+            values.append(d[fld].values() if used else empty_v)
+            lengths.append(d[fld].lengths().to(torch.int32) if used else empty_l)
+        emb = self.embeddings.sequence(KeyedJaggedTensor(keys=keys, values=torch.cat(values).to(torch.int64),
+                                                         lengths=torch.cat(lengths)))
+        return torch.cat([emb[f"{k0}.{f}"].values() for f in ("item_id", "category", "action")], -1)
+
+    def long_memory_state(self, batch: RequestBatch) -> MemoryState:
+        """``[B]`` VQ memory states of a batch's long histories (what a serving cache keeps per user)."""
+        if self.long is None or batch.long_seq is None:
+            raise ValueError("long_memory_state needs model.long_seq.memory and a batch with long_seq")
+        return self.long.memory_state(batch.long_seq, self.long_event_features(batch.long_seq))
+
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: RequestBatch) -> TokenizedBatch:
+    def forward(self, batch: RequestBatch, memory: MemoryState | None = None) -> TokenizedBatch:
+        """``memory``: precomputed ``[B]`` long-term memory states (``model.long_seq.memory``), else built here."""
         emb = self.embeddings.sequence(self._id_kjt(batch))
         per_kind, lengths, ts = [], [], []
         ts_dict = batch.seq_ts.to_dict()
@@ -218,9 +261,12 @@ class UnifiedTokenizer(nn.Module):
         dense = signed_log1p(batch.dense.to(cand_vec.dtype))  # [B, n_dense]
         if self.cfg.ns_tokenizer == "auto_split":
             h = self.ns_cand(cand_vec)  # [sum C, N*D]
-            user = self.ns_user(torch.cat([sparse, dense, recency], -1))  # [B, N*D], once per request
+            user_in = torch.cat([sparse, dense, recency], -1)  # [B, user_dim]
+            user = self.ns_user(user_in)  # [B, N*D], once per request
             h = h + torch.repeat_interleave(user, cand_lengths, dim=0)
-            ns = self.ns_out(nn.functional.silu(h)).view(-1, self.n_ns, self.cfg.d_model)  # [sum C, N, D]
+            if self.cfg.ns_cross:  # explicit user x candidate crossing (e.g. age bucket x category)
+                h = h + self.ns_cand_x(cand_vec) * torch.repeat_interleave(self.ns_user_x(user_in), cand_lengths, dim=0)
+            ns = self.ns_out(nn.functional.silu(h)).view(-1, self.cfg.n_ns_tokens, self.cfg.d_model)  # [sum C, N, D]
         else:
             inputs = {"cand": cand_vec, "user": torch.cat([sparse, recency], -1), "dense": dense}
             toks = []
@@ -228,4 +274,17 @@ class UnifiedTokenizer(nn.Module):
                 t = self.ns_groups[g](inputs[g])
                 toks.append(t if g == "cand" else torch.repeat_interleave(t, cand_lengths, dim=0))
             ns = torch.stack(toks, 1)  # [sum C, N, D]
+        if self.long is not None:
+            if batch.long_seq is None:
+                raise ValueError("model.long_seq is enabled but the batch has no long history: "
+                                 "set data.loader.long_max_len > 0 (>= data.loader.max_len)")
+            cand = batch.cand.to_dict()
+            # With a precomputed memory state and no search, the long history's events are not read at
+            # all: the request costs O(M), whatever the history length.
+            need_events = memory is None or bool(self.long.modes)
+            feats = self.long_event_features(batch.long_seq) if need_events else None
+            extra = self.long(batch.long_seq, feats, cand_vec,
+                              cand["item_id"].values(), cand["category"].values(),
+                              batch.cand_offsets.to(torch.int64), memory)  # [sum C, n_long, D]
+            ns = torch.cat([ns, extra], 1)
         return TokenizedBatch(s_tokens, lengths_to_offsets(s_lengths), ns, batch.cand_offsets.to(torch.int64))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from kernels.backend import AttentionBackend
+from recsys.longseq.config import LongSeqConfig
 
 # Fixed choices are str-valued enums, not Literal: OmegaConf rejects Literal annotations,
 # while an enum is checked at merge time, so a typo in YAML or an override fails at start-up.
@@ -25,6 +26,16 @@ class SeqMerge(str, Enum):
 class NsTokenizer(str, Enum):
     auto_split = "auto_split"
     group_wise = "group_wise"
+
+
+class Arch(str, Enum):
+    """Which model `recsys.baselines.build_model` builds (the ranker, or a baseline of issue 10)."""
+
+    onetrans = "onetrans"
+    popularity = "popularity"
+    dlrm = "dlrm"
+    din = "din"
+    sasrec = "sasrec"
 
 
 class Backend(str, Enum):
@@ -57,10 +68,53 @@ class PyramidConfig:
             raise ValueError("pyramid.final must be >= 0 and pyramid.round_to >= 1")
 
 
+class ItemEmbeddingMode(str, Enum):
+    id = "id"
+    sid = "sid"
+    both = "both"
+
+
+class SidCombine(str, Enum):
+    sum = "sum"
+    concat = "concat"
+
+
+@dataclass
+class ItemEmbeddingConfig:
+    """How an item (behaviour events and candidates alike) is embedded (``recsys/embeddings/tables.py``)."""
+
+    mode: ItemEmbeddingMode = ItemEmbeddingMode.id
+    """id: its (hashed) id row; sid: its semantic-ID codes only; both: the sum of the two (the id table
+    then starts at zero, so an item never trained on is embedded by its SID alone)."""
+    sid_path: str | None = None
+    """sids.pt written by ``python -m recsys.quant`` (sid/both: read by training; checkpoints carry it)."""
+    sid_columns: int = 0
+    """Semantic code columns embedded (0 = all of sid_path's; set from the file at training time)."""
+    sid_codebook_size: int = 0
+    """Codes per column (0 = from sid_path); each column's table has one extra row for "no SID"."""
+    combine: SidCombine = SidCombine.sum
+    """sum of the per-column code embeddings (width E each), or concat (width E / columns each)."""
+    hash_buckets: int = 0
+    """Rows of the item id table: 0 = one per item id; > 0 = a multiplicative hash of the id mod this."""
+
+    def __post_init__(self) -> None:
+        self.mode = ItemEmbeddingMode(self.mode)
+        self.combine = SidCombine(self.combine)
+        if self.sid_columns < 0 or self.sid_codebook_size < 0 or self.hash_buckets < 0:
+            raise ValueError("model.item_embedding.sid_columns, sid_codebook_size, hash_buckets must be >= 0")
+
+
 @dataclass
 class ModelConfig:
     """OneTrans ranker sizes and tokenizer choices. Sizes: configs/model/{debug,small,base}.yaml."""
 
+    arch: Arch = Arch.onetrans
+    """Model family: the OneTrans ranker, or a baseline (configs/model/{popularity,dlrm,din,sasrec}.yaml;
+    baselines read d_model, n_heads, n_layers, emb_dim, head_hidden and the fields below)."""
+    history_cap: int = 0
+    """Baselines: events kept per sequence kind, newest first (0 = all the loader gives)."""
+    next_item_weight: float = 1.0
+    """sasrec: weight of the full-catalog next-item softmax loss added to the task BCE."""
     d_model: int = 64
     """Token width D."""
     n_heads: int = 4
@@ -83,10 +137,17 @@ class ModelConfig:
     """Rotary positions in attention (S position = index from the oldest event; NS = S length + n)."""
     ns_recent_events: int = 0
     """Per kind, the R most recent events' embeddings join the user-side NS features (0 = off)."""
+    ns_cross: bool = True
+    """auto_split: add a multiplicative user x candidate term ``(U user) * (V cand)`` to the NS
+    MLP's hidden layer (explicit feature crossing; the user factor is still computed once per request)."""
     head_hidden: int = 64
     """Hidden width of the task-head MLP."""
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     """Pyramid stacking schedule."""
+    item_embedding: ItemEmbeddingConfig = field(default_factory=ItemEmbeddingConfig)
+    """Item id / semantic-ID embeddings (default: id, the plain id table)."""
+    long_seq: LongSeqConfig = field(default_factory=LongSeqConfig)
+    """Long histories beyond the S-token window: VQ memory / search NS tokens (default: off)."""
     attention_backend: Backend = Backend.auto
     """Attention implementation (kernels/); auto = triton on CUDA, torch on CPU."""
 
@@ -103,9 +164,16 @@ class ModelConfig:
         self.seq_merge = SeqMerge(self.seq_merge)  # a plain string (tests, checkpoints) -> enum, or ValueError
         self.ns_tokenizer = NsTokenizer(self.ns_tokenizer)
         self.attention_backend = Backend(self.attention_backend)
+        self.arch = Arch(self.arch)
+        if self.history_cap < 0 or self.next_item_weight < 0:
+            raise ValueError("model.history_cap and model.next_item_weight must be >= 0")
         AttentionBackend(self.attention_backend.value)  # the kernels know every config name
         if isinstance(self.pyramid, dict):  # plain construction from a dict (tests, checkpoints)
             self.pyramid = PyramidConfig(**self.pyramid)
+        if isinstance(self.item_embedding, dict):
+            self.item_embedding = ItemEmbeddingConfig(**self.item_embedding)
+        if isinstance(self.long_seq, dict):
+            self.long_seq = LongSeqConfig(**self.long_seq)
         if self.pyramid.mode == "explicit" and len(self.pyramid.queries) != self.n_layers:
             raise ValueError(f"pyramid.queries has {len(self.pyramid.queries)} entries, "
                              f"expected one per layer ({self.n_layers})")

@@ -111,6 +111,8 @@ class ScoreConfig:
     """torch intra-op CPU threads (0 = torch's default). Small models on a busy machine run faster on 1."""
     attention_backend: str | None = None
     """Override of the model's attention backend (reference / torch / triton / auto); None keeps it."""
+    item_content: str | None = None
+    """Parquet (item_id, vector) of items to give a semantic ID at load time (SID checkpoints only)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Cross-request user KV cache."""
     catalog: CatalogConfig = field(default_factory=CatalogConfig)

@@ -34,6 +34,7 @@ from recsys.data.collate import collate
 from recsys.data.prepare import as_data_config, prepare_dataset
 from recsys.data.schema import DataSchema
 from recsys.data.validate import validate_table
+from recsys.longseq.cache import LongMemoryCache
 from recsys.model.config import Backend, ModelConfig
 from recsys.model.ranker import OneTransRanker
 from recsys.serving.cache import UserKVCache
@@ -72,19 +73,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"no checkpoint file or step_<N>.pt under {p}")
 
 
-def load_ranker(path: Path, device: torch.device, backend: str | None = None
+def load_ranker(path: Path, device: torch.device, backend: str | None = None, item_content: str | None = None
                 ) -> tuple[OneTransRanker, DataSchema, dict[str, Any]]:
-    """(model in eval mode on ``device``, its data schema, the checkpoint's plain config dict)."""
+    """(model in eval mode on ``device``, its data schema, the checkpoint's plain config dict).
+
+    ``item_content``: a Parquet (item_id, vector); its items without a SID get one from the
+    checkpoint's quantizer (SID models only), so items unseen in training are scored by their SID.
+    """
     state = load_checkpoint(path)
     schema = DataSchema.from_json(state["schema"])
     config = state["config"]
     # Through a structured merge, not ModelConfig(**d): it type-checks every key (config enums have
     # lower-case names equal to their values, which is what checkpoints store).
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])
+    if model_cfg.arch != "onetrans":  # the KV-cached scorer needs the ranker's two-stage structure
+        raise ValueError(f"{path} holds a {model_cfg.arch.value!r} baseline; recsys.score serves the OneTrans "
+                         "ranker only (evaluate baselines with python -m recsys.evaluate)")
     if backend is not None:
         model_cfg.attention_backend = Backend(backend)
     model = OneTransRanker(schema, OmegaConf.to_object(model_cfg), int(state["max_s_tokens"]))
     load_model_state(model, state["model"], str(path))
+    if item_content:
+        if "item_sid" not in state:
+            raise ValueError(f"item_content given but checkpoint {path} has no semantic IDs "
+                             "(trained with model.item_embedding.mode=id)")
+        from recsys.quant.ranker import add_new_items
+        add_new_items(model, state["item_sid"], item_content, schema.num_items)
     return model.to(device).eval(), schema, config
 
 
@@ -277,8 +291,10 @@ def _run(cfg: ScoreConfig) -> Path:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.checkpoint)
-    model, schema, ckpt_config = load_ranker(ckpt, device, cfg.attention_backend)
+    model, schema, ckpt_config = load_ranker(ckpt, device, cfg.attention_backend, cfg.item_content)
     max_len = cfg.max_len or int(ckpt_config["data"]["loader"]["max_len"])
+    long_max_len = int(ckpt_config["data"]["loader"].get("long_max_len") or 0)  # model.long_seq: long history
+    long_max_len = max(long_max_len, max_len) if long_max_len else 0
     files, dataset_files = resolve_inputs(cfg, ckpt_config)
     out_dir = Path(cfg.output_dir)
     parts = plan_partitions(files, cfg.rows_per_partition)
@@ -291,7 +307,10 @@ def _run(cfg: ScoreConfig) -> Path:
     done = finished(out_dir, parts)
 
     cache = UserKVCache(cfg.cache.max_bytes) if cfg.cache.enabled else None
-    scorer = CachedScorer(model, cache, cfg.candidate_chunk)
+    memory_cache = None  # model.long_seq.memory: keep per-user VQ memory states beside the KV cache
+    if cache is not None and model.tokenizer.long is not None and model.tokenizer.long.memory is not None:
+        memory_cache = LongMemoryCache()
+    scorer = CachedScorer(model, cache, cfg.candidate_chunk, memory_cache=memory_cache)
     tasks = list(schema.tasks)
     catalog_info: dict[str, Any] = {}
     ranker = None
@@ -318,10 +337,12 @@ def _run(cfg: ScoreConfig) -> Path:
     for part in todo:
         if cache is not None and cfg.cache.reset_per_partition:
             cache.clear()
+            if memory_cache is not None:
+                memory_cache.clear()
         table = reader.read(part)
         pieces: list[dict[str, np.ndarray]] = []
         for s in range(0, table.num_rows, cfg.batch_size):
-            batch = collate(table.slice(s, cfg.batch_size), schema, max_len).to(device)
+            batch = collate(table.slice(s, cfg.batch_size), schema, max_len, long_max_len).to(device)
             t0 = time.perf_counter()
             if ranker is None:
                 logits = scorer.score_batch(batch)

@@ -20,12 +20,15 @@ Flow of :meth:`CachedScorer.score_batch`:
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
 from recsys.features.tokenizer import TokenizedBatch
+from recsys.longseq.cache import LongMemoryCache
 from recsys.model.ranker import OneTransRanker, PrefixKV
 from recsys.serving.cache import UserKVCache
 from recsys.serving.events import merged_events
@@ -53,6 +56,18 @@ def score_in_chunks(model: OneTransRanker, prefix: PrefixKV, ns_tokens: torch.Te
     return torch.cat(out)
 
 
+def slice_candidates(batch: RequestBatch, c0: int, c1: int) -> RequestBatch:
+    """The batch with only candidate rows ``[c0, c1)``: every request keeps its history, some keep no candidate."""
+    offs = batch.cand_offsets.clamp(c0, c1) - c0  # [B+1]
+    lengths = offs[1:] - offs[:-1]
+    cand = batch.cand.to_dict()
+    keys = list(batch.cand.keys())
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.cat([cand[k].values()[c0:c1] for k in keys]),
+                            lengths=torch.cat([lengths] * len(keys)))
+    return replace(batch, cand=kjt, cand_offsets=offs, labels=batch.labels[c0:c1],
+                   true_prob=None if batch.true_prob is None else batch.true_prob[c0:c1])
+
+
 def occurrence_waves(user_ids: list[int]) -> list[list[int]]:
     """Request indices grouped so that a user appears at most once per wave, in batch order.
 
@@ -76,14 +91,19 @@ class CachedScorer:
     shared by all its candidates).
     """
 
-    def __init__(self, model: OneTransRanker, cache: UserKVCache | None, candidate_chunk: int = 512) -> None:
-        if candidate_chunk < 1:
-            raise ValueError(f"candidate_chunk must be >= 1, got {candidate_chunk}")
+    def __init__(self, model: OneTransRanker, cache: UserKVCache | None, candidate_chunk: int = 512,
+                 tokenize_chunk: int = 4096, memory_cache: LongMemoryCache | None = None) -> None:
+        if candidate_chunk < 1 or tokenize_chunk < 1:
+            raise ValueError(f"candidate_chunk and tokenize_chunk must be >= 1, got {candidate_chunk}, {tokenize_chunk}")
         self.model = model.eval()
         self.cache = cache
         self.candidate_chunk = candidate_chunk
+        self.tokenize_chunk = tokenize_chunk
+        """Most candidate rows tokenized at once: bounds the NS tokens ``[C, N, D]`` of a batch (docs/reliability.md)."""
         self.kinds = list(model.tokenizer.kinds)
         self.seq_merge = model.cfg.seq_merge
+        self.memory_cache = memory_cache
+        """``model.long_seq.memory``: per-user VQ memory states extended in O(new events) (else rebuilt per batch)."""
 
     @torch.no_grad()
     def user_states(self, batch: RequestBatch, tok: TokenizedBatch) -> list[UserKVState]:
@@ -128,5 +148,19 @@ class CachedScorer:
 
     @torch.no_grad()
     def score_batch(self, batch: RequestBatch) -> torch.Tensor:
-        """Logits ``[sum C_b, T]``; equal to ``model(batch)`` to float tolerance."""
-        return self.score_tokens(batch, self.model.tokenizer(batch))
+        """Logits ``[sum C_b, T]``; equal to ``model(batch)`` to float tolerance.
+
+        More than ``tokenize_chunk`` candidates: NS tokens are built ``tokenize_chunk`` rows at a time
+        (:func:`slice_candidates`) against one stage-1 prefix, so memory does not grow with ``C x N x D``.
+        """
+        memory = None if self.memory_cache is None else self.memory_cache.states(self.model.tokenizer, batch)
+        if batch.num_candidates <= self.tokenize_chunk:
+            return self.score_tokens(batch, self.model.tokenizer(batch, memory=memory))
+        out, prefix = [], None
+        for c0 in range(0, batch.num_candidates, self.tokenize_chunk):
+            sub = slice_candidates(batch, c0, min(batch.num_candidates, c0 + self.tokenize_chunk))
+            tok = self.model.tokenizer(sub, memory=memory)
+            if prefix is None:  # stage 1 (and its cache lookups) once per batch
+                prefix = states_to_prefix(self.user_states(sub, tok))
+            out.append(score_in_chunks(self.model, prefix, tok.ns_tokens, tok.cand_offsets, self.candidate_chunk))
+        return torch.cat(out)

@@ -11,6 +11,7 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 
 from recsys.data.config import DataConfig
+from recsys.dist.config import DistConfig
 from recsys.model.config import ModelConfig
 
 
@@ -22,6 +23,11 @@ class DenseOptimizer(str, Enum):
 class SparseOptimizer(str, Enum):
     adagrad = "adagrad"
     rowwise_adagrad = "rowwise_adagrad"
+
+
+class LrDecay(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
 
 
 class Device(str, Enum):
@@ -46,10 +52,17 @@ class OptimConfig:
     """Max global grad norm of the dense parameters (0 disables clipping)."""
     warmup_steps: int = 50
     """Linear warm-up of the dense learning rate."""
+    lr_decay: LrDecay = LrDecay.constant
+    """After warm-up: constant, or cosine decay to ``min_lr_ratio`` x dense_lr at the last step."""
+    min_lr_ratio: float = 0.1
+    """Final dense learning rate / dense_lr for cosine decay."""
 
     def __post_init__(self) -> None:
         self.dense = DenseOptimizer(self.dense)
         self.sparse = SparseOptimizer(self.sparse)
+        self.lr_decay = LrDecay(self.lr_decay)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dense_lr <= 0 or self.sparse_lr <= 0:
             raise ValueError("learning rates must be > 0")
 
@@ -82,13 +95,16 @@ class TrainConfig:
     """Loss weight per task (empty = all 1)."""
     progress: bool = True
     """tqdm progress bar."""
+    max_consecutive_nonfinite: int = 10
+    """Steps with a NaN/Inf loss or gradient are skipped (no update) and counted; one more than this
+    many in a row stops training with FloatingPointError (0 = stop at the first)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizers."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("train.epochs must be >= 1")
-        for n in ("max_steps", "eval_every", "eval_max_batches", "checkpoint_every"):
+        for n in ("max_steps", "eval_every", "eval_max_batches", "checkpoint_every", "max_consecutive_nonfinite"):
             if getattr(self, n) < 0:
                 raise ValueError(f"train.{n} must be >= 0")
         self.device = Device(self.device)
@@ -101,6 +117,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Distributed training (``dist=gloo|nccl`` under torchrun; recsys/dist/, docs/distributed.md)."""
     output_dir: str = "runs/train/latest"
     """Where checkpoints, train_log.jsonl and report.json go."""
 

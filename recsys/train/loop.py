@@ -15,16 +15,23 @@ import torch
 from torchrec.optim import RowWiseAdagrad
 from tqdm import tqdm
 
+from recsys.baselines import Baseline, sparse_parameters
+from recsys.baselines import build_model as build_arch
 from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
 from recsys.data.schema import DataSchema
 from recsys.model.config import ModelConfig
 from recsys.model.heads import multitask_bce
 from recsys.model.pyramid import flops_report
 from recsys.model.ranker import OneTransRanker
+from recsys.quant.ranker import install_sids, with_resolved_sids
+from recsys.reliability.guards import NonFiniteGuard, grads_finite
+from recsys.reliability.resume import trim_log
+from recsys.reliability.rng import capture_rng, restore_rng
 from recsys.train.checkpoint import CheckpointManager, load_model_state
 from recsys.train.config import OptimConfig, RunConfig
 from recsys.train.evaluate import metrics_report, predict
 from recsys.train.metrics import auc
+from recsys.train.schedule import lr_multiplier
 
 
 def max_s_tokens(schema: DataSchema, model_cfg: ModelConfig, max_len: int) -> int:
@@ -33,13 +40,14 @@ def max_s_tokens(schema: DataSchema, model_cfg: ModelConfig, max_len: int) -> in
     return k * max_len + (k if model_cfg.seq_merge == "intent_grouped" else 0)
 
 
-def build_model(schema: DataSchema, model_cfg: ModelConfig, max_len: int) -> OneTransRanker:
-    return OneTransRanker(schema, model_cfg, max_s_tokens(schema, model_cfg, max_len))
+def build_model(schema: DataSchema, model_cfg: ModelConfig, max_len: int) -> torch.nn.Module:
+    """The model ``model.arch`` names: the OneTrans ranker or a baseline (``recsys.baselines``)."""
+    return build_arch(schema, model_cfg, max_s_tokens(schema, model_cfg, max_len))
 
 
-def make_optimizers(model: OneTransRanker, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+def make_optimizers(model: torch.nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """(sparse optimizer over the torchrec tables, dense optimizer over everything else)."""
-    sparse_ids = {id(p) for p in model.tokenizer.embeddings.parameters()}
+    sparse_ids = {id(p) for p in sparse_parameters(model)}
     sparse = [p for p in model.parameters() if id(p) in sparse_ids]
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
     if cfg.sparse == "rowwise_adagrad":
@@ -88,23 +96,37 @@ def _json_default(o: Any) -> Any:
 
 def train(cfg: RunConfig) -> Path:
     """Train, evaluate on the test split, write ``report.json``; returns its path."""
+    if str(getattr(cfg.dist.backend, "value", cfg.dist.backend)) != "none":  # dist=gloo|nccl under torchrun
+        from recsys.dist.loop import train_distributed
+
+        return train_distributed(cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
+    np.random.seed(tc.seed)  # all three are saved in checkpoints and restored on resume (recsys.reliability.rng)
     device = resolve_device(tc.device)
     ds: PreparedDataset = prepare_dataset(cfg.data, progress=tc.progress)
     schema = ds.schema
+    cfg, sids = with_resolved_sids(cfg)  # item_embedding=sid/both: SID sizes + codes from its sid_path
     model = build_model(schema, cfg.model, cfg.data.loader.max_len).to(device)
+    if sids is not None:
+        install_sids(model, sids, schema.num_items)
     opt_sparse, opt_dense = make_optimizers(model, tc.optim)
     dense_params = [p for g in opt_dense.param_groups for p in g["params"]]
-    warmup = max(1, tc.optim.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt_dense, lambda s: min(1.0, (s + 1) / warmup))
+    steps_per_epoch = len(RequestLoader(ds.splits["train"], schema, cfg.data.loader))  # from Parquet footers
+    total = min(tc.max_steps, tc.epochs * steps_per_epoch) if tc.max_steps else tc.epochs * steps_per_epoch
+    oc = tc.optim
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_dense, lambda s: lr_multiplier(
+        s, oc.warmup_steps, total, oc.lr_decay.value, oc.min_lr_ratio))
     weights = list(tc.task_weights) or None
     popularity = PopularityBaseline(schema.num_items)
     ckpts = CheckpointManager(out_dir / "checkpoints", keep=tc.keep_checkpoints)
     log_path = out_dir / "train_log.jsonl"
+    guard = NonFiniteGuard(tc.max_consecutive_nonfinite)
+    all_params = [p for opt in (opt_sparse, opt_dense) for g in opt.param_groups for p in g["params"]]
+    last_saved = -1
 
     step, epoch, batch_in_epoch, train_time, samples, requests = 0, 0, 0, 0.0, 0, 0
     resumed_from = None
@@ -115,21 +137,28 @@ def train(cfg: RunConfig) -> Path:
         opt_dense.load_state_dict(state["opt_dense"])
         sched.load_state_dict(state["sched"])
         popularity.pos = state["popularity"]
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng(state["rng"] if "rng" in state else {"torch": state["torch_rng"]})
+        guard.load_state_dict(state.get("nonfinite", {}))
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         train_time, samples, requests = state["train_time"], state["samples"], state["requests"]
+        last_saved = step
+        trim_log(log_path, step)  # records a killed run wrote after this checkpoint are replayed
         print(f"[train] resumed from {resumed_from} at step {step}")
-    elif not tc.resume:
-        log_path.unlink(missing_ok=True)
+    else:
+        log_path.unlink(missing_ok=True)  # a fresh start (or a run killed before its first checkpoint)
 
     def checkpoint() -> None:
+        nonlocal last_saved
+        last_saved = step
         ckpts.save(step, {
             "model": model.state_dict(), "opt_sparse": opt_sparse.state_dict(), "opt_dense": opt_dense.state_dict(),
-            "sched": sched.state_dict(), "popularity": popularity.pos, "torch_rng": torch.get_rng_state(),
+            "sched": sched.state_dict(), "popularity": popularity.pos, "rng": capture_rng(),
+            "nonfinite": guard.state_dict(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "train_time": train_time,
             "samples": samples, "requests": requests,
             "config": plain_config(cfg),
             "schema": schema.to_json(), "max_s_tokens": max_s_tokens(schema, cfg.model, cfg.data.loader.max_len),
+            **({"item_sid": sids.to_dict()} if sids is not None else {}),  # item -> SID + quantizer (scoring)
         })
 
     def log(record: dict[str, Any]) -> None:
@@ -142,8 +171,6 @@ def train(cfg: RunConfig) -> Path:
         return metrics_report(pred, schema.tasks, "valid_")
 
     done = bool(tc.max_steps) and step >= tc.max_steps
-    steps_per_epoch = len(RequestLoader(ds.splits["train"], schema, cfg.data.loader))  # from Parquet footers
-    total = min(tc.max_steps, tc.epochs * steps_per_epoch) if tc.max_steps else tc.epochs * steps_per_epoch
     bar = tqdm(total=total, initial=step, disable=not tc.progress, desc="train", unit="step", dynamic_ncols=True)
     while epoch < tc.epochs and not done:
         loader = RequestLoader(ds.splits["train"], schema, cfg.data.loader, epoch=epoch)
@@ -155,11 +182,24 @@ def train(cfg: RunConfig) -> Path:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
                 logits = model(batch)
             loss, per_task = multitask_bce(logits, batch.labels, weights)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch}, batch {i})")
+            if isinstance(model, Baseline) and (aux := model.auxiliary_loss()) is not None:
+                loss = loss + aux  # e.g. SASRec's next-item softmax; per_task stays the task BCE
             opt_sparse.zero_grad(set_to_none=True)
             opt_dense.zero_grad(set_to_none=True)
-            loss.backward()
+            bad = None if math.isfinite(loss.item()) else "loss"  # NaN/Inf loss: no backward at all
+            if bad is None:
+                loss.backward()
+                if not grads_finite(all_params):  # dense and embedding-table gradients
+                    bad = "grad"
+            if bad is not None:  # skip: no optimizer / scheduler step, batch consumed (recsys.reliability.guards)
+                opt_sparse.zero_grad(set_to_none=True)
+                opt_dense.zero_grad(set_to_none=True)
+                batch_in_epoch = i + 1
+                train_time += time.perf_counter() - t0
+                log({"step": step + 1, "epoch": epoch, "batch": i, "skipped": f"nonfinite_{bad}"})
+                guard.skip(bad, step=step + 1, epoch=epoch, batch=i, value=loss.item())
+                continue
+            guard.ok()
             if tc.optim.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(dense_params, tc.optim.clip_grad_norm)
             opt_sparse.step()
@@ -189,7 +229,8 @@ def train(cfg: RunConfig) -> Path:
             epoch += 1
             batch_in_epoch = 0
     bar.close()
-    checkpoint()
+    if last_saved != step:  # not twice at one step: a re-save would race the sidecar digest of the first
+        checkpoint()
 
     valid = validate()
     test_pred = predict(model, RequestLoader(ds.splits["test"], schema, cfg.data.loader), device, 0, tc.bf16)
@@ -203,12 +244,13 @@ def train(cfg: RunConfig) -> Path:
         "train_requests_per_s": requests / max(train_time, 1e-9),
         "train_time_s": train_time, "steps": step, "train_samples": samples,
         "resumed_from": str(resumed_from) if resumed_from else None,
+        **guard.report(),
         "params_dense": sum(p.numel() for p in dense_params),
         "params_sparse": sum(p.numel() for g in opt_sparse.param_groups for p in g["params"]),
-        "pyramid": model.schedule.describe(),
+        "pyramid": model.schedule.describe() if isinstance(model, OneTransRanker) else None,
         "flops_per_request": flops_report(
             model.schedule, max_s_tokens(schema, cfg.model, cfg.data.loader.max_len), model.tokenizer.n_ns,
-            1, cfg.model.d_model, cfg.model.ffn_mult * cfg.model.d_model),
+            1, cfg.model.d_model, cfg.model.ffn_mult * cfg.model.d_model) if isinstance(model, OneTransRanker) else None,
         "tasks": list(schema.tasks), "data": ds.summary, "device": str(device),
         "config": plain_config(cfg),
     }

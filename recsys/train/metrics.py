@@ -35,7 +35,7 @@ def gauc(scores: np.ndarray, labels: np.ndarray, users: np.ndarray) -> tuple[flo
                        "y": np.asarray(labels, dtype=np.float64)})
     per_user = (
         df.with_columns(r=pl.col("s").rank("average").over("u"))
-        .group_by("u")
+        .group_by("u", maintain_order=True)
         .agg(n=pl.len(), pos=pl.col("y").sum(), rank_pos=(pl.col("r") * pl.col("y")).sum())
         .with_columns(neg=pl.col("n") - pl.col("pos"))
         .filter((pl.col("pos") > 0) & (pl.col("neg") > 0))

@@ -1,0 +1,170 @@
+"""``run_evaluation``: checkpoint + split -> report folder (metrics.json, curves.json, PNGs).
+
+Files written to ``output_dir``:
+
+* ``metrics.json``: ``metrics_report`` of the split (AUC / GAUC / log loss per task, oracle AUC on
+  synthetic data), ECE, per-bucket AUC/GAUC (history length, item popularity, cold vs warm),
+  scoring throughput, full-catalog HR@K / NDCG@K, and the protocol of each figure;
+* ``curves.json``: the exact points drawn in roc.png and calibration.png;
+* ``roc.png``, ``calibration.png``, ``auc_by_history_length.png``, ``auc_by_item_popularity.png``,
+  ``auc_cold_warm.png``, ``training_curves.png`` (from the run's ``train_log.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torchmetrics.functional.classification import binary_roc
+
+from recsys.data import RequestLoader, prepare_dataset
+from recsys.data.prepare import as_data_config
+from recsys.evaluate.buckets import bucket_metrics, calibration_table, item_counts, quantile_buckets
+from recsys.evaluate.catalog import catalog_ranks
+from recsys.evaluate.config import EvaluateConfig, RelevantItems
+from recsys.evaluate.load import load_any_model
+from recsys.evaluate.plots import bucket_figure, calibration_figure, roc_figure, save, training_figure
+from recsys.serving.catalog import collect_item_categories
+from recsys.serving.config import CatalogTarget
+from recsys.serving.job import resolve_checkpoint, resolve_device
+from recsys.train.evaluate import metrics_report, predict
+from recsys.train.metrics import hr_ndcg_at_k
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ROC ``(fpr, tpr)`` (one point per distinct threshold; torchmetrics)."""
+    fpr, tpr, _ = binary_roc(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels).to(torch.int64))
+    return fpr.numpy(), tpr.numpy()
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "train_log.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def eval_config_dict(cfg: EvaluateConfig) -> dict[str, Any]:
+    """The settings that change the report's numbers (not where it is written, not progress bars)."""
+    d = json.loads(json.dumps(asdict(cfg)))
+    for k in ("output_dir", "progress", "num_threads"):
+        d.pop(k, None)
+    return d
+
+
+def run_evaluation(cfg: EvaluateConfig) -> Path:
+    """Write the report folder; returns the path of ``metrics.json``."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    model, schema, run_cfg = load_any_model(ckpt, device)
+    data_cfg = as_data_config(OmegaConf.create(run_cfg["data"]))
+    ds = prepare_dataset(data_cfg, progress=False)
+    if cfg.split not in ds.splits:
+        raise ValueError(f"split {cfg.split!r} not in the dataset {sorted(ds.splits)}")
+    loader_cfg = replace(data_cfg.loader, batch_size=cfg.batch_size, shuffle=False, drop_last=False)
+    batches = list(RequestLoader(ds.splits[cfg.split], schema, loader_cfg))  # collated once, outside the timing
+    if not batches:
+        raise ValueError(f"split {cfg.split!r} has no rows")
+
+    predict(model, batches[:1], device)  # warm-up (lazy init, allocator), not timed
+    t0 = time.perf_counter()
+    pred = predict(model, batches, device)
+    score_s = time.perf_counter() - t0
+    tasks = list(schema.tasks)
+    metrics: dict[str, Any] = metrics_report(pred, tasks, "")
+    n_req = sum(b.num_requests for b in batches)
+    metrics.update({"arch": run_cfg["model"].get("arch", "onetrans"), "checkpoint": str(ckpt), "split": cfg.split,
+                    "requests": n_req, "score_time_s": score_s, "score_requests_per_s": n_req / score_s,
+                    "score_candidates_per_s": pred.labels.shape[0] / score_s, "device": device.type,
+                    "threads": torch.get_num_threads()})
+    metrics["protocol"] = {
+        "auc": f"pooled ROC AUC of task {tasks[0]!r} over every candidate row of split {cfg.split!r}",
+        "gauc": "row-weighted mean of per-user AUCs over users with both classes (undefined: null)",
+        "throughput": "model forward over pre-collated batches of the split (predict), after one warm-up batch",
+    }
+
+    scores, labels, users = pred.logits[:, 0], pred.labels[:, 0], pred.users
+    probs = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
+    title = f"{metrics['arch']} — {tasks[0]}, {cfg.split} ({labels.size} rows)"
+    plots: dict[str, str] = {}
+    curves: dict[str, Any] = {}
+    if 0 < labels.sum() < labels.size:
+        fpr, tpr = roc_points(scores, labels)
+        curves["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+        plots["roc"] = save(roc_figure(fpr, tpr, metrics["auc"], title), out / "roc.png").name
+    cal, ece = calibration_table(probs, labels, cfg.calibration_bins)
+    metrics["ece"] = ece
+    curves["calibration"] = cal
+    plots["calibration"] = save(calibration_figure(cal, ece, title), out / "calibration.png").name
+
+    hb, hl = quantile_buckets(pred.history_len, cfg.n_buckets)
+    counts = item_counts(ds.splits["train"], schema.num_items)[pred.items]
+    pb, pl_ = quantile_buckets(counts, cfg.n_buckets)
+    cold = (counts <= cfg.cold_max_count).astype(np.int64)
+    cw_labels = [f"cold (<= {cfg.cold_max_count} train impressions)", "warm"]
+    slices = {
+        "history_length": (bucket_metrics(hb, hl, scores, labels, users), "history length (events, all kinds)"),
+        "item_popularity": (bucket_metrics(pb, pl_, scores, labels, users), "item impressions in the train split"),
+        "cold_warm": (bucket_metrics(1 - cold, cw_labels, scores, labels, users), "item"),
+    }
+    files = {"history_length": "auc_by_history_length.png", "item_popularity": "auc_by_item_popularity.png",
+             "cold_warm": "auc_cold_warm.png"}
+    for name, (rows, xlabel) in slices.items():
+        metrics[f"by_{name}"] = rows
+        plots[name] = save(bucket_figure(rows, f"{title}: by {name.replace('_', ' ')}", xlabel, metrics["auc"]),
+                           out / files[name]).name
+    metrics["protocol"]["buckets"] = (f"{cfg.n_buckets} quantile buckets of the rows' value (merged when edges "
+                                      f"coincide); cold = item shown <= {cfg.cold_max_count} times in the train split")
+
+    log = read_log(run_dir)
+    if log:
+        plots["training"] = save(training_figure(log), out / "training_curves.png").name
+    metrics["train_log"] = str(run_dir / "train_log.jsonl") if log else None
+
+    if cfg.catalog.enabled:
+        c = cfg.catalog
+        cat_loader = replace(loader_cfg, batch_size=c.batch_size)
+        cat_batches = []
+        for b in RequestLoader(ds.splits[cfg.split], schema, cat_loader):
+            if c.max_requests and sum(x.num_requests for x in cat_batches) >= c.max_requests:
+                break
+            cat_batches.append(b)
+        one_each = all(bool((b.cand_offsets.diff() == 1).all()) for b in cat_batches)
+        target = (CatalogTarget.candidates if c.target == RelevantItems.candidates
+                  or (c.target == RelevantItems.auto and one_each) else CatalogTarget.positives)
+        category = collect_item_categories([p for fs in ds.splits.values() for p in fs], schema).category
+        t0 = time.perf_counter()
+        ranks, ranked = catalog_ranks(model, cat_batches, schema.num_items, category, list(schema.sequences),
+                                      target, c.exclude_history, c.candidate_chunk, device, cfg.progress)
+        cat_s = time.perf_counter() - t0
+        hr, ndcg = hr_ndcg_at_k(ranks, c.k)
+        metrics.update({f"hr@{c.k}": hr, f"ndcg@{c.k}": ndcg, "catalog_targets": int(ranks.size),
+                        "catalog_requests": ranked, "catalog_items": schema.num_items - 1, "catalog_time_s": cat_s,
+                        "catalog_items_scored_per_s": ranked * (schema.num_items - 1) / cat_s if ranked else None})
+        metrics["protocol"]["catalog"] = (
+            f"every item 1..{schema.num_items - 1} scored for each of the first {ranked} requests of the split "
+            f"with a relevant item; relevant = {target.value} of the request (its listed candidates"
+            f"{'' if target == CatalogTarget.candidates else ' labelled 1'}); seen items "
+            f"{'excluded' if c.exclude_history else 'kept'}; ties by item id; HR@{c.k}/NDCG@{c.k} averaged over "
+            "relevant items (recsys/evaluate/catalog.py)")
+    metrics["plots"] = plots
+    metrics["eval_config"] = eval_config_dict(cfg)
+    (out / "curves.json").write_text(json.dumps(curves, default=_json_default))
+    path = out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2, default=_json_default))
+    return path

@@ -1,0 +1,46 @@
+"""The model, optimizer settings and global batches shared by the 2-rank workers and the 1-process reference."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from recsys.data.batch import RequestBatch
+from recsys.model.config import ModelConfig
+from recsys.model.ranker import OneTransRanker
+from recsys.testing import random_request_batch, tiny_schema
+from recsys.train.config import OptimConfig
+from recsys.train.loop import build_model
+from recsys.train.schedule import lr_multiplier
+
+SCHEMA = tiny_schema()
+MAX_LEN = 12
+WARMUP, TOTAL = 2, 6
+# Per request (global batch of 6 = 3 per rank): histories with empty, length-1 and long ones;
+# candidate counts differ between the two halves, so the ranks hold unequal candidate counts.
+HISTORIES = [[0, 1], [1, 0], [12, 7], [3, 3], [0, 0], [9, 12]]
+CANDIDATES = [1, 4, 2, 6, 1, 3]
+
+
+def model_config() -> ModelConfig:
+    debug = OmegaConf.load(__file__.rsplit("/tests/", 1)[0] + "/configs/model/debug.yaml")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), debug))
+
+
+def build() -> OneTransRanker:
+    torch.manual_seed(0)
+    return build_model(SCHEMA, model_config(), MAX_LEN)
+
+
+def optim_config() -> OptimConfig:
+    return OptimConfig(dense_lr=3e-3, sparse_lr=0.05, clip_grad_norm=1.0, warmup_steps=WARMUP)
+
+
+def lr_lambda(step: int) -> float:
+    return lr_multiplier(step, WARMUP, TOTAL, "cosine", 0.1)
+
+
+def global_batch(t: int) -> RequestBatch:
+    rot = t % len(CANDIDATES)  # vary which request lands on which rank from step to step
+    return random_request_batch(SCHEMA, HISTORIES[rot:] + HISTORIES[:rot], CANDIDATES[rot:] + CANDIDATES[:rot],
+                                seed=100 + t)

@@ -1,0 +1,115 @@
+"""Scenarios run by tests/dist/test_dist.py under ``torchrun --nproc_per_node W`` (gloo, CPU).
+
+    torchrun ... tests/dist/worker.py match <sharding>[,<sharding>...] <steps> <out_dir>
+    torchrun ... tests/dist/worker.py resume <sharding> <out_dir> <data_root> <k> <n>
+        (2 ranks: uninterrupted and crashed+resumed runs; 1 rank: resume the 2-rank checkpoint in reshard1/)
+
+Not collected by pytest (no ``test_`` prefix); results are written under ``out_dir`` and the
+test process compares them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.data.batch import RequestBatch
+from recsys.dist.config import DistConfig
+from recsys.dist.sharding import describe_plan, gather_full_state
+from recsys.dist.trainer import DistTrainer
+from recsys.train.config import RunConfig, register_configs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dist_scenario as scenario  # noqa: E402  (shared with the test process: model, optimizer config, global batches)
+
+
+def _take_kjt(kjt: KeyedJaggedTensor, lo: int, hi: int) -> KeyedJaggedTensor:
+    """Requests ``lo:hi`` of a KJT whose every key has one length per request."""
+    keys, values, lengths = [], [], []
+    for k, jt in kjt.to_dict().items():
+        off = jt.offsets()
+        keys.append(k)
+        values.append(jt.values()[off[lo]:off[hi]])
+        lengths.append(jt.lengths()[lo:hi])
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
+
+def take_requests(b: RequestBatch, lo: int, hi: int) -> RequestBatch:
+    """Requests ``lo:hi`` of a batch (this rank's part of a global batch)."""
+    c0, c1 = int(b.cand_offsets[lo]), int(b.cand_offsets[hi])
+    return RequestBatch(
+        request_id=b.request_id[lo:hi], user_id=b.user_id[lo:hi], request_ts=b.request_ts[lo:hi],
+        sparse=_take_kjt(b.sparse, lo, hi), dense=b.dense[lo:hi], seq=_take_kjt(b.seq, lo, hi),
+        seq_ts=_take_kjt(b.seq_ts, lo, hi), cand=_take_kjt(b.cand, lo, hi),
+        cand_offsets=b.cand_offsets[lo:hi + 1] - c0, labels=b.labels[c0:c1],
+        true_prob=None if b.true_prob is None else b.true_prob[c0:c1])
+
+
+def match(shardings: str, steps: int, out: Path) -> None:
+    """For each comma-separated sharding type: train on this rank's half of each global batch;
+    rank 0 writes losses + gathered weights to ``dist_<sharding>.pt``."""
+    for sharding in shardings.split(","):
+        match_one(sharding, steps, out)
+
+
+def match_one(sharding: str, steps: int, out: Path) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = scenario.build()
+    trainer = DistTrainer(model, scenario.optim_config(), DistConfig(backend="gloo", sharding=sharding),
+                          torch.device("cpu"), scenario.lr_lambda)
+    losses = []
+    for t in range(steps):
+        g = scenario.global_batch(t)
+        per = g.num_requests // world
+        losses.append(trainer.step(take_requests(g, rank * per, (rank + 1) * per)).loss)
+    full = gather_full_state(trainer.model)
+    if rank == 0:
+        torch.save({"losses": losses, "state": full, "plan": describe_plan(trainer.plan)}, out / f"dist_{sharding}.pt")
+
+
+def resume(sharding: str, out: Path, data_root: str, k: int, n: int) -> None:
+    """Uninterrupted n-step run, and a run stopped at step k then resumed to n (fresh model + DCP load)."""
+    from recsys.dist.loop import train_distributed
+
+    register_configs()
+
+    def cfg(name: str, max_steps: int) -> RunConfig:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            c = compose("train", overrides=[
+                "data=tiny", "model=debug", f"data.root={data_root}", f"output_dir={out / name}",
+                "train.progress=false", "train.log_every=1", "train.optim.warmup_steps=3", "data.loader.batch_size=8",
+                f"train.checkpoint_every={k}", f"train.max_steps={max_steps}", "dist=gloo",
+                f"dist.sharding={sharding}"])
+        return OmegaConf.to_object(c)
+
+    if world_size_of_run() == 1:  # reshard: load the 2-rank checkpoint copied into "reshard1", no more steps
+        train_distributed(cfg("reshard1", n))
+        return
+    train_distributed(cfg("straight", n))
+    train_distributed(cfg("crashed", k))
+    train_distributed(cfg("crashed", n))
+
+
+def world_size_of_run() -> int:
+    return dist.get_world_size()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        if sys.argv[1] == "match":
+            match(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+        elif sys.argv[1] == "resume":
+            resume(sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+        else:
+            raise SystemExit(f"unknown scenario {sys.argv[1]!r}")
+    finally:
+        dist.destroy_process_group()

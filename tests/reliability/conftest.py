@@ -1,0 +1,15 @@
+"""Reliability tests run single-threaded: the models are tiny, and on a shared 2-core machine OpenMP threads
+spinning against other processes cost far more CPU than they save (subprocesses get OMP_NUM_THREADS=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
