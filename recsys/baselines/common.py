@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
 from recsys.features.jagged import keep_last, lengths_to_offsets
@@ -72,6 +73,19 @@ def merged_history(batch: RequestBatch, kinds: list[str], cap: int) -> History:
     lengths = torch.bincount(owner, minlength=b)
     return History(torch.cat(items)[order], torch.cat(cats)[order], torch.cat(kind_ids)[order],
                    lengths_to_offsets(lengths))
+
+
+def history_and_candidate_ids(hist: History, batch: RequestBatch) -> KeyedJaggedTensor:
+    """One KJT with keys ``hist.item_id``, ``cand.item_id``, ``hist.category``, ``cand.category``
+    (per request: the merged history ``[sum L_b]`` and the candidates ``[sum C_b]``)."""
+    cand = batch.cand.to_dict()
+    h_len = hist.offsets[1:] - hist.offsets[:-1]
+    c_len = batch.cand_offsets[1:] - batch.cand_offsets[:-1]
+    return KeyedJaggedTensor(
+        keys=["hist.item_id", "cand.item_id", "hist.category", "cand.category"],
+        values=torch.cat([hist.item, cand["item_id"].values(), hist.category, cand["category"].values()]
+                         ).to(torch.int64),
+        lengths=torch.cat([h_len, c_len, h_len, c_len]).to(torch.int64))
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:

@@ -16,9 +16,15 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.baselines.common import Baseline, candidate_owner, merged_history, mlp, segment_softmax
+from recsys.baselines.common import (
+    Baseline,
+    candidate_owner,
+    history_and_candidate_ids,
+    merged_history,
+    mlp,
+    segment_softmax,
+)
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
 from recsys.model.config import ModelConfig
@@ -51,15 +57,8 @@ class DINModel(Baseline):
         """``batch`` -> logits ``[sum C_b, T]``."""
         b, dev = batch.num_requests, batch.cand_offsets.device
         hist = merged_history(batch, self.kinds, self.cap)
-        cand = batch.cand.to_dict()
         h_len = hist.offsets[1:] - hist.offsets[:-1]
-        c_len = batch.cand_offsets[1:] - batch.cand_offsets[:-1]
-        kjt = KeyedJaggedTensor(
-            keys=["hist.item_id", "cand.item_id", "hist.category", "cand.category"],
-            values=torch.cat([hist.item, cand["item_id"].values(), hist.category, cand["category"].values()]
-                             ).to(torch.int64),
-            lengths=torch.cat([h_len, c_len, h_len, c_len]).to(torch.int64))
-        emb = self.ids(kjt)
+        emb = self.ids(history_and_candidate_ids(hist, batch))
         h = torch.cat([emb["hist.item_id"].values(), emb["hist.category"].values()], -1) + self.kind_emb[hist.kind]
         c = torch.cat([emb["cand.item_id"].values(), emb["cand.category"].values()], -1)  # [C, 2E]
         owner = candidate_owner(batch)  # [C]

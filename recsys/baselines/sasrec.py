@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from kernels.jagged_causal_attention import jagged_causal_attention
-from recsys.baselines.common import Baseline, candidate_owner, merged_history, mlp
+from recsys.baselines.common import Baseline, candidate_owner, history_and_candidate_ids, merged_history, mlp
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
 from recsys.features.jagged import lengths_to_offsets, positions_in_sequence
@@ -88,15 +87,8 @@ class SASRecModel(Baseline):
         """(user states ``u [B, D]``, candidate vectors ``[C, D]``)."""
         b, dev = batch.num_requests, batch.cand_offsets.device
         hist = merged_history(batch, self.kinds, self.cap)
-        cand = batch.cand.to_dict()
         h_len = hist.offsets[1:] - hist.offsets[:-1]
-        c_len = batch.cand_offsets[1:] - batch.cand_offsets[:-1]
-        kjt = KeyedJaggedTensor(
-            keys=["hist.item_id", "cand.item_id", "hist.category", "cand.category"],
-            values=torch.cat([hist.item, cand["item_id"].values(), hist.category, cand["category"].values()]
-                             ).to(torch.int64),
-            lengths=torch.cat([h_len, c_len, h_len, c_len]).to(torch.int64))
-        emb = self.ids(kjt)
+        emb = self.ids(history_and_candidate_ids(hist, batch))
         back = (h_len[torch.repeat_interleave(torch.arange(b, device=dev), h_len)] - 1
                 - positions_in_sequence(hist.offsets)).clamp(max=self.max_pos - 1)  # 0 = newest event
         ev = (emb["hist.item_id"].values() + emb["hist.category"].values() + self.kind_emb[hist.kind]
