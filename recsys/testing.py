@@ -6,13 +6,26 @@ well-formed batches with controlled jagged lengths, which this builds directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema, SparseFeature
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op torch threads, restoring the previous count after. Tests of tiny
+    models use 1: on a loaded 2-core machine every parallel op waits for a descheduled thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_schema(kinds: Sequence[str] = ("click", "like"), tasks: Sequence[str] = ("click", "like"),

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from recsys.baselines import build_model
 from recsys.model.config import ModelConfig
 from recsys.model.heads import multitask_bce
-from recsys.testing import random_request_batch, tiny_schema
+from recsys.testing import random_request_batch, tiny_schema, torch_threads
 from recsys.train.config import OptimConfig, register_configs
 from recsys.train.loop import make_optimizers, train
 from recsys.train.metrics import auc
@@ -30,10 +30,8 @@ register_configs()
 def one_thread():
     """Small-batch training on a shared 2-core CI box: one intra-op thread avoids oversubscription
     (several x faster there); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def null_auc_sigma(n_pos: int, n_neg: int) -> float:

@@ -23,7 +23,7 @@ from recsys.evaluate.run import roc_points, run_evaluation
 from recsys.model.config import ModelConfig
 from recsys.serving.catalog import with_candidates
 from recsys.serving.config import CatalogTarget
-from recsys.testing import random_request_batch, tiny_schema
+from recsys.testing import random_request_batch, tiny_schema, torch_threads
 from recsys.train.config import register_configs
 from recsys.train.loop import train
 from recsys.train.metrics import auc
@@ -37,10 +37,8 @@ register_eval()
 def one_thread():
     """Small-batch training on a shared 2-core CI box: one intra-op thread avoids oversubscription
     (several x faster there); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 PNGS = ["roc.png", "calibration.png", "auc_by_history_length.png", "auc_by_item_popularity.png",

@@ -4,12 +4,11 @@ spinning against other processes cost far more CPU than they save (subprocesses 
 from __future__ import annotations
 
 import pytest
-import torch
+
+from recsys.testing import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield

@@ -2,12 +2,11 @@
 loaded machine, where every parallel op waits for a descheduled thread. Restored after each test."""
 
 import pytest
-import torch
+
+from recsys.testing import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
