@@ -6,13 +6,18 @@ parameters spent on item embeddings. Cold items:
 
 * synthetic: ``synthetic.cold_item_fraction`` of the catalog, in no event and no train/valid row;
   content = the generator's planted item vectors (``content.source=synthetic``);
-* ml-100k: test items that never occur as a training candidate (the catalog is not held out;
-  content = genres + release decade, ``content.source=side_features``).
+* ml-100k: ``ml100k.cold_item_fraction`` of the rated movies, in no history and no train/valid row,
+  every rating of them a test row (``recsys/data/ml100k.py``); content = genres + release decade
+  (``content.source=side_features``). With ``--cold-fraction 0`` (plain leave-one-out): test items
+  that never occur as a training candidate.
 
-    python bench/quant_cold_start.py --data synthetic --model debug --epochs 2
-    python bench/quant_cold_start.py --data ml100k --model debug --epochs 2 --modes id,sid,both
+    python bench/quant_cold_start.py --data synthetic --model small --epochs 2 --seeds 0,1,2   # ~95 min
+    python bench/quant_cold_start.py --data ml100k --model debug --epochs 2 --seeds 0,1,2     # ~50 min
+    python bench/quant_cold_start.py --data ml100k --modes sid,both --seeds 0,1,2 --tag rebalance --quant-extra collision_fix=rebalance_last
 
-Writes ``bench/results/quant_cold_start_<data>.json`` (and prints it).
+(times: 2-core machine, two such jobs side by side at OMP_NUM_THREADS=1.)
+
+Writes ``bench/results/quant_cold_start_<data>[_<tag>].json`` (and prints it).
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ def cold_items(run, ds) -> np.ndarray:
     if run.data.source.value == "synthetic":
         cfg = run.data.synthetic
         return cold_item_mask(cfg, make_world(cfg, np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(5)[0])))
+    if "cold_items" in ds.summary:
+        mask = np.zeros(ds.schema.num_items, dtype=bool)
+        mask[ds.summary["cold_items"]] = True
+        return mask
     seen = pl.concat([pl.read_parquet(f, columns=["cand_item_id"]) for f in ds.splits["train"]])
     counts = np.bincount(seen["cand_item_id"].explode().to_numpy(), minlength=ds.schema.num_items)
     return counts == 0
@@ -76,6 +85,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/quant_eval")
     ap.add_argument("--extra", default="", help="extra train overrides, comma-separated")
     ap.add_argument("--quant-extra", default="", help="extra quant overrides, comma-separated")
+    ap.add_argument("--tag", default="", help="suffix of the result file name (keeps variants apart)")
     args = ap.parse_args()
     register_quant()
     register_train()
@@ -85,6 +95,7 @@ def main() -> None:
         data.append(f"data.synthetic.cold_item_fraction={args.cold_fraction}")
         content = ["content.source=synthetic"]
     else:
+        data.append(f"data.ml100k.cold_item_fraction={args.cold_fraction}")
         content = ["content.source=side_features"]
     data += [o for o in args.extra.split(",") if o.startswith("data.")]  # the quantizer sees the same world
     t0 = time.perf_counter()
@@ -125,7 +136,7 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
             result["runs"].append(rec)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"quant_cold_start_{args.data}.json"
+    path = RESULTS / f"quant_cold_start_{args.data}{'_' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(result, indent=2))
     print(path)
 

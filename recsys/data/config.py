@@ -169,10 +169,17 @@ class Ml100kConfig:
     """A rating >= this is a positive of task "like"."""
     download: bool = True
     """Download the wheel with pip when the files are missing (False: raise instead)."""
+    cold_item_fraction: float = 0.0
+    """Share of the rated movies held out as cold-start items: in no history and no train/valid row, every
+    rating of them a test row (see ``ml100k.py``). 0 = the plain leave-one-out protocol."""
+    cold_seed: int = 0
+    """Seed of the cold-item draw."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.like_threshold <= 5:
             raise ValueError(f"ml100k.like_threshold must be in 1..5, got {self.like_threshold}")
+        if not 0.0 <= self.cold_item_fraction < 1.0:
+            raise ValueError(f"ml100k.cold_item_fraction must be in [0, 1), got {self.cold_item_fraction}")
 
 
 @dataclass

@@ -248,16 +248,22 @@ def time_split(request_ts: np.ndarray, valid_fraction: float, test_fraction: flo
 
 
 def sample_negatives(user_id: np.ndarray, num_negatives: int, num_items: int, interacted_user: np.ndarray,
-                     interacted_item: np.ndarray, seed: int, max_rounds: int = 100) -> np.ndarray:
+                     interacted_item: np.ndarray, seed: int, max_rounds: int = 100,
+                     excluded_items: np.ndarray | None = None) -> np.ndarray:
     """``[R, num_negatives]`` item ids drawn uniformly from ``1..num_items-1`` among items the request's user
-    never interacted with (in the whole log), by rejection. Seeded; raises if a user has (almost) no
-    un-interacted item."""
+    never interacted with (in the whole log) and not in ``excluded_items``, by rejection. Seeded; raises if
+    a user has (almost) no such item."""
     rng = np.random.default_rng(seed)
     r = len(user_id)
     seen = np.unique(interacted_user.astype(np.int64) * num_items + interacted_item.astype(np.int64))
+    excluded = np.zeros(0, dtype=np.int64) if excluded_items is None else np.asarray(excluded_items, np.int64)
     users = np.repeat(np.asarray(user_id, dtype=np.int64), num_negatives)
     out = rng.integers(1, num_items, size=r * num_negatives)
-    bad = np.flatnonzero(np.isin(users * num_items + out, seen))
+
+    def rejected(slots: np.ndarray) -> np.ndarray:
+        return slots[np.isin(users[slots] * num_items + out[slots], seen) | np.isin(out[slots], excluded)]
+
+    bad = rejected(np.arange(len(out)))
     rounds = 0
     while bad.size:
         rounds += 1
@@ -265,7 +271,7 @@ def sample_negatives(user_id: np.ndarray, num_negatives: int, num_items: int, in
             raise ValueError(f"could not sample negatives for {bad.size} slots: users interacted with almost "
                              "every item")
         out[bad] = rng.integers(1, num_items, size=bad.size)
-        bad = bad[np.isin(users[bad] * num_items + out[bad], seen)]
+        bad = rejected(bad)
     return out.reshape(r, num_negatives)
 
 
@@ -278,6 +284,8 @@ class IngestResult:
     split: np.ndarray
     """[R] int8 split codes (``SPLIT_CODES``)."""
     timings: dict[str, float]
+    cold_items: np.ndarray | None = None
+    """Dense ids of the items held out as cold start (``ingest_event_log(cold_items=...)``), sorted."""
 
 
 def user_feature_columns(user_features: pl.DataFrame | None, user_vocab: pl.Series,
@@ -309,13 +317,18 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
                      label_column: str | None = None, positive_threshold: float | None = None,
                      num_negatives: int = 0, target_kind: str | None = None, split: str = "leave_one_out",
                      valid_fraction: float = 0.1, test_fraction: float = 0.1, max_history: int | None = None,
-                     default_kind: str = "event", seed: int = 0) -> IngestResult:
+                     default_kind: str = "event", seed: int = 0,
+                     cold_items: Sequence | np.ndarray | None = None) -> IngestResult:
     """Builds request rows from an event log: one request per event of ``target_kind`` (default: every event).
 
     Candidates: the event's item (label from ``label_column``, >= ``positive_threshold`` when given; 1 if
     there is no label column) plus ``num_negatives`` sampled items the user never interacted with (label 0).
     History: :func:`attach_history` over every kind. Split: ``leave_one_out`` per user by time (ties: log
     order) or ``time`` (global quantiles of request time).
+
+    ``cold_items`` (raw item ids, item cold-start protocol): their events are dropped from every history,
+    every request whose positive is one of them goes to test, the split above runs over the other
+    requests, and no negative is drawn from them, so no train/valid row and no history ever shows them.
     """
     t0 = time.perf_counter()
     raw = read_frame(events)
@@ -332,13 +345,26 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
                          f"no event of kind {target_kind!r} to turn into requests (kinds present: {log.kinds})")
     t_encode = time.perf_counter()
 
+    cold_event = np.zeros(len(ev), dtype=bool)  # aligned with ev (event_idx = raw row order)
+    cold_dense = None
+    if cold_items is not None and len(cold_items):
+        wanted = cast_ids(pl.Series("item_id", np.asarray(cold_items)), raw["item_id"].dtype, "cold_items")
+        present = wanted.is_in(raw["item_id"].implode())
+        if not present.all():
+            raise ValueError(f"cold_items: {int((~present).sum())} id(s) not in the event log, e.g. "
+                             f"{wanted.filter(~present).head(5).to_list()}")
+        cold_event = raw["item_id"].is_in(wanted.implode()).to_numpy()
+        cold_dense = np.unique(ev["item_id"].to_numpy()[cold_event])
     req_user = target["user_id"].to_numpy().astype(np.int64)
     req_ts = target["timestamp"].to_numpy().astype(np.int64)
     req_order = target["event_idx"].to_numpy().astype(np.int64)
+    req_cold = cold_event[req_order]
+    warm = ~req_cold
+    codes = np.full(len(req_user), SPLIT_CODES["test"], dtype=np.int8)
     if split == "leave_one_out":
-        codes = leave_one_out_split(req_user, req_ts, req_order)
+        codes[warm] = leave_one_out_split(req_user[warm], req_ts[warm], req_order[warm])
     elif split == "time":
-        codes = time_split(req_ts, valid_fraction, test_fraction)
+        codes[warm] = time_split(req_ts[warm], valid_fraction, test_fraction)
     else:
         raise ValueError(f"split must be 'leave_one_out' or 'time', got {split!r}")
     # requests ordered by (user, time, log order); request_id = that position
@@ -362,7 +388,7 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
     item_cat = log.item_category
     if num_negatives > 0:
         negs = sample_negatives(req_user, num_negatives, log.num_items, ev["user_id"].to_numpy(),
-                                ev["item_id"].to_numpy(), seed)
+                                ev["item_id"].to_numpy(), seed, excluded_items=cold_dense)
         cand_items = np.concatenate([pos_item[:, None], negs], axis=1)  # [R, 1 + k]
         cand_labels = np.zeros(cand_items.shape, dtype=np.float32)
         cand_labels[:, 0] = pos_label
@@ -376,7 +402,7 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
         "user_id": req_user,
         "request_ts": req_ts,
         **sparse_cols,
-        **attach_history(ev, req_user, req_ts, log.kinds, max_history=max_history),
+        **attach_history(ev.filter(pl.Series(~cold_event)), req_user, req_ts, log.kinds, max_history=max_history),
         "cand_item_id": Jagged.from_lengths(cand_items.ravel(), lengths),
         "cand_category": Jagged.from_lengths(item_cat[cand_items.ravel()], lengths),
         f"cand_label_{task}": Jagged.from_lengths(cand_labels.ravel(), lengths),
@@ -385,5 +411,6 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
                         num_items=log.num_items, num_categories=log.num_categories,
                         num_actions=log.num_actions, has_true_prob=False)
     t_done = time.perf_counter()
-    return IngestResult(schema, cols, codes, {"encode_s": t_encode - t0, "build_rows_s": t_done - t_encode})
+    return IngestResult(schema, cols, codes, {"encode_s": t_encode - t0, "build_rows_s": t_done - t_encode},
+                        cold_dense)
 

@@ -9,6 +9,12 @@ Rows: one request per rating, history = that user's ratings strictly before it
 candidate (the rated item, category = its first genre), task ``like`` = rating >= 4.
 User sparse features: age bucket, gender, occupation, zip prefix (first character).
 Split: per user by time (ties: file order), last -> test, second-to-last -> valid.
+
+Item cold start (``cold_item_fraction`` > 0): a seeded share of the rated movies is held out. Their
+ratings leave every history, every rating of them becomes a test row (history: the user's warm ratings
+strictly before it), and the leave-one-out split runs over the other ratings, so no train/valid row
+and no history shows a held-out movie. Items are disjoint between training and the cold rows; times are
+not (a cold test row may predate the same user's train rows, as in every item hold-out protocol).
 """
 
 from __future__ import annotations
@@ -104,9 +110,19 @@ def ml100k_frames(directory: str | Path) -> tuple[pl.DataFrame, pl.DataFrame, pl
     return events, items, users
 
 
-def ingest_ml100k(directory: str | Path, like_threshold: int = 4) -> IngestResult:
+def held_out_items(events: pl.DataFrame, fraction: float, seed: int) -> np.ndarray:
+    """``round(fraction * n)`` raw ids drawn uniformly (seeded) from the n items rated at least once, sorted."""
+    rated = np.unique(events["item_id"].to_numpy())
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1CE]))
+    return np.sort(rng.choice(rated, size=int(round(fraction * len(rated))), replace=False))
+
+
+def ingest_ml100k(directory: str | Path, like_threshold: int = 4, cold_item_fraction: float = 0.0,
+                  cold_seed: int = 0) -> IngestResult:
     """Request rows of the ml-100k CTR protocol (see the module docstring)."""
     events, items, users = ml100k_frames(directory)
+    cold = held_out_items(events, cold_item_fraction, cold_seed) if cold_item_fraction > 0 else None
     return ingest_event_log(events.with_columns(pl.lit("rating").alias("kind")), item_features=items,
                             user_features=users, task="like", label_column="rating",
-                            positive_threshold=float(like_threshold), num_negatives=0, split="leave_one_out")
+                            positive_threshold=float(like_threshold), num_negatives=0, split="leave_one_out",
+                            cold_items=cold)

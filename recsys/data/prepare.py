@@ -82,6 +82,8 @@ def config_key(cfg: DataConfig) -> dict:
                 del key["synthetic"][name]
     elif cfg.source == DataSource.ml100k:
         key["ml100k"] = {"recbole_version": cfg.ml100k.recbole_version, "like_threshold": cfg.ml100k.like_threshold}
+        if cfg.ml100k.cold_item_fraction > 0:  # absent at 0: same key (and hash) as before the option existed
+            key["ml100k"].update(cold_item_fraction=cfg.ml100k.cold_item_fraction, cold_seed=cfg.ml100k.cold_seed)
     return key
 
 
@@ -131,10 +133,14 @@ def _build(cfg: DataConfig, out_dir: Path, progress: bool) -> dict:
         from recsys.data.ml100k import ensure_ml100k, ingest_ml100k
         raw_dir = Path(cfg.ml100k.raw_dir) if cfg.ml100k.raw_dir else Path(cfg.root) / "raw"
         files = ensure_ml100k(raw_dir, cfg.ml100k.recbole_version, download=cfg.ml100k.download)
-        data = ingest_ml100k(files, like_threshold=cfg.ml100k.like_threshold)
+        data = ingest_ml100k(files, like_threshold=cfg.ml100k.like_threshold,
+                             cold_item_fraction=cfg.ml100k.cold_item_fraction, cold_seed=cfg.ml100k.cold_seed)
         schema, cols, split, timings, seed = data.schema, data.columns, data.split, data.timings, 0
         extra["protocol"] = "ml-100k CTR: one request per rating, like = rating >= " \
             f"{cfg.ml100k.like_threshold}, per-user leave-one-out by time (ties: file order)"
+        if data.cold_items is not None:
+            extra["protocol"] += f"; {len(data.cold_items)} movies held out as cold items (every rating -> test)"
+            extra["cold_items"] = data.cold_items.tolist()
     else:
         raise ValueError(f"cannot build source {cfg.source!r}")
     t_rows = time.perf_counter()

@@ -22,6 +22,7 @@ from recsys.quant.collisions import next_free_suffix
 from recsys.quant.multi_expert import MultiExpertQuantizer
 from recsys.quant.rq_kmeans import RQKMeans
 from recsys.quant.rq_vae import RQVAE
+from recsys.reliability.atomic import atomic_write
 
 QUANTIZERS = {"rq_kmeans": RQKMeans, "rq_vae": RQVAE, "multi_expert": MultiExpertQuantizer}
 
@@ -58,7 +59,8 @@ class SemanticIds:
         return cls(d["codes"].long(), d["cardinality"].long(), d["center"].float(), d["scale"].float(), d["quantizer"])
 
     def save(self, path: str | Path) -> None:
-        torch.save(self.to_dict(), path)
+        """Crash-safe: ``path`` holds the old artifact or the complete new one."""
+        atomic_write(path, lambda f: torch.save(self.to_dict(), f))
 
     @classmethod
     def load(cls, path: str | Path) -> SemanticIds:

@@ -23,6 +23,11 @@ class QuantMethod(str, Enum):
     multi_expert = "multi_expert"
 
 
+class CollisionFix(str, Enum):
+    extra_level = "extra_level"
+    rebalance_last = "rebalance_last"
+
+
 @dataclass
 class ContentConfig:
     """Where the item content vectors come from (``recsys/quant/content.py``)."""
@@ -102,6 +107,10 @@ class QuantConfig:
     """RQ-VAE settings."""
     multi_expert: ExpertConfig = field(default_factory=ExpertConfig)
     """Multi-expert settings."""
+    collision_fix: CollisionFix = CollisionFix.extra_level
+    """extra_level: items sharing a tuple get a disambiguation code in an extra (not embedded) column;
+    rebalance_last: first re-assign last-level codes inside colliding prefixes so tuples differ in the
+    embedded columns, the extra column only for prefixes with more than K items."""
     seed: int = 0
     """Same seed + same content -> same codes."""
     progress: bool = True
@@ -113,6 +122,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         self.method = QuantMethod(self.method)
+        self.collision_fix = CollisionFix(self.collision_fix)
         if self.levels < 1 or self.codebook_size < 0 or self.kmeans_iters < 1:
             raise ValueError("quant.levels >= 1, quant.codebook_size >= 0 (0 = auto), quant.kmeans_iters >= 1")
         if self.rq_vae.beta < 0 or self.multi_expert.orth_weight < 0:

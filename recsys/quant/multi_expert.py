@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from recsys.quant.kmeans import kmeans, nearest
+from recsys.quant.kmeans import kmeans, nearest, sq_dist
 
 
 def orthogonality_penalty(v: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,12 @@ class MultiExpertQuantizer(nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.assign(self.project(x.float()))
+
+    @torch.no_grad()
+    def last_level_costs(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` squared error of every code of the last expert for ``x [N, d]`` (experts are parallel:
+        ``codes`` is not needed, it is taken for the common quantizer signature)."""
+        return sq_dist(self.project(x.float())[:, -1], self.codebooks[-1])
 
     @torch.no_grad()
     def reconstructions(self, codes: torch.Tensor) -> list[torch.Tensor]:

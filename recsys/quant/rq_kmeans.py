@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from recsys.quant.kmeans import balanced_assign, kmeans, nearest
+from recsys.quant.kmeans import balanced_assign, kmeans, nearest, sq_dist
 
 
 class RQKMeans:
@@ -57,6 +57,13 @@ class RQKMeans:
             out.append(c)
             r = r - book[c]
         return torch.stack(out, 1) if out else torch.zeros(x.shape[0], 0, dtype=torch.int64)
+
+    def last_level_costs(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` squared error of every last-level code given the first L-1 ``codes [N, L]`` of ``x [N, d]``."""
+        books = self._books()
+        r = x.float() - sum((books[lvl][codes[:, lvl]] for lvl in range(self.levels - 1)),
+                            torch.zeros(x.shape[0], books.shape[-1]))
+        return sq_dist(r, books[-1])
 
     def reconstructions(self, codes: torch.Tensor) -> list[torch.Tensor]:
         """``codes [N, L]`` -> the reconstruction after 1, 2, ..., L levels (each ``[N, d]``)."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from recsys.quant.kmeans import kmeans, nearest
+from recsys.quant.kmeans import kmeans, nearest, sq_dist
 
 
 def _mlp(i: int, h: int, o: int) -> nn.Sequential:
@@ -85,6 +85,14 @@ class RQVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``x [N, d]`` -> codes ``[N, L]``."""
         return self.quantize(self.encoder(x.float())).codes
+
+    @torch.no_grad()
+    def last_level_costs(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` latent squared error of every last-level code given the first L-1 ``codes [N, L]``."""
+        r = self.encoder(x.float())
+        for lvl in range(self.dims["levels"] - 1):
+            r = r - self.codebooks[lvl][codes[:, lvl]]
+        return sq_dist(r, self.codebooks[-1])
 
     @torch.no_grad()
     def reconstructions(self, codes: torch.Tensor) -> list[torch.Tensor]:

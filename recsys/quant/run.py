@@ -12,8 +12,8 @@ import torch
 
 from recsys.data.config import DataSource
 from recsys.quant.artifact import SemanticIds
-from recsys.quant.collisions import resolve_collisions
-from recsys.quant.config import ContentSource, QuantConfig, QuantMethod
+from recsys.quant.collisions import rebalance_last_level, resolve_collisions
+from recsys.quant.config import CollisionFix, ContentSource, QuantConfig, QuantMethod
 from recsys.quant.content import (
     checkpoint_content,
     read_content_parquet,
@@ -21,7 +21,7 @@ from recsys.quant.content import (
     synthetic_content,
 )
 from recsys.quant.multi_expert import MultiExpertQuantizer, orthogonality_penalty, train_multi_expert
-from recsys.quant.report import build_report, plot_report
+from recsys.quant.report import build_report, plot_report, recon_errors
 from recsys.quant.rq_kmeans import RQKMeans
 from recsys.quant.rq_vae import RQVAE, train_rqvae
 
@@ -86,16 +86,24 @@ def quantize(cfg: QuantConfig) -> Path:
     scale = (raw - center).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)  # mean item norm 1 after centring
     x = (raw - center) / scale
     q, codes, history = fit_codes(cfg, x)
-    fixed, stats = resolve_collisions(codes)
+    extra: dict[str, Any] = {}
+    final = codes
+    if cfg.collision_fix == CollisionFix.rebalance_last:
+        final = rebalance_last_level(codes, q.last_level_costs(x, codes))
+        extra["rebalanced_items"] = int((final[:, -1] != codes[:, -1]).sum())
+        extra["recon_error_after_rebalance"] = recon_errors(x, q.reconstructions(final))[-1]
+    stats = resolve_collisions(codes)[1]  # the report's "before the fix" figures
+    fixed, after = resolve_collisions(final)
+    extra["collision_rate_before_extra_level"] = after.collision_rate
     size = max(table_size(cfg, ids), int(ids.max()) + 1)
     table = torch.full((size, fixed.shape[1]), -1, dtype=torch.int64)
     table[ids] = fixed
     sids = SemanticIds(table, torch.tensor(q.cardinality), center, scale, q.state())
     sids_path = out / "sids.pt"
     sids.save(sids_path)
-    extra: dict[str, Any] = {"method": cfg.method.value, "content_source": cfg.content.source.value,
-                             "codebook_size": q.cardinality[0], "disambiguation_codes": int(fixed[:, -1].max()) + 1,
-                             "seconds": round(time.perf_counter() - t0, 3)}
+    extra.update({"method": cfg.method.value, "content_source": cfg.content.source.value,
+                  "collision_fix": cfg.collision_fix.value, "codebook_size": q.cardinality[0],
+                  "disambiguation_codes": int(fixed[:, -1].max()) + 1, "seconds": round(time.perf_counter() - t0, 3)})
     if isinstance(q, MultiExpertQuantizer):
         extra["orthogonality_penalty"] = float(orthogonality_penalty(q.v.detach()))
     report = build_report(x, codes, q.cardinality, q.reconstructions(codes), stats, history, extra)

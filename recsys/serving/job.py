@@ -37,6 +37,7 @@ from recsys.data.validate import validate_table
 from recsys.longseq.cache import LongMemoryCache
 from recsys.model.config import Backend, ModelConfig
 from recsys.model.ranker import OneTransRanker
+from recsys.reliability.atomic import atomic_write_bytes
 from recsys.serving.cache import UserKVCache
 from recsys.serving.catalog import (
     catalog_items,
@@ -49,7 +50,6 @@ from recsys.serving.config import CatalogTarget, ScoreConfig, ScoreDevice, Score
 from recsys.serving.partitions import (
     PART_PREFIX,
     Partition,
-    atomic_write_bytes,
     finished,
     plan_partitions,
     prepare_output,

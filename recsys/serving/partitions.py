@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.data.loader import ReadUnit, row_group_units
+from recsys.reliability.atomic import atomic_write, atomic_write_bytes
 
 JOB_FILE = "_job.json"
 PART_PREFIX = "part-"
@@ -66,34 +66,9 @@ def plan_partitions(files: list[Path], rows_per_partition: int) -> list[Partitio
     return parts
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """``path`` gets ``data`` completely or not at all (temp + fsync + rename + dir fsync)."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def write_partition(path: Path, table: pa.Table) -> None:
     """Atomic Parquet write of one partition."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
 def remove_temp_files(directory: Path) -> int:

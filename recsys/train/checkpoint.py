@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from recsys.reliability.atomic import atomic_write_bytes, fsync_dir
 from recsys.reliability.faults import fault_point
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -41,23 +42,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointManager:
@@ -97,10 +81,10 @@ class CheckpointManager:
             f.flush()
             fault_point("checkpoint.mid_write", f)
             os.fsync(f.fileno())
-        _atomic_write_text(final.with_name(final.name + DIGEST_SUFFIX), file_sha256(tmp) + "\n")
+        atomic_write_bytes(final.with_name(final.name + DIGEST_SUFFIX), (file_sha256(tmp) + "\n").encode())
         fault_point("checkpoint.before_rename")
         os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         for old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
             old.with_name(old.name + DIGEST_SUFFIX).unlink(missing_ok=True)

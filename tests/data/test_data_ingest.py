@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from data_helpers import ML100K_FIXTURE, ML100K_REAL
+from data_helpers import ML100K_FIXTURE, ML100K_REAL, load_data_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +17,8 @@ from recsys.data.ingest import (
     leave_one_out_split,
     sample_negatives,
 )
-from recsys.data.ml100k import ingest_ml100k, read_atomic
+from recsys.data.ml100k import held_out_items, ingest_ml100k, read_atomic
+from recsys.data.prepare import config_hash, config_key
 from recsys.data.schema import DataSchema
 
 
@@ -165,3 +166,67 @@ def test_real_ml100k_protocol_and_no_leakage():
     assert (res.split == SPLIT_CODES["test"]).sum() == 943 and (res.split == SPLIT_CODES["valid"]).sum() == 943
     assert res.schema.num_items == 1683 and res.schema.num_actions == 6
     assert np.unique(res.columns["user_id"]).size == 943
+
+
+def test_cold_item_holdout_ml100k_fixture():
+    """Held-out movies: in no history and no train/valid row; each of their ratings is a test row whose
+    history is the user's warm ratings strictly before it; leave-one-out over the warm ratings only."""
+    res = ingest_ml100k(ML100K_FIXTURE, cold_item_fraction=0.25, cold_seed=1)
+    events = _fixture_rows()
+    raw_items = sorted({i for _, i, _, _ in events})
+    cold_raw = {i for i in raw_items if i in set(held_out_items(pl.DataFrame({"item_id": raw_items}), 0.25, 1))}
+    assert len(cold_raw) == round(0.25 * len(raw_items)) > 0
+    warm_events = [e for e in events if e[1] not in cold_raw]
+    cols = res.columns
+    assert cols["request_id"].size == len(events)  # every rating is still a request
+    assert_no_leakage(cols, res.schema)
+    items, ts = cols["seq_rating_item_id"], cols["seq_rating_ts"]
+    # the fixture's raw ids are 1..n and dense ids keep the sorted raw order
+    assert res.cold_items.tolist() == sorted(cold_raw)
+    got: dict[int, dict[int, list[int]]] = {}
+    for r in range(len(cols["request_id"])):
+        u, cand = int(cols["user_id"][r]), int(cols["cand_item_id"].values[r])
+        want = brute_history(warm_events, u, int(cols["request_ts"][r]))
+        assert list(zip(items.values[items.offsets[r]:items.offsets[r + 1]].tolist(),
+                        ts.values[ts.offsets[r]:ts.offsets[r + 1]].tolist())) == want
+        if cand in cold_raw:
+            assert res.split[r] == SPLIT_CODES["test"]
+        else:
+            got.setdefault(u, {}).setdefault(int(res.split[r]), []).append(cand)
+    for u in {e[0] for e in warm_events}:
+        order = [i for t, _, i in sorted((t, pos, i) for pos, (uu, i, t, _) in enumerate(warm_events) if uu == u)]
+        assert got[u][SPLIT_CODES["test"]] == [order[-1]]
+        if len(order) > 1:
+            assert got[u][SPLIT_CODES["valid"]] == [order[-2]]
+        assert sorted(got[u].get(SPLIT_CODES["train"], [])) == sorted(order[:-2])
+    plain = ingest_ml100k(ML100K_FIXTURE)
+    assert plain.cold_items is None
+
+
+def test_cold_items_never_drawn_as_negatives_and_unknown_ids_rejected(tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{u},i{(u * 7 + k) % 12},{100 * u + k}\n" for u in range(6) for k in range(5)))
+    res = ingest_event_log(path, num_negatives=4, cold_items=["i3", "i8"])
+    cand = res.columns["cand_item_id"]
+    rows = np.repeat(np.arange(len(res.split)), cand.lengths)
+    is_cold = np.isin(cand.values, res.cold_items)
+    assert res.cold_items.size == 2
+    assert (res.split[rows[is_cold]] == SPLIT_CODES["test"]).all()
+    negatives = cand.values.reshape(-1, 5)[:, 1:]
+    assert not np.isin(negatives, res.cold_items).any()
+    assert not np.isin(res.columns["seq_event_item_id"].values, res.cold_items).any()
+    with pytest.raises(ValueError, match=r"cold_items: 1 id\(s\) not in the event log.*nope"):
+        ingest_event_log(path, cold_items=["i3", "nope"])
+    negs = sample_negatives(np.array([1, 2]), 30, 8, np.array([1]), np.array([2]), seed=0,
+                            excluded_items=np.array([5, 6]))
+    assert not np.isin(negs, [5, 6]).any() and not np.isin(negs[0], [2]).any()
+
+
+def test_ml100k_cold_option_keeps_the_default_cache_key():
+    base = load_data_config("ml100k")
+    assert set(config_key(base)["ml100k"]) == {"recbole_version", "like_threshold"}
+    on = load_data_config("ml100k", **{"ml100k.cold_item_fraction": 0.1})
+    assert config_key(on)["ml100k"]["cold_item_fraction"] == 0.1 and config_hash(on) != config_hash(base)
+    with pytest.raises(ValueError, match="ml100k.cold_item_fraction"):
+        load_data_config("ml100k", **{"ml100k.cold_item_fraction": 1.0})

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from recsys.quant.collisions import next_free_suffix, resolve_collisions
+from recsys.quant.collisions import next_free_suffix, rebalance_last_level, resolve_collisions
 from recsys.quant.kmeans import balanced_assign, kmeans, nearest
 from recsys.quant.multi_expert import MultiExpertQuantizer, orthogonality_penalty, train_multi_expert
 from recsys.quant.report import level_stats, recon_errors
@@ -93,6 +93,69 @@ def test_collision_fix_makes_tuples_unique_and_matches_reference(n, k):
     if n:
         shared = sum(1 for r in codes.tolist() if codes.tolist().count(r) > 1)
         assert stats.collision_rate == pytest.approx(shared / n)
+
+
+def reference_rebalance(codes: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
+    """Obvious version: per prefix holding a repeated tuple, take (cost, item, code) triples in sorted order."""
+    rows, k = codes.tolist(), costs.shape[1]
+    out = [list(r) for r in rows]
+    prefixes: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        prefixes.setdefault(tuple(r[:-1]), []).append(i)
+    for items in prefixes.values():
+        if len({tuple(rows[i]) for i in items}) == len(items):
+            continue
+        triples = sorted((float(costs[i, c]), i, c) for i in items for c in range(k))
+        done, used = set(), set()
+        for _, i, c in triples:
+            if i not in done and c not in used and len(done) < min(len(items), k):
+                done.add(i)
+                used.add(c)
+                out[i][-1] = c
+    return torch.tensor(out, dtype=torch.int64).view(-1, codes.shape[1])
+
+
+@pytest.mark.parametrize("n,m,k", [(0, 2, 4), (1, 2, 4), (2, 1, 3), (40, 2, 8), (300, 3, 4), (50, 2, 1)])
+def test_rebalance_last_level_matches_reference_and_separates_small_groups(n, m, k):
+    gen = torch.Generator().manual_seed(n + m + k)
+    codes = torch.randint(k, (n, m), generator=gen)
+    codes[:, :-1] //= 2  # fewer prefixes: more collisions
+    costs = torch.rand(n, k, generator=gen)
+    got = rebalance_last_level(codes, costs)
+    assert torch.equal(got, reference_rebalance(codes, costs))
+    assert torch.equal(got[:, :-1], codes[:, :-1])
+    prefix = torch.cat([codes[:, :-1], torch.zeros(n, 1, dtype=torch.int64)], 1)  # m = 1: one empty prefix
+    _, inv, counts = torch.unique(prefix, dim=0, return_inverse=True, return_counts=True)
+    small = counts[inv] <= k
+    # every item of a prefix group with at most K items now has a tuple of its own
+    _, full_inv, full_counts = torch.unique(got, dim=0, return_inverse=True, return_counts=True)
+    assert (full_counts[full_inv][small] == 1).all()
+    assert torch.equal(rebalance_last_level(codes, costs), got)  # deterministic
+
+
+def test_rebalance_leaves_collision_free_codes_alone_and_refuses_bad_shapes():
+    codes = torch.tensor([[0, 1], [0, 2], [1, 1]])
+    assert torch.equal(rebalance_last_level(codes, torch.rand(3, 4)), codes)
+    with pytest.raises(ValueError, match="share N"):
+        rebalance_last_level(codes, torch.rand(2, 4))
+    with pytest.raises(ValueError, match="only 2 columns"):
+        rebalance_last_level(codes, torch.rand(3, 2))
+
+
+def test_last_level_costs_agree_with_each_quantizers_encode():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 6, generator=gen)
+    rq = RQKMeans(2, 8, iters=5, seed=0)
+    rq.fit(x)
+    vae = RQVAE(6, 16, 4, 2, 8)
+    vae.init_codebooks(x, torch.Generator().manual_seed(0))
+    me = MultiExpertQuantizer(6, 3, 2, 8)
+    train_multi_expert(me, x, epochs=1, batch_size=64, lr=1e-2, beta=0.25, orth_weight=1.0, seed=0, progress=False)
+    for q in (rq, vae, me):
+        codes = q.encode(x)
+        costs = q.last_level_costs(x, codes)
+        assert costs.shape == (200, 8)
+        assert torch.equal(costs.argmin(1), codes[:, -1]), q.method
 
 
 def test_next_free_suffix_for_new_items():

@@ -68,6 +68,26 @@ def test_quant_outputs_unique_sids_and_a_report(pipeline):
     assert (pipeline["sids"].parent / "report.png").stat().st_size > 1000
 
 
+def test_rebalanced_last_level_gives_distinct_embedded_tuples(pipeline, tmp_path):
+    tmp = pipeline["tmp"]
+    common = [f"data.root={tmp / 'data'}", "data=tiny", "content.source=parquet", f"content.path={tmp / 'all.parquet'}",
+              "levels=2", "codebook_size=16", "progress=false"]
+    plain = SemanticIds.load(quantize(compose_cfg("quant", *common, f"output_dir={tmp_path / 'a'}")))
+    path = quantize(compose_cfg("quant", *common, "collision_fix=rebalance_last", f"output_dir={tmp_path / 'b'}"))
+    rebal, rep = SemanticIds.load(path), json.loads((path.parent / "report.json").read_text())
+    have = plain.codes[:, 0] >= 0
+
+    def shared(codes: torch.Tensor) -> int:  # items whose embedded (semantic) columns are not unique
+        _, inv, counts = torch.unique(codes[have, :-1], dim=0, return_inverse=True, return_counts=True)
+        return int((counts[inv] > 1).sum())
+
+    assert shared(plain.codes) > 0 and shared(rebal.codes) < shared(plain.codes)
+    assert rep["collision_rate_before_extra_level"] == pytest.approx(shared(rebal.codes) / int(have.sum()))
+    assert rep["rebalanced_items"] > 0 and rep["collision_fix"] == "rebalance_last"
+    assert len(torch.unique(rebal.codes[have], dim=0)) == int(have.sum())
+    assert torch.equal(rebal.codes[:, 0], plain.codes[:, 0])  # only the last semantic column moves
+
+
 def test_checkpoint_carries_the_sid_map_and_loads_weights_only(pipeline):
     state = load_checkpoint(resolve_checkpoint(pipeline["tmp"] / "train"))  # torch.load(weights_only=True)
     saved = SemanticIds.from_dict(state["item_sid"])
