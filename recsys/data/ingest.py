@@ -358,8 +358,7 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
     req_user = target["user_id"].to_numpy().astype(np.int64)
     req_ts = target["timestamp"].to_numpy().astype(np.int64)
     req_order = target["event_idx"].to_numpy().astype(np.int64)
-    req_cold = cold_event[req_order]
-    warm = ~req_cold
+    warm = ~cold_event[req_order]
     codes = np.full(len(req_user), SPLIT_CODES["test"], dtype=np.int8)
     if split == "leave_one_out":
         codes[warm] = leave_one_out_split(req_user[warm], req_ts[warm], req_order[warm])

@@ -92,8 +92,8 @@ def quantize(cfg: QuantConfig) -> Path:
         final = rebalance_last_level(codes, q.last_level_costs(x, codes))
         extra["rebalanced_items"] = int((final[:, -1] != codes[:, -1]).sum())
         extra["recon_error_after_rebalance"] = recon_errors(x, q.reconstructions(final))[-1]
-    stats = resolve_collisions(codes)[1]  # the report's "before the fix" figures
     fixed, after = resolve_collisions(final)
+    stats = after if final is codes else resolve_collisions(codes)[1]  # the report's "before the fix" figures
     extra["collision_rate_before_extra_level"] = after.collision_rate
     size = max(table_size(cfg, ids), int(ids.max()) + 1)
     table = torch.full((size, fixed.shape[1]), -1, dtype=torch.int64)

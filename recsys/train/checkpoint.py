@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from recsys.reliability.atomic import atomic_write_bytes, fsync_dir
+from recsys.reliability.atomic import atomic_write_bytes, fsync_dir, temp_path
 from recsys.reliability.faults import fault_point
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -75,7 +75,7 @@ class CheckpointManager:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temps()
         final = self.dir / f"step_{step}.pt"
-        tmp = self.dir / f".step_{step}.pt.tmp-{os.getpid()}"
+        tmp = temp_path(final)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
