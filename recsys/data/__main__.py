@@ -22,6 +22,7 @@ from tqdm import tqdm
 from recsys.data.config import DataConfig
 from recsys.data.loader import RequestLoader
 from recsys.data.prepare import PreparedDataset, as_data_config, prepare_dataset
+from recsys.errors import exit_on_input_error
 
 
 @dataclass
@@ -80,6 +81,7 @@ def run(cfg: PrepareConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../../configs", config_name="prepare")
+@exit_on_input_error
 def main(cfg: DictConfig) -> None:
     run(PrepareConfig(data=as_data_config(cfg.data), progress=cfg.progress, loader_pass=cfg.loader_pass))
 

@@ -34,9 +34,10 @@ import pyarrow.types as pat
 
 from recsys.data.jagged import jagged_from_arrow
 from recsys.data.schema import OOV_ID, DataSchema
+from recsys.errors import InputError
 
 
-class DataValidationError(ValueError):
+class DataValidationError(InputError):
     """A request-row file breaks the data contract; the message says where."""
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.errors import exit_on_input_error
 from recsys.evaluate.config import EvaluateConfig, register_configs
 
 register_configs()
 
 
 @hydra.main(config_path="../../configs", config_name="evaluate", version_base="1.3")
+@exit_on_input_error
 def main(dcfg: DictConfig) -> None:
     cfg: EvaluateConfig = OmegaConf.to_object(dcfg)  # runs every __post_init__ validation
     from recsys.evaluate.run import run_evaluation  # heavy imports after config validation

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.errors import exit_on_input_error
 from recsys.serving.config import ScoreConfig, register_configs
 
 register_configs()
 
 
 @hydra.main(config_path="../../configs", config_name="score", version_base="1.3")
+@exit_on_input_error
 def main(dcfg: DictConfig) -> None:
     cfg: ScoreConfig = OmegaConf.to_object(dcfg)  # runs every __post_init__ validation
     from recsys.serving.job import run_scoring  # heavy imports after config validation

@@ -1,0 +1,41 @@
+"""Shared pieces of the hostile-input suite: run a real CLI as a subprocess, and prove that it left its
+inputs untouched (SHA-256 of every file under a tree, taken before and compared after)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from recsys.errors import INPUT_ERROR_EXIT
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every regular file under ``root`` (a file counts as itself)."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)) if p != root else p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
+
+
+def run_cli(module: str, *overrides: str, timeout: float = 240, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    """``python -m <module> <overrides...>`` from the repo root, one thread, output captured as text."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("RECSYS_FAULT", None)
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """The command was refused the way an operator mistake is (``recsys.errors.InputError``): exit status 2,
+    one ``error:`` line naming every needle, and no traceback."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == INPUT_ERROR_EXIT, f"exit {proc.returncode}, want {INPUT_ERROR_EXIT}:\n{out[-3000:]}"
+    assert "Traceback" not in out, f"a traceback instead of a message:\n{out[-3000:]}"
+    for needle in needles:
+        assert needle in proc.stderr, f"message does not name {needle!r}:\n{out[-3000:]}"
