@@ -9,7 +9,9 @@ The history of a request ``(u, t)`` for kind ``S`` is every event of user ``u`` 
 kind ``S`` with ``timestamp < t`` (strictly: an event at the request's own second is
 *not* history), oldest first, ties in time kept in log order. It is computed for all
 requests at once by one merge of the sorted events with the sorted requests
-(:func:`attach_history`), so it is leakage-free by construction rather than by filter.
+(:func:`recsys.data.history.attach_history`), so it is leakage-free by construction rather than by
+filter, and kept as slices of the sorted events (``HistorySlices``): ingest memory is O(events +
+requests); the (request, event) pairs are written out one Parquet row group at a time.
 
 Raw ids of any type are re-encoded to dense ids ``1..n`` in sorted order of the raw
 values (id 0 stays *unknown*); already dense integer ids ``1..n`` map to themselves.
@@ -25,12 +27,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys.data.jagged import Jagged, range_index
+from recsys.data.history import attach_history
+from recsys.data.jagged import Jagged
 from recsys.data.parquet_io import RequestColumns
 from recsys.data.schema import DataSchema, SparseFeature
+from recsys.data.splits import SPLIT_CODES, leave_one_out_split, sample_negatives, time_split
+
+__all__ = ["REQUIRED_EVENT_COLUMNS", "SPLIT_CODES", "EventLog", "IngestResult", "attach_history", "cast_ids",
+           "dense_ids", "encode_event_log", "event_seconds", "ingest_event_log", "leave_one_out_split",
+           "read_frame", "sample_negatives", "time_split", "user_feature_columns"]
 
 REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
-SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
 
 
 def read_frame(src: pl.DataFrame | str | Path, separator: str | None = None) -> pl.DataFrame:
@@ -179,102 +186,6 @@ def encode_event_log(events: pl.DataFrame, *, item_features: pl.DataFrame | None
                     item_cat, extra)
 
 
-def attach_history(events: pl.DataFrame, user_id: np.ndarray, request_ts: np.ndarray, kinds: Sequence[str],
-                   *, max_history: int | None = None) -> RequestColumns:
-    """The behaviour history of every request, per kind: the ``seq_<S>_*`` jagged columns.
-
-    ``events``: columns user_id, timestamp, kind, item_id, category, action and, to
-    break ties in time, event_idx (else row order). ``user_id``, ``request_ts``: [R].
-    History of request r = events of that user and kind with ``timestamp < request_ts[r]``,
-    oldest first; with ``max_history`` only the most recent that many are kept.
-
-    How: requests and events of one kind are merged in (user, time) order with a
-    request placed *before* events of the same second; the number of events before a
-    request in that order, minus the events of earlier users, is its history length.
-    """
-    user_id = np.asarray(user_id, dtype=np.int64)
-    request_ts = np.asarray(request_ts, dtype=np.int64)
-    if "event_idx" not in events.columns:
-        events = events.with_row_index("event_idx")
-    out: RequestColumns = {}
-    for kind in kinds:
-        ev = events.filter(pl.col("kind") == kind).sort(["user_id", "timestamp", "event_idx"])
-        ev_user = ev["user_id"].to_numpy().astype(np.int64)
-        ev_ts = ev["timestamp"].to_numpy().astype(np.int64)
-        n_ev = len(ev_user)
-        # merged order: primary user, then time, then requests (0) before events (1); stable
-        is_event = np.concatenate([np.ones(n_ev, np.int8), np.zeros(len(user_id), np.int8)])
-        order = np.lexsort((is_event, np.concatenate([ev_ts, request_ts]), np.concatenate([ev_user, user_id])))
-        events_before = np.cumsum(is_event[order]) - is_event[order]  # exclusive count at each merged slot
-        hi = np.empty(len(user_id), dtype=np.int64)
-        req_slots = np.flatnonzero(order >= n_ev)
-        hi[order[req_slots] - n_ev] = events_before[req_slots]
-        lo = np.searchsorted(ev_user, user_id, side="left")
-        if max_history is not None:
-            lo = np.maximum(lo, hi - max_history)
-        counts = hi - lo
-        index, offsets = range_index(lo, counts)
-        for fld, src in (("item_id", "item_id"), ("category", "category"), ("action", "action"), ("ts", "timestamp")):
-            out[DataSchema.seq_col(kind, fld)] = Jagged(ev[src].to_numpy().astype(np.int64)[index], offsets)
-    return out
-
-
-def leave_one_out_split(user_id: np.ndarray, timestamp: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
-    """Per user, by time (ties: ``order``, default row order): last -> test (2), second-to-last -> valid (1),
-    the rest -> train (0). Returns int8 codes [N] (see ``SPLIT_CODES``)."""
-    n = len(user_id)
-    order = np.arange(n) if order is None else np.asarray(order)
-    idx = np.lexsort((order, timestamp, user_id))
-    u = np.asarray(user_id)[idx]
-    # position from the end inside the user's block
-    block_end = np.searchsorted(u, u, side="right")
-    from_end = block_end - 1 - np.arange(n)
-    codes = np.zeros(n, dtype=np.int8)
-    codes[idx] = np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0))
-    return codes
-
-
-def time_split(request_ts: np.ndarray, valid_fraction: float, test_fraction: float) -> np.ndarray:
-    """Global split by request time: the latest ``test_fraction`` -> test, the ``valid_fraction`` before it ->
-    valid. Ties in time are broken by row order. Returns int8 codes [N]."""
-    n = len(request_ts)
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.argsort(request_ts, kind="stable")] = np.arange(n)
-    n_test, n_valid = int(round(n * test_fraction)), int(round(n * valid_fraction))
-    codes = np.zeros(n, dtype=np.int8)
-    codes[rank >= n - n_test - n_valid] = 1
-    codes[rank >= n - n_test] = 2
-    return codes
-
-
-def sample_negatives(user_id: np.ndarray, num_negatives: int, num_items: int, interacted_user: np.ndarray,
-                     interacted_item: np.ndarray, seed: int, max_rounds: int = 100,
-                     excluded_items: np.ndarray | None = None) -> np.ndarray:
-    """``[R, num_negatives]`` item ids drawn uniformly from ``1..num_items-1`` among items the request's user
-    never interacted with (in the whole log) and not in ``excluded_items``, by rejection. Seeded; raises if
-    a user has (almost) no such item."""
-    rng = np.random.default_rng(seed)
-    r = len(user_id)
-    seen = np.unique(interacted_user.astype(np.int64) * num_items + interacted_item.astype(np.int64))
-    excluded = np.zeros(0, dtype=np.int64) if excluded_items is None else np.asarray(excluded_items, np.int64)
-    users = np.repeat(np.asarray(user_id, dtype=np.int64), num_negatives)
-    out = rng.integers(1, num_items, size=r * num_negatives)
-
-    def rejected(slots: np.ndarray) -> np.ndarray:
-        return slots[np.isin(users[slots] * num_items + out[slots], seen) | np.isin(out[slots], excluded)]
-
-    bad = rejected(np.arange(len(out)))
-    rounds = 0
-    while bad.size:
-        rounds += 1
-        if rounds > max_rounds:
-            raise ValueError(f"could not sample negatives for {bad.size} slots: users interacted with almost "
-                             "every item")
-        out[bad] = rng.integers(1, num_items, size=bad.size)
-        bad = rejected(bad)
-    return out.reshape(r, num_negatives)
-
-
 @dataclass
 class IngestResult:
     """Request rows built from an event log, not yet written."""
@@ -323,7 +234,8 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
 
     Candidates: the event's item (label from ``label_column``, >= ``positive_threshold`` when given; 1 if
     there is no label column) plus ``num_negatives`` sampled items the user never interacted with (label 0).
-    History: :func:`attach_history` over every kind. Split: ``leave_one_out`` per user by time (ties: log
+    History: :func:`attach_history` over every kind, kept as slices of the sorted events
+    (``HistorySlices``). Split: ``leave_one_out`` per user by time (ties: log
     order) or ``time`` (global quantiles of request time).
 
     ``cold_items`` (raw item ids, item cold-start protocol): their events are dropped from every history,
@@ -401,7 +313,8 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
         "user_id": req_user,
         "request_ts": req_ts,
         **sparse_cols,
-        **attach_history(ev.filter(pl.Series(~cold_event)), req_user, req_ts, log.kinds, max_history=max_history),
+        **attach_history(ev.filter(pl.Series(~cold_event)), req_user, req_ts, log.kinds, max_history=max_history,
+                         lazy=True),
         "cand_item_id": Jagged.from_lengths(cand_items.ravel(), lengths),
         "cand_category": Jagged.from_lengths(item_cat[cand_items.ravel()], lengths),
         f"cand_label_{task}": Jagged.from_lengths(cand_labels.ravel(), lengths),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from recsys.data.history import unique_values
 from recsys.data.jagged import Jagged
 from recsys.data.parquet_io import RequestColumns
 from recsys.data.schema import DataSchema
@@ -47,8 +48,8 @@ def summarize(cols: RequestColumns, schema: DataSchema) -> dict:
         "requests": int(cand.num_rows),
         "candidates": int(len(cand.values)),
         "users": int(np.unique(cols["user_id"]).size),
-        "items": int(np.unique(np.concatenate(
-            [cand.values] + [cols[schema.seq_col(k, "item_id")].values for k in schema.sequences])).size),
+        "items": int(np.unique(np.concatenate(  # unique_values: no history is built just to be counted
+            [cand.values] + [unique_values(cols[schema.seq_col(k, "item_id")]) for k in schema.sequences])).size),
         "candidate_items": int(np.unique(cand.values).size),
         "positive_rate": {},
         "history_length": {k: length_stats(cols[schema.seq_col(k, "ts")].lengths) for k in schema.sequences},

@@ -10,6 +10,7 @@ from data_helpers import ML100K_FIXTURE, ML100K_REAL, load_data_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recsys.data.history import HistorySlices, unique_values
 from recsys.data.ingest import (
     SPLIT_CODES,
     attach_history,
@@ -61,6 +62,17 @@ def test_attach_history_matches_brute_force(raw_events, requests, max_history):
         got = list(zip(items.values[items.offsets[r]:items.offsets[r + 1]].tolist(),
                        times.values[times.offsets[r]:times.offsets[r + 1]].tolist()))
         assert got == want
+    # the slices ingest keeps (HistorySlices) hold the same rows, and take / tail / slice agree with Jagged's
+    lazy = attach_history(df, users, ts, ["k"], max_history=max_history, lazy=True)
+    rows = np.arange(len(requests))[::-1].repeat(2)
+    for name, eager in cols.items():
+        sl = lazy[name]
+        assert isinstance(sl, HistorySlices)
+        for a, b in ((sl, eager), (sl.take(rows), eager.take(rows)), (sl.tail(1), eager.tail(1)),
+                     (sl.slice(1, len(requests)), eager.slice(1, len(requests)))):
+            np.testing.assert_array_equal(a.values, b.values)
+            np.testing.assert_array_equal(a.offsets, b.offsets)
+        np.testing.assert_array_equal(unique_values(sl), np.unique(eager.values))
 
 
 def test_no_leakage_synthetic(tiny_prepared):
