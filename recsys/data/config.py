@@ -17,6 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from numbers import Integral, Real
+
+from recsys.errors import InputError
 
 
 class DataSource(str, Enum):
@@ -39,6 +42,107 @@ class OovPolicy(str, Enum):
 
     error = "error"
     oov = "oov"
+
+
+class DuplicatePolicy(str, Enum):
+    """What ingest does with exact duplicate events (rows equal in every column of the event log)."""
+
+    drop = "drop"
+    keep = "keep"
+    error = "error"
+
+
+class TimestampUnit(str, Enum):
+    """Unit of a numeric ``timestamp`` column; ``auto`` infers it from the magnitude (see ``event_input.py``)."""
+
+    s = "s"
+    ms = "ms"
+    us = "us"
+    ns = "ns"
+    auto = "auto"
+
+
+class IngestSplit(str, Enum):
+    """How ingest splits request rows into train / valid / test."""
+
+    leave_one_out = "leave_one_out"
+    time = "time"
+
+
+def _choice(enum: type[Enum], value: object, key: str) -> Enum:
+    """``enum(value)``, or an ``InputError`` naming the key, the value and the choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise InputError(f"{key} must be one of {', '.join(m.value for m in enum)}; got {value!r}") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+@dataclass
+class IngestConfig:
+    """Options of ``recsys.data.ingest.ingest_event_log``, checked before any file is read."""
+
+    task: str = "click"
+    """Task name: the label column of the rows is ``cand_label_<task>``."""
+    label_column: str | None = None
+    """Event-log column holding the label (None: every event is a positive)."""
+    positive_threshold: float | None = None
+    """A label >= this is a positive (None: the label must be 0/1)."""
+    num_negatives: int = 0
+    """Sampled items per request that the user never interacted with (label 0)."""
+    target_kind: str | None = None
+    """Only events of this kind become requests (None: every event)."""
+    split: IngestSplit = IngestSplit.leave_one_out
+    """leave_one_out (per user by time) or time (global quantiles of request time)."""
+    valid_fraction: float = 0.1
+    """split=time: share of requests (latest before test) in valid."""
+    test_fraction: float = 0.1
+    """split=time: share of requests (latest in time) in test."""
+    max_history: int | None = None
+    """Most recent events kept per kind in each history (None: all; bounds the output size)."""
+    default_kind: str = "event"
+    """Behaviour kind of every event when the log has no ``kind`` column."""
+    seed: int = 0
+    """Seed of the negative sampling."""
+    duplicates: DuplicatePolicy = DuplicatePolicy.drop
+    """Exact duplicate events: drop (keep the first, count them), keep, or error."""
+    timestamp_unit: TimestampUnit = TimestampUnit.auto
+    """Unit of a numeric timestamp column: s, ms, us, ns, or auto (inferred from the magnitude)."""
+
+    def __post_init__(self) -> None:
+        self.split = _choice(IngestSplit, self.split, "ingest.split")
+        self.duplicates = _choice(DuplicatePolicy, self.duplicates, "ingest.duplicates")
+        self.timestamp_unit = _choice(TimestampUnit, self.timestamp_unit, "ingest.timestamp_unit")
+        if not _is_int(self.num_negatives) or self.num_negatives < 0:
+            raise InputError(f"ingest.num_negatives must be an integer >= 0, got {self.num_negatives!r}")
+        if self.max_history is not None and (not _is_int(self.max_history) or self.max_history < 1):
+            raise InputError(f"ingest.max_history must be None (keep all) or an integer >= 1, "
+                             f"got {self.max_history!r}")
+        if not _is_int(self.seed):
+            raise InputError(f"ingest.seed must be an integer, got {self.seed!r}")
+        for name in ("valid_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
+                raise InputError(f"ingest.{name} must be a number in [0, 1), got {value!r}")
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            raise InputError(f"ingest.valid_fraction + ingest.test_fraction must be < 1 (some rows must stay in "
+                             f"train), got {self.valid_fraction} + {self.test_fraction} = "
+                             f"{self.valid_fraction + self.test_fraction:g}")
+        if self.positive_threshold is not None and (
+                isinstance(self.positive_threshold, bool) or not isinstance(self.positive_threshold, Real)
+                or not math.isfinite(self.positive_threshold)):
+            raise InputError(f"ingest.positive_threshold must be None or a finite number, "
+                             f"got {self.positive_threshold!r}")
+        for name in ("task", "default_kind"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InputError(f"ingest.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("label_column", "target_kind"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InputError(f"ingest.{name} must be None or a non-empty string, got {value!r}")
 
 
 SYNTHETIC_TASKS = ("click", "like")

@@ -15,6 +15,12 @@ ratings leave every history, every rating of them becomes a test row (history: t
 strictly before it), and the leave-one-out split runs over the other ratings, so no train/valid row
 and no history shows a held-out movie. Items are disjoint between training and the cold rows; times are
 not (a cold test row may predate the same user's train rows, as in every item hold-out protocol).
+
+A hostile copy of the files (ratings that are not numbers, times in milliseconds, duplicated lines...)
+goes through the checks of ``event_input.py`` like any event log: an ``InputError`` names the file, the
+column, the row and the value; exact duplicate ratings are dropped and counted
+(``IngestResult.counters``, ``duplicate_events_dropped`` in summary.json). The atomic files are read
+verbatim (tab-separated, no quoting), as RecBole writes them.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys.data.event_input import InputFileNotFound, first_row, numeric_column
 from recsys.data.ingest import IngestResult, ingest_event_log
+from recsys.errors import InputError
 
 FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
 WHEEL_DIR = "recbole/dataset_example/ml-100k"
@@ -58,7 +66,7 @@ def ensure_ml100k(raw_dir: str | Path, version: str = "1.2.1", download: bool = 
     if not wheels:
         cmd = download_command(raw_dir, version)
         if not download:
-            raise FileNotFoundError(f"ml-100k not found under {out}; download it with:\n  {cmd}")
+            raise InputFileNotFound(f"ml-100k not found under {out}; download it with:\n  {cmd}")
         raw_dir.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(cmd.split(), capture_output=True, text=True)
         wheels = sorted(raw_dir.glob(f"recbole-{version}-*.whl"))
@@ -82,25 +90,60 @@ def read_atomic(path: Path) -> pl.DataFrame:
     return df.rename({c: c.split(":")[0] for c in df.columns})
 
 
+def needed_columns(df: pl.DataFrame, path: Path, names: tuple[str, ...]) -> None:
+    """An ``InputError`` naming the file and the columns it lacks."""
+    missing = [c for c in names if c not in df.columns]
+    if missing:
+        raise InputError(f"{path} lacks column(s) {missing} (it has {df.columns}); see the RecBole atomic format")
+
+
+def finite_numbers(df: pl.DataFrame, column: str, path: Path, whole: bool = False) -> pl.Series:
+    """A column of numbers (``numeric_column``), finite (and ``whole``: integers), or an ``InputError``
+    naming the file, column, row and value."""
+    values = numeric_column(df[column], str(path))
+    if values.dtype.is_float():
+        bad = ~values.is_finite()
+        if whole:
+            bad = bad | (values != values.round())
+        bad = bad.fill_null(False).to_numpy()
+        if bad.any():
+            i = first_row(bad)
+            raise InputError(f"{path}: column {column!r}, row {i}: {df[column][i]!r} is not a finite "
+                             f"{'whole ' if whole else ''}number")
+    return values
+
+
 def ml100k_frames(directory: str | Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """(events, item features, user features) of the ml-100k atomic files, ready for ``ingest_event_log``."""
+    """(events, item features, user features) of the ml-100k atomic files, ready for ``ingest_event_log``.
+
+    Ids and times are cast to numbers here (a value that is not one is refused, naming it); their
+    normalization, units and range are ``ingest_event_log``'s checks.
+    """
     directory = Path(directory)
-    inter = read_atomic(directory / "ml-100k.inter")
-    events = inter.select(
-        pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64),
-        pl.col("timestamp").cast(pl.Float64).cast(pl.Int64),
-        pl.col("rating").cast(pl.Float64).cast(pl.Int64).alias("action"),
-        pl.col("rating").cast(pl.Float64).alias("rating"))
-    items = read_atomic(directory / "ml-100k.item").select(
-        pl.col("item_id").cast(pl.Int64),
+    inter_path = directory / "ml-100k.inter"
+    inter = read_atomic(inter_path)
+    needed_columns(inter, inter_path, ("user_id", "item_id", "rating", "timestamp"))
+    rating = finite_numbers(inter, "rating", inter_path).cast(pl.Float64)
+    events = pl.DataFrame({
+        "user_id": numeric_column(inter["user_id"], str(inter_path)),
+        "item_id": numeric_column(inter["item_id"], str(inter_path)),
+        "timestamp": numeric_column(inter["timestamp"], str(inter_path)),
+        "action": rating.cast(pl.Int64), "rating": rating})
+    item_path = directory / "ml-100k.item"
+    items = read_atomic(item_path)
+    needed_columns(items, item_path, ("item_id", "class"))
+    items = items.select(
+        numeric_column(items["item_id"], str(item_path)),
         pl.col("class").fill_null("").str.split(" ").list.first().alias("category"))
     items = items.with_columns(pl.when(pl.col("category") == "").then(None).otherwise(pl.col("category"))
                                .alias("category"))
-    users = read_atomic(directory / "ml-100k.user")
-    age = users["age"].cast(pl.Int64).to_numpy()
+    user_path = directory / "ml-100k.user"
+    users = read_atomic(user_path)
+    needed_columns(users, user_path, ("user_id", "age", "gender", "occupation", "zip_code"))
+    age = finite_numbers(users, "age", user_path, whole=True).cast(pl.Int64).to_numpy()
     zip_first = users["zip_code"].str.slice(0, 1)
     users = pl.DataFrame({
-        "user_id": users["user_id"].cast(pl.Int64),
+        "user_id": numeric_column(users["user_id"], str(user_path)),
         "age_bucket": np.searchsorted(np.asarray(AGE_EDGES), age, side="right").astype(np.int64),
         "gender": users["gender"],
         "occupation": users["occupation"],
@@ -119,10 +162,10 @@ def held_out_items(events: pl.DataFrame, fraction: float, seed: int) -> np.ndarr
 
 def ingest_ml100k(directory: str | Path, like_threshold: int = 4, cold_item_fraction: float = 0.0,
                   cold_seed: int = 0) -> IngestResult:
-    """Request rows of the ml-100k CTR protocol (see the module docstring)."""
+    """Request rows of the ml-100k CTR protocol (see the module docstring); times are seconds."""
     events, items, users = ml100k_frames(directory)
     cold = held_out_items(events, cold_item_fraction, cold_seed) if cold_item_fraction > 0 else None
     return ingest_event_log(events.with_columns(pl.lit("rating").alias("kind")), item_features=items,
                             user_features=users, task="like", label_column="rating",
                             positive_threshold=float(like_threshold), num_negatives=0, split="leave_one_out",
-                            cold_items=cold)
+                            cold_items=cold, timestamp_unit="s", name=str(Path(directory) / "ml-100k.inter"))

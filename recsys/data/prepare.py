@@ -138,6 +138,7 @@ def _build(cfg: DataConfig, out_dir: Path, progress: bool) -> dict:
         schema, cols, split, timings, seed = data.schema, data.columns, data.split, data.timings, 0
         extra["protocol"] = "ml-100k CTR: one request per rating, like = rating >= " \
             f"{cfg.ml100k.like_threshold}, per-user leave-one-out by time (ties: file order)"
+        extra.update(data.counters)  # what the input policies did (duplicates dropped, ids normalized, unit)
         if data.cold_items is not None:
             extra["protocol"] += f"; {len(data.cold_items)} movies held out as cold items (every rating -> test)"
             extra["cold_items"] = data.cold_items.tolist()

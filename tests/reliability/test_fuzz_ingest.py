@@ -1,7 +1,8 @@
 """Fuzz: hostile event logs (ids of any dtype incl. unicode / huge / float / null, unsorted and duplicated
-timestamps, null kinds, odd labels, item / user tables) through ``ingest_event_log``: either a ValueError that
-says what is wrong, or request rows that pass the read-time contract and whose every history equals a brute
-force over the raw log."""
+timestamps, null kinds, odd labels, item / user tables, exact duplicate rows) through ``ingest_event_log``:
+either a ValueError that says what is wrong, or request rows that pass the read-time contract and whose every
+history equals a brute force over the raw log (ids normalized and duplicates dropped by the documented
+rules, re-implemented here)."""
 
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def event_logs(draw) -> dict:
         cols["y"] = draw(st.lists(st.one_of(st.sampled_from([0.0, 1.0, 1.0]), bad), min_size=n, max_size=n))
         dtypes["y"] = pl.Float64
     events = pl.DataFrame(cols, schema=dtypes)
+    if n and draw(st.booleans()):  # exact duplicate rows
+        events = pl.concat([events, events.gather(draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=3)))])
     kinds = sorted({k for k in cols.get("kind", []) if k is not None}) or ["event"]
     item_features = None
     if draw(st.booleans()) and n:
@@ -102,7 +105,33 @@ def event_logs(draw) -> dict:
             "num_negatives": draw(st.integers(0, 2)),
             "target_kind": draw(st.sampled_from([None, None, kinds[0], kinds[-1], "missing kind"])),
             "split": draw(st.sampled_from(["leave_one_out", "time"] * 4 + ["random"])),
-            "max_history": draw(st.sampled_from([None, 1, 3])), "seed": 0}
+            "max_history": draw(st.sampled_from([None, 1, 3])), "seed": 0,
+            "duplicates": draw(st.sampled_from(["drop", "keep"]))}
+
+
+def expected_ids(values: list) -> list:
+    """The id normalization rule, written out: a whole float is the int, ``"<int>.0..."`` loses the suffix."""
+    out = []
+    for x in values:
+        if isinstance(x, float) and x == int(x):
+            x = int(x)
+        elif isinstance(x, str) and re.fullmatch(r"-?[0-9]+\.0+", x):
+            x = x[:x.index(".")]
+        out.append(x)
+    return out
+
+
+def expected_events(case: dict) -> pl.DataFrame:
+    """The event log as ingest must see it: ids normalized, and (duplicates=drop) the first of equal rows."""
+    events = case["events"]
+    events = events.with_columns(
+        *(pl.Series(c, expected_ids(events[c].to_list()), dtype=pl.Int64 if events[c].dtype.is_float()
+                    else events[c].dtype) for c in ("user_id", "item_id")))
+    if case["duplicates"] == "drop":
+        events = events.unique(keep="first", maintain_order=True)
+    if events["timestamp"].dtype == pl.String:  # numeric strings are read as numbers
+        events = events.with_columns(pl.col("timestamp").cast(pl.Int64))
+    return events
 
 
 def brute_histories(log, user: int, ts: int, max_history: int | None) -> dict[str, list[tuple[int, int]]]:
@@ -129,13 +158,15 @@ def test_fuzz_ingest_clear_error_or_sound_rows(case):
     schema, cols = res.schema, res.columns
     table = to_arrow(cols, schema)
     validate_table(table, schema, "ingest", 0)  # the read-time contract holds
-    events = case["events"]
+    events = expected_events(case)
     log = encode_event_log(events, item_features=case["item_features"])
     # every raw id decodes back through the vocabulary (no id silently merged or shifted)
     for raw, code, vocab in ((events["user_id"], log.events["user_id"], log.user_vocab),
                              (events["item_id"], log.events["item_id"], log.item_vocab)):
         decoded = [None if c == 0 else vocab[int(c) - 1] for c in code.to_list()]
         assert [str(x) for x in decoded] == [str(x) for x in raw.to_list()]
+    if case["duplicates"] == "drop":
+        assert res.counters["duplicate_events_dropped"] == len(case["events"]) - len(events)
     target = log.events if case["target_kind"] is None else log.events.filter(pl.col("kind") == case["target_kind"])
     assert table.num_rows == len(target)
     assert Counter(zip(table.column("user_id").to_pylist(), table.column("request_ts").to_pylist())) == \
