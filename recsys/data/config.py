@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 from numbers import Integral, Real
+from pathlib import Path
 
 from recsys.errors import InputError
 
@@ -230,35 +231,35 @@ class SyntheticConfig:
         self.history_dist = HistoryDist(self.history_dist)
         for name in ("num_users", "num_items", "num_categories", "candidates_per_request", "signal_window"):
             if getattr(self, name) < 1:
-                raise ValueError(f"synthetic.{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"synthetic.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_actions < 3:
-            raise ValueError(f"synthetic.num_actions must be >= 3, got {self.num_actions}")
+            raise InputError(f"synthetic.num_actions must be >= 3, got {self.num_actions}")
         if not self.sequences or len(set(self.sequences)) != len(self.sequences):
-            raise ValueError(f"synthetic.sequences must be non-empty and unique, got {self.sequences}")
+            raise InputError(f"synthetic.sequences must be non-empty and unique, got {self.sequences}")
         if len(self.kind_rates) != len(self.sequences):
-            raise ValueError("synthetic.kind_rates needs one rate per sequence kind")
+            raise InputError("synthetic.kind_rates needs one rate per sequence kind")
         if any(r <= 0 for r in self.kind_rates) or not math.isclose(sum(self.kind_rates), 1.0, abs_tol=1e-6):
-            raise ValueError(f"synthetic.kind_rates must be positive and sum to 1, got {self.kind_rates}")
+            raise InputError(f"synthetic.kind_rates must be positive and sum to 1, got {self.kind_rates}")
         if self.requests_per_user < 1:
-            raise ValueError(f"synthetic.requests_per_user must be >= 1, got {self.requests_per_user}")
+            raise InputError(f"synthetic.requests_per_user must be >= 1, got {self.requests_per_user}")
         if self.history_median <= 0 or self.history_sigma <= 0 or self.history_pareto_alpha <= 0:
-            raise ValueError("synthetic history distribution parameters must be > 0")
+            raise InputError("synthetic history distribution parameters must be > 0")
         if self.max_history < 1:
-            raise ValueError(f"synthetic.max_history must be >= 1, got {self.max_history}")
+            raise InputError(f"synthetic.max_history must be >= 1, got {self.max_history}")
         for name in ("stickiness", "candidate_pref_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"synthetic.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise InputError(f"synthetic.{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.tasks or self.tasks[0] != "click" or any(t not in SYNTHETIC_TASKS for t in self.tasks) \
                 or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"synthetic.tasks must be ['click'] or ['click', 'like'], got {self.tasks}")
+            raise InputError(f"synthetic.tasks must be ['click'] or ['click', 'like'], got {self.tasks}")
         if self.valid_fraction < 0 or self.test_fraction < 0 or self.valid_fraction + self.test_fraction >= 1:
-            raise ValueError("synthetic.valid_fraction + test_fraction must be in [0, 1)")
+            raise InputError("synthetic.valid_fraction + test_fraction must be in [0, 1)")
         if self.time_span_days <= 0 or self.recency_scale <= 0 or self.preference_concentration <= 0:
-            raise ValueError("synthetic.time_span_days, recency_scale, preference_concentration must be > 0")
+            raise InputError("synthetic.time_span_days, recency_scale, preference_concentration must be > 0")
         if self.long_range_window < 1:
-            raise ValueError(f"synthetic.long_range_window must be >= 1, got {self.long_range_window}")
+            raise InputError(f"synthetic.long_range_window must be >= 1, got {self.long_range_window}")
         if not 0.0 <= self.cold_item_fraction < 1.0:
-            raise ValueError(f"synthetic.cold_item_fraction must be in [0, 1), got {self.cold_item_fraction}")
+            raise InputError(f"synthetic.cold_item_fraction must be in [0, 1), got {self.cold_item_fraction}")
 
 
 @dataclass
@@ -281,9 +282,9 @@ class Ml100kConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.like_threshold <= 5:
-            raise ValueError(f"ml100k.like_threshold must be in 1..5, got {self.like_threshold}")
+            raise InputError(f"ml100k.like_threshold must be in 1..5, got {self.like_threshold}")
         if not 0.0 <= self.cold_item_fraction < 1.0:
-            raise ValueError(f"ml100k.cold_item_fraction must be in [0, 1), got {self.cold_item_fraction}")
+            raise InputError(f"ml100k.cold_item_fraction must be in [0, 1), got {self.cold_item_fraction}")
 
 
 @dataclass
@@ -308,14 +309,14 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+            raise InputError(f"loader.batch_size must be >= 1, got {self.batch_size}")
         if self.max_len < 1:
-            raise ValueError(f"loader.max_len must be >= 1, got {self.max_len}")
+            raise InputError(f"loader.max_len must be >= 1, got {self.max_len}")
         if self.long_max_len and self.long_max_len < self.max_len:
-            raise ValueError(f"loader.long_max_len must be 0 (off) or >= max_len ({self.max_len}), "
+            raise InputError(f"loader.long_max_len must be 0 (off) or >= max_len ({self.max_len}), "
                              f"got {self.long_max_len}")
         if self.num_workers < 0:
-            raise ValueError(f"loader.num_workers must be >= 0, got {self.num_workers}")
+            raise InputError(f"loader.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -343,6 +344,21 @@ class DataConfig:
         self.source = DataSource(self.source)
         self.oov_policy = OovPolicy(self.oov_policy)
         if self.row_group_size < 1:
-            raise ValueError(f"data.row_group_size must be >= 1, got {self.row_group_size}")
-        if self.source == DataSource.parquet and not self.path:
-            raise ValueError("data.source=parquet needs data.path (a prepared directory with schema.json)")
+            raise InputError(f"data.row_group_size must be >= 1, got {self.row_group_size}")
+        self._check_path()
+
+    def _check_path(self) -> None:
+        """``data.path`` is read only with ``source=parquet``, where it must be an existing directory: a path
+        that another source would silently ignore, or one that does not exist, is refused before any work."""
+        if self.source != DataSource.parquet:
+            if self.path:
+                raise InputError(f"data.path={self.path} is set, but data.source={self.source.value} does not read "
+                                 "it (only data.source=parquet reads data.path): drop data.path, or add "
+                                 "data.source=parquet")
+            return
+        if not self.path:
+            raise InputError("data.source=parquet needs data.path (a prepared directory with schema.json)")
+        if not Path(self.path).is_dir():
+            what = "is not a directory" if Path(self.path).exists() else "does not exist"
+            raise InputError(f"data.path={self.path} {what} (data.source=parquet reads a prepared dataset "
+                             "directory: schema.json + train/ valid/ test/)")

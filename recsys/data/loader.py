@@ -1,7 +1,8 @@
 """``RequestLoader``: streams request-row Parquet files as :class:`RequestBatch` es.
 
 Reading is one row group at a time (never a whole file), each validated on read
-(:func:`recsys.data.validate.validate_table`) and collated into jagged batches.
+(:func:`recsys.data.validate.validate_table`, which also gives every row group the contract's exact
+Arrow schema, so row groups of different files concatenate) and collated into jagged batches.
 
 Sharding: a *shard* is one (rank, DataLoader worker) pair; there are
 ``world_size * max(1, num_workers)`` of them, shard id ``rank * workers + worker``.
@@ -30,8 +31,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from recsys.data.batch import RequestBatch
 from recsys.data.collate import BatchArrays, collate_arrays
 from recsys.data.config import LoaderConfig
+from recsys.data.parquet_io import open_parquet, read_row_group
 from recsys.data.schema import DataSchema
 from recsys.data.validate import validate_table
+from recsys.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,11 @@ class ReadUnit:
 
 
 def row_group_units(files: list[Path]) -> list[ReadUnit]:
-    """Every row group of ``files`` (in file, then row-group order), from the Parquet footers only."""
+    """Every row group of ``files`` (in file, then row-group order), from the Parquet footers only
+    (a damaged footer raises :class:`~recsys.data.validate.DataValidationError` naming the file)."""
     units = []
     for f in files:
-        meta = pq.ParquetFile(f).metadata
+        meta = open_parquet(f).metadata
         units += [ReadUnit(str(f), i, 0, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
     return [u for u in units if u.num_rows > 0]
 
@@ -93,10 +97,10 @@ class RequestStream(IterableDataset):
         """One validated row group (or its row range)."""
         pf = files.get(unit.file)
         if pf is None:
-            pf = files[unit.file] = pq.ParquetFile(unit.file)
+            pf = files[unit.file] = open_parquet(unit.file)
         names = set(pf.schema_arrow.names)
         present = [c for c in self.columns if c in names]
-        table = validate_table(pf.read_row_group(unit.row_group, columns=present), self.schema, unit.file,
+        table = validate_table(read_row_group(pf, unit.file, unit.row_group, present), self.schema, unit.file,
                                unit.row_group)
         if unit.start or unit.stop < table.num_rows:
             table = table.slice(unit.start, unit.num_rows)
@@ -106,7 +110,16 @@ class RequestStream(IterableDataset):
             table = table.take(rng.permutation(table.num_rows))
         return table
 
-    def __iter__(self) -> Iterator[BatchArrays]:
+    def __iter__(self) -> Iterator[BatchArrays | InputError]:
+        """This shard's batches; a refusal (a damaged file, a row breaking the contract) is yielded as the
+        last item, not raised: raised in a DataLoader worker, it would reach the main process with the
+        worker's traceback pasted into its message. :class:`RequestLoader` raises it there as it is."""
+        try:
+            yield from self._batches()
+        except InputError as exc:
+            yield exc
+
+    def _batches(self) -> Iterator[BatchArrays]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         bs = self.cfg.batch_size
@@ -178,4 +191,6 @@ class RequestLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, generator=gen,
                             worker_init_fn=_worker_init if self.cfg.num_workers > 0 else None)
         for arrays in loader:
+            if isinstance(arrays, InputError):
+                raise arrays
             yield arrays.to_batch()

@@ -9,10 +9,17 @@ Layout of a prepared dataset directory::
     <dir>/schema.json                 DataSchema.to_json()
     <dir>/summary.json                counts, rates, history stats, timings (written last)
     <dir>/<split>/part-00000.parquet  split in {train, valid, test}
+
+Reading: :func:`open_parquet` and :func:`read_row_group` are the one way a data file is opened and a
+row group read; a missing, empty, truncated or corrupted file becomes a
+:class:`~recsys.data.validate.DataValidationError` naming the file (and the row group), never a bare
+pyarrow error. Writers store a CRC32 checksum per data page and readers verify it, so a flipped byte in
+the data is reported rather than decoded into wrong values.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +29,7 @@ import pyarrow.parquet as pq
 
 from recsys.data.jagged import Jagged
 from recsys.data.schema import DataSchema
+from recsys.data.validate import DataValidationError
 
 SPLITS = ("train", "valid", "test")
 RequestColumns = dict[str, "np.ndarray | Jagged"]
@@ -66,7 +74,7 @@ def write_requests(cols: RequestColumns, schema: DataSchema, path: Path, row_gro
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     n = num_rows(cols)
-    with pq.ParquetWriter(path, schema.arrow_schema(), compression="zstd") as writer:
+    with pq.ParquetWriter(path, schema.arrow_schema(), compression="zstd", write_page_checksum=True) as writer:
         for start in range(0, n, row_group_size):
             writer.write_table(to_arrow(cols, schema, start, min(n, start + row_group_size)),
                                row_group_size=row_group_size)
@@ -82,14 +90,75 @@ def write_schema(schema: DataSchema, directory: Path) -> Path:
 
 
 def read_schema(directory: str | Path) -> DataSchema:
-    """The :class:`DataSchema` stored as ``<directory>/schema.json``."""
+    """The :class:`DataSchema` stored as ``<directory>/schema.json``.
+
+    A missing or unreadable file, invalid JSON, or valid JSON of the wrong structure (unknown key, wrong
+    type, impossible size) raises :class:`DataValidationError` naming the file and what is wrong.
+    """
     path = Path(directory) / "schema.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a prepared dataset directory")
-    return DataSchema.from_json(path.read_text())
+        raise DataValidationError(f"{path} not found: {directory} is not a prepared dataset directory "
+                                  "(schema.json + train/ valid/ test/ of Parquet files)")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataValidationError(f"{path}: cannot be read ({exc})") from exc
+    try:
+        return DataSchema.from_json(text)
+    except json.JSONDecodeError as exc:
+        raise DataValidationError(f"{path}: not valid JSON ({exc}); schema.json is written by "
+                                  "recsys.data.prepare.write_dataset") from exc
+    except (TypeError, ValueError) as exc:
+        raise DataValidationError(f"{path}: not a valid data schema: {exc}") from exc
+
+
+def read_json_file(path: Path) -> dict:
+    """A JSON object stored beside the data (e.g. summary.json); garbage -> :class:`DataValidationError`."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataValidationError(f"{path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise DataValidationError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _arrow_reason(exc: BaseException) -> str:
+    """pyarrow's message on one line (some span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def open_parquet(path: str | Path) -> pq.ParquetFile:
+    """Opens a data file (reads its footer), verifying page checksums on every later read.
+
+    A missing, 0-byte, truncated or non-Parquet file raises :class:`DataValidationError` naming it.
+    """
+    try:
+        return pq.ParquetFile(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataValidationError(f"{path}: not a readable Parquet file ({_arrow_reason(exc)}): the file is "
+                                  "missing, empty, truncated or not Parquet; write it again") from exc
+
+
+def read_row_group(pf: pq.ParquetFile, path: str | Path, row_group: int, columns: list[str] | None = None
+                   ) -> pa.Table:
+    """Row group ``row_group`` of the opened ``pf`` (``path`` names it in errors).
+
+    Damaged pages (bad checksum, undecodable data) raise :class:`DataValidationError` naming file and row group.
+    """
+    try:
+        return pf.read_row_group(row_group, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataValidationError(f"{path}, row group {row_group}: cannot be read ({_arrow_reason(exc)}): the "
+                                  "file is corrupted; write it again") from exc
 
 
 def split_files(directory: str | Path) -> dict[str, list[Path]]:
     """``{"train": [...], "valid": [...], "test": [...]}``: the Parquet files of each split, sorted."""
     directory = Path(directory)
     return {s: sorted((directory / s).glob("*.parquet")) for s in SPLITS}
+
+
+def split_rows(files: list[Path]) -> int:
+    """Requests in ``files``, from the Parquet footers (every footer is read: a damaged one is reported)."""
+    return sum(open_parquet(f).metadata.num_rows for f in files)

@@ -5,6 +5,10 @@ hash covers every config field that changes the rows (plus ``FORMAT_VERSION``).
 It is built in a temporary sibling directory and renamed into place, so a reader
 never sees half a dataset; a later call with the same config returns the existing
 directory without regenerating (``PreparedDataset.cached``).
+
+Opening checks what a reader needs before any work: schema.json parses into a valid schema, and every
+split the caller names in ``need`` (default: train) holds at least one request, every footer of it
+readable (:func:`require_splits`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,14 +33,17 @@ from recsys.data.ingest import SPLIT_CODES
 from recsys.data.parquet_io import (
     SPLITS,
     RequestColumns,
+    read_json_file,
     read_schema,
     split_files,
+    split_rows,
     take_rows,
     write_requests,
     write_schema,
 )
 from recsys.data.schema import DataSchema
 from recsys.data.stats import summarize
+from recsys.errors import InputError
 
 FORMAT_VERSION = 1
 """Bump when generation / ingest changes the rows, so stale caches are not reused."""
@@ -167,14 +175,44 @@ def _build(cfg: DataConfig, out_dir: Path, progress: bool) -> dict:
 def _load(directory: Path, cfg: DataConfig, cached: bool) -> PreparedDataset:
     schema = dataclasses.replace(read_schema(directory), oov_policy=cfg.oov_policy.value)
     summary_path = directory / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json_file(summary_path) if summary_path.is_file() else {}
     return PreparedDataset(schema=schema, splits=split_files(directory), summary=summary, path=directory,
                            cached=cached)
 
 
-def prepare_dataset(cfg: DataConfig | DictConfig, *, progress: bool = True) -> PreparedDataset:
-    """Generates / ingests the configured dataset once and returns its files (cached by config hash)."""
+def require_splits(ds: PreparedDataset, need: Iterable[str]) -> None:
+    """Every split in ``need`` holds at least one request; every footer of those splits is read, so a
+    0-byte, truncated or non-Parquet file there is refused now, not after hours of work.
+
+    Raises :class:`~recsys.errors.InputError` naming the dataset directory and the split.
+    """
+    for name in need:
+        if name not in ds.splits:
+            raise InputError(f"dataset {ds.path}: no split {name!r} (splits: {', '.join(SPLITS)})")
+        files = ds.splits[name]
+        if not files:
+            raise InputError(f"dataset {ds.path}: split {name!r} is empty: no {ds.path}/{name}/*.parquet files; "
+                             "prepare the dataset again (python -m recsys.data) or fix data.path")
+        if split_rows(files) == 0:
+            raise InputError(f"dataset {ds.path}: split {name!r} is empty: its {len(files)} Parquet file(s) hold "
+                             "0 requests; prepare the dataset again (python -m recsys.data) or fix data.path")
+
+
+def prepare_dataset(cfg: DataConfig | DictConfig, *, progress: bool = True,
+                    need: Iterable[str] = ("train",)) -> PreparedDataset:
+    """Generates / ingests the configured dataset once and returns its files (cached by config hash).
+
+    ``need``: splits the caller reads, which must not be empty (:func:`require_splits`); the default, the
+    train split, is what every command reads (training, the loader pass, popularity counts). Training
+    passes all three: it validates on valid and reports on test.
+    """
     cfg = as_data_config(cfg)
+    ds = _open_or_build(cfg, progress)
+    require_splits(ds, need)
+    return ds
+
+
+def _open_or_build(cfg: DataConfig, progress: bool) -> PreparedDataset:
     out = dataset_dir(cfg)
     if cfg.source == DataSource.parquet:
         return _load(out, cfg, cached=True)

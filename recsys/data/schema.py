@@ -11,7 +11,7 @@ Columns of a request row (``S`` = a behaviour-sequence kind, ``T`` = a task)::
     user_id             int64                 >= 0
     request_ts          int64                 seconds; every history event is strictly earlier
     <sparse.name>       int64                 one id per user/context sparse feature
-    <dense name>        float32 / float64     one value per dense feature, finite
+    <dense name>        float32               one value per dense feature, finite (float64 accepted: cast on read)
     seq_<S>_item_id     list<int64>           behaviour sequence S, oldest first
     seq_<S>_category    list<int64>           item side info, same length
     seq_<S>_action      list<int64>           action type / strength (e.g. rating), same length
@@ -32,6 +32,7 @@ error (there is nothing to rank or learn from).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -137,6 +138,53 @@ class DataSchema:
 
     @classmethod
     def from_json(cls, text: str) -> DataSchema:
-        raw = json.loads(text)
-        raw["sparse"] = [SparseFeature(**f) for f in raw.get("sparse", [])]
-        return cls(**raw)
+        """Parses :meth:`to_json` output; wrong structure -> ``ValueError`` naming the key (see :meth:`from_dict`)."""
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, raw: object) -> DataSchema:
+        """A schema from its JSON object, every key and type checked first: a hand-written or damaged
+        schema.json fails here with the key at fault rather than deep inside a reader."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object of schema fields, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(_JSON_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} (known: {sorted(_JSON_FIELDS)})")
+        missing = [k for k in _JSON_REQUIRED if k not in raw]
+        if missing:  # a default here would silently size the tables / name the columns
+            raise ValueError(f"missing key(s) {missing}: table sizes and column names must be stated")
+        for key, (check, want) in _JSON_FIELDS.items():
+            if key in raw and not check(raw[key]):
+                raise ValueError(f"key {key!r} = {repr(raw[key])[:80]}: expected {want}")
+        for key in ("SEQ_FIELDS", "CAND_ID_FIELDS"):  # written by to_json, fixed by the contract
+            if key in raw and tuple(raw[key]) != getattr(cls, key):
+                raise ValueError(f"key {key!r} = {raw[key]!r}: must be {list(getattr(cls, key))} (fixed by the contract)")
+        fields = {k: v for k, v in raw.items() if k not in ("SEQ_FIELDS", "CAND_ID_FIELDS")}
+        fields["sparse"] = [SparseFeature(**f) for f in raw.get("sparse", [])]
+        return cls(**fields)
+
+
+def _str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _sparse_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(f, dict) and set(f) == {"name", "num_embeddings"}
+                                       and isinstance(f["name"], str) and _int(f["num_embeddings"]) for f in v)
+
+
+_STR_LIST = (_str_list, "a list of strings")
+_INT = (_int, "an integer")
+_JSON_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "sparse": (_sparse_list, 'a list of {"name": str, "num_embeddings": int}'), "dense": _STR_LIST,
+    "sequences": _STR_LIST, "tasks": _STR_LIST, "num_items": _INT, "num_categories": _INT, "num_actions": _INT,
+    "has_true_prob": (lambda v: isinstance(v, bool), "true or false"),
+    "oov_policy": (lambda v: v in ("error", "oov"), '"error" or "oov"'),
+    "SEQ_FIELDS": _STR_LIST, "CAND_ID_FIELDS": _STR_LIST}
+"""Keys of schema.json: (check of the value's type, what is expected)."""
+_JSON_REQUIRED = ("sequences", "tasks", "num_items", "num_categories", "num_actions")
+"""Keys schema.json must hold (the others have safe defaults: no sparse / dense features, no true prob)."""

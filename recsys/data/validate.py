@@ -8,6 +8,7 @@ without re-reading everything. Policies (see docs/data.md):
 negative id                           error
 id >= table size                      ``schema.oov_policy``: error, or map to id 0
 NaN / Inf dense value                 error
+float64 dense column                  cast to float32 (the contract's dtype); beyond float32's range: error
 null anywhere                         error
 empty history                         allowed
 zero candidates                       error
@@ -101,11 +102,25 @@ def _check_ids(values: np.ndarray, size: int, policy: str, where: tuple[str | Pa
     return out
 
 
+def _to_float32(vals: np.ndarray, where: tuple[str | Path, int, str]) -> np.ndarray:
+    """Finite float64 dense values as float32 (round to nearest); one beyond float32's range is an error."""
+    with np.errstate(over="ignore"):
+        out = vals.astype(np.float32)
+    over = np.flatnonzero(~np.isfinite(out))
+    if over.size:
+        i = int(over[0])
+        raise DataValidationError(f"{_where(*where, i)}: dense value {float(vals[i])!r} is beyond the float32 range "
+                                  "(dense features are float32)")
+    return out
+
+
 def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_group: int) -> pa.Table:
     """Checks a row group read from ``file`` against ``schema``; returns it (ids remapped under ``oov``).
 
     Raises :class:`DataValidationError` naming file, row group, column (and row) on the
-    first violation. Columns not in the schema are dropped from the returned table.
+    first violation. Columns not in the schema are dropped from the returned table, and float64 dense
+    columns are cast to float32: the returned table has exactly ``schema.arrow_schema()``, so row groups
+    of files written with either width concatenate.
     """
     _check_types(table, schema, file, row_group)
     table = table.select([f.name for f in schema.arrow_schema()])
@@ -136,6 +151,8 @@ def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_gr
         if bad.size:
             i = int(bad[0])
             raise DataValidationError(f"{_where(file, row_group, d, i)}: non-finite dense value {vals[i]}")
+        if vals.dtype != np.float32:  # float64 is accepted and cast here, so every row group has one schema
+            replace[d] = pa.array(_to_float32(vals, (file, row_group, d)), pa.float32())
 
     request_ts = table.column("request_ts").to_numpy()
     for kind in schema.sequences:
@@ -207,5 +224,8 @@ def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_gr
 
     for name, arr in replace.items():
         table = table.set_column(table.column_names.index(name), name, arr)
+    target = schema.arrow_schema()
+    if not table.schema.equals(target):  # e.g. fields a writer declared non-nullable: concat needs one schema
+        table = table.cast(target)
     assert table.num_rows == n
     return table

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
 from recsys.data.config import DataConfig
+from recsys.errors import InputError
 
 
 class ContentSource(str, Enum):
@@ -47,10 +49,16 @@ class ContentConfig:
 
     def __post_init__(self) -> None:
         self.source = ContentSource(self.source)
-        if self.source in (ContentSource.parquet, ContentSource.checkpoint) and not self.path:
-            raise ValueError(f"quant.content.source={self.source.value} needs content.path")
+        reads_path = self.source in (ContentSource.parquet, ContentSource.checkpoint)
+        if reads_path and not self.path:
+            raise InputError(f"content.source={self.source.value} needs content.path")
+        if self.path and not reads_path:  # silently ignored otherwise
+            raise InputError(f"content.path={self.path} is set, but content.source={self.source.value} does not "
+                             "read it (only content.source=parquet | checkpoint do): drop content.path")
+        if reads_path and not Path(self.path).is_file():
+            raise InputError(f"content.path={self.path} is not a file (content.source={self.source.value})")
         if self.dim < 1 or self.noise < 0:
-            raise ValueError("quant.content.dim must be >= 1 and content.noise >= 0")
+            raise InputError("quant.content.dim must be >= 1 and content.noise >= 0")
 
 
 @dataclass
@@ -124,9 +132,9 @@ class QuantConfig:
         self.method = QuantMethod(self.method)
         self.collision_fix = CollisionFix(self.collision_fix)
         if self.levels < 1 or self.codebook_size < 0 or self.kmeans_iters < 1:
-            raise ValueError("quant.levels >= 1, quant.codebook_size >= 0 (0 = auto), quant.kmeans_iters >= 1")
+            raise InputError("quant.levels >= 1, quant.codebook_size >= 0 (0 = auto), quant.kmeans_iters >= 1")
         if self.rq_vae.beta < 0 or self.multi_expert.orth_weight < 0:
-            raise ValueError("quant.rq_vae.beta and quant.multi_expert.orth_weight must be >= 0")
+            raise InputError("quant.rq_vae.beta and quant.multi_expert.orth_weight must be >= 0")
 
 
 def register_configs() -> None:

@@ -17,26 +17,30 @@ import pyarrow.parquet as pq
 import torch
 
 from recsys.data.config import DataConfig, DataSource, SyntheticConfig
+from recsys.errors import InputError
 
 ITEM_TABLE_KEY = "tokenizer.embeddings.seq_tables.embeddings.item_id_table.weight"
 
 
 def read_content_parquet(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Parquet with columns ``item_id`` (int) and ``vector`` (list of floats, one length)."""
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"content.path={path}: not a readable Parquet file ({' '.join(str(exc).split())})") from exc
     missing = {"item_id", "vector"} - set(table.column_names)
     if missing:
-        raise ValueError(f"content Parquet {path} lacks column(s) {sorted(missing)} (needs item_id, vector)")
+        raise InputError(f"content Parquet {path} lacks column(s) {sorted(missing)} (needs item_id, vector)")
     ids = torch.from_numpy(table["item_id"].to_numpy().astype(np.int64))
     lens = pa.compute.list_value_length(table["vector"]).to_numpy()
     if len(lens) and (lens != lens[0]).any():
-        raise ValueError(f"content Parquet {path}: vectors have different lengths {sorted(set(lens.tolist()))[:5]}")
+        raise InputError(f"content Parquet {path}: vectors have different lengths {sorted(set(lens.tolist()))[:5]}")
     flat = pa.compute.list_flatten(table["vector"]).to_numpy().astype(np.float32)
     vecs = torch.from_numpy(flat).view(len(ids), -1 if len(ids) else 0)
     if len(torch.unique(ids)) != len(ids):
-        raise ValueError(f"content Parquet {path}: duplicate item_id values")
+        raise InputError(f"content Parquet {path}: duplicate item_id values")
     if (ids < 1).any():
-        raise ValueError(f"content Parquet {path}: item ids must be >= 1 (0 is the OOV id)")
+        raise InputError(f"content Parquet {path}: item ids must be >= 1 (0 is the OOV id)")
     return ids, vecs
 
 
@@ -50,7 +54,7 @@ def checkpoint_content(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     weights = state.get("model", {}).get(ITEM_TABLE_KEY)
     if weights is None:
-        raise ValueError(f"checkpoint {path} has no item id table ({ITEM_TABLE_KEY}); was it trained with "
+        raise InputError(f"checkpoint {path} has no item id table ({ITEM_TABLE_KEY}); was it trained with "
                          "model.item_embedding.mode=sid?")
     return torch.arange(1, weights.shape[0]), weights[1:].float()
 
@@ -82,7 +86,7 @@ def ml100k_genre_content(data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
                         / "ml-100k.item")
     ids = items["item_id"].cast(pl.Int64).to_numpy()
     if not np.array_equal(np.sort(ids), np.arange(1, len(ids) + 1)):
-        raise ValueError("ml-100k item ids are not 1..n; the dataset's dense ids would differ from raw ids")
+        raise InputError("ml-100k item ids are not 1..n; the dataset's dense ids would differ from raw ids")
     genres = items["class"].fill_null("").str.split(" ")
     vocab = sorted({g for gs in genres.to_list() for g in gs if g})
     multi = np.array([[g in set(gs) for g in vocab] for gs in genres.to_list()], dtype=np.float32)
@@ -107,5 +111,5 @@ def side_feature_content(data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = data.synthetic
         world = make_world(cfg, np.random.default_rng(np.random.SeedSequence(cfg.seed).spawn(5)[0]))
         return category_content(cfg.num_items + 1, world.item_category, cfg.num_categories + 1)
-    raise ValueError(f"side_features content is implemented for synthetic and ml100k data, not {data.source.value!r};"
+    raise InputError(f"side_features content is implemented for synthetic and ml100k data, not {data.source.value!r};"
                      " pass a Parquet of vectors (content.source=parquet) instead")

@@ -8,6 +8,7 @@ Shapes: ``x [N, d]`` points, ``centroids [K, d]``, ``assign [N]`` int64 in ``0..
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,10 +88,12 @@ class KMeansResult:
     """[N] int64"""
 
 
-def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 25, balanced: bool = False) -> KMeansResult:
+def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 25, balanced: bool = False,
+           on_iter: Callable[[], object] | None = None) -> KMeansResult:
     """Lloyd's k-means from a k-means++ start; ``balanced`` caps every cluster at ``ceil(N / K)`` points.
 
-    An empty cluster is re-seeded with the point farthest from its centroid.
+    An empty cluster is re-seeded with the point farthest from its centroid. ``on_iter`` is called after
+    every Lloyd iteration (a progress bar's ``update``).
     """
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"kmeans needs a non-empty [N, d] tensor, got shape {tuple(x.shape)}")
@@ -110,6 +113,8 @@ def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 25, balan
             new_c[empty[: len(far)]] = x[far]
         moved = (new_c - c).abs().max().item() if c.numel() else 0.0
         c = new_c
+        if on_iter is not None:
+            on_iter()
         if moved < 1e-7 and not len(empty):
             break
     assign = balanced_assign(x, c, cap) if balanced else nearest(x, c)

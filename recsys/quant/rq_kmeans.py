@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from recsys.quant.kmeans import balanced_assign, kmeans, nearest, sq_dist
 
@@ -30,16 +31,24 @@ class RQKMeans:
         """Codes per column of ``encode``'s output."""
         return [self.codebook_size] * self.levels
 
-    def fit(self, x: torch.Tensor) -> torch.Tensor:
-        """Fits the codebooks on ``x [N, d]``; returns the training codes ``[N, L]`` (balanced if configured)."""
+    def fit(self, x: torch.Tensor, progress: bool = False) -> torch.Tensor:
+        """Fits the codebooks on ``x [N, d]``; returns the training codes ``[N, L]`` (balanced if configured).
+
+        ``progress``: a tqdm bar over the levels x Lloyd iterations (a level that converges early jumps ahead).
+        """
         gen = torch.Generator().manual_seed(self.seed)
         r = x.float()
         books, codes = [], []
-        for _ in range(self.levels):
-            res = kmeans(r, self.codebook_size, gen, iters=self.iters, balanced=self.balanced)
-            books.append(res.centroids)
-            codes.append(res.assign)
-            r = r - res.centroids[res.assign]
+        with tqdm(total=self.levels * self.iters, desc="rq_kmeans", unit="iter", disable=not progress,
+                  leave=False) as bar:
+            for lvl in range(self.levels):
+                bar.set_postfix(level=f"{lvl + 1}/{self.levels}")
+                res = kmeans(r, self.codebook_size, gen, iters=self.iters, balanced=self.balanced,
+                             on_iter=bar.update)
+                bar.update((lvl + 1) * self.iters - bar.n)
+                books.append(res.centroids)
+                codes.append(res.assign)
+                r = r - res.centroids[res.assign]
         self.codebooks = torch.stack(books)  # [L, K, d]
         return torch.stack(codes, 1)
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from recsys.data.config import DataSource
+from recsys.errors import InputError
 from recsys.quant.artifact import SemanticIds
 from recsys.quant.collisions import rebalance_last_level, resolve_collisions
 from recsys.quant.config import CollisionFix, ContentSource, QuantConfig, QuantMethod
@@ -36,7 +37,8 @@ def load_content(cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     if c.source == ContentSource.side_features:
         return side_feature_content(cfg.data)
     if cfg.data.source != DataSource.synthetic:
-        raise ValueError("quant.content.source=synthetic needs synthetic data (data=synthetic or data=tiny)")
+        raise InputError(f"content.source=synthetic needs synthetic data (data=synthetic or data=tiny), got "
+                         f"data.source={cfg.data.source.value}")
     return synthetic_content(cfg.data.synthetic, c.dim, c.noise, c.w_popularity, c.w_quality)
 
 
@@ -48,8 +50,30 @@ def table_size(cfg: QuantConfig, ids: torch.Tensor) -> int:
 
 
 def auto_codebook_size(n: int, levels: int) -> int:
-    """min(256, 2 * next power of two >= n^(1/levels)): enough codes that L levels can separate n items."""
-    return int(min(256, 2 * 2 ** math.ceil(math.log2(max(2.0, n ** (1.0 / levels))))))
+    """min(256, n, 2 * next power of two >= n^(1/levels)): enough codes that L levels can separate n items,
+    never more codes than items."""
+    return int(min(256, max(1, n), 2 * 2 ** math.ceil(math.log2(max(2.0, n ** (1.0 / levels))))))
+
+
+def check_content(cfg: QuantConfig, ids: torch.Tensor, raw: torch.Tensor) -> None:
+    """Refuses content and settings that cannot give a meaningful result, before any fitting: an empty or
+    non-finite catalog, and a codebook larger than the catalog (a level cannot use more codes than there
+    are items; k-means over it would spend minutes seeding codes that stay empty)."""
+    src = f"content.source={cfg.content.source.value}"
+    if raw.ndim != 2 or len(raw) == 0 or raw.shape[1] == 0:
+        raise InputError(f"content vectors ({src}) must be a non-empty [N, d] tensor, got shape {tuple(raw.shape)}")
+    if len(ids) != len(raw):
+        raise InputError(f"content ({src}): {len(ids)} item ids but {len(raw)} vectors")
+    finite = torch.isfinite(raw).all(1)
+    if not finite.all():
+        bad = int(torch.nonzero(~finite)[0])
+        raise InputError(f"content vectors ({src}) contain NaN/Inf: item id {int(ids[bad])} (and "
+                         f"{int((~finite).sum()) - 1} more)")
+    n = len(raw)
+    if cfg.codebook_size > n:
+        raise InputError(f"codebook_size={cfg.codebook_size} is more than the {n} items to quantize ({src}): a "
+                         f"level cannot use more codes than there are items; set codebook_size <= {n}, or 0 "
+                         f"(auto: {auto_codebook_size(n, cfg.levels)} here)")
 
 
 def fit_codes(cfg: QuantConfig, x: torch.Tensor) -> tuple[Any, torch.Tensor, list[dict[str, float]]]:
@@ -57,7 +81,7 @@ def fit_codes(cfg: QuantConfig, x: torch.Tensor) -> tuple[Any, torch.Tensor, lis
     k = cfg.codebook_size or auto_codebook_size(len(x), cfg.levels)
     if cfg.method == QuantMethod.rq_kmeans:
         q = RQKMeans(cfg.levels, k, iters=cfg.kmeans_iters, balanced=cfg.balanced, seed=cfg.seed)
-        return q, q.fit(x), []
+        return q, q.fit(x, progress=cfg.progress), []
     if cfg.method == QuantMethod.rq_vae:
         v = cfg.rq_vae
         q = RQVAE(x.shape[1], v.hidden, v.code_dim, cfg.levels, k)
@@ -75,13 +99,12 @@ def fit_codes(cfg: QuantConfig, x: torch.Tensor) -> tuple[Any, torch.Tensor, lis
 def quantize(cfg: QuantConfig) -> Path:
     """Writes ``sids.pt`` (a :class:`SemanticIds`), ``report.json`` and ``report.png``; returns the sids path."""
     t0 = time.perf_counter()
+    ids, raw = load_content(cfg)
+    check_content(cfg, ids, raw)
+    print(f"[quant] {len(ids)} items x {raw.shape[1]} dims, {cfg.method.value}, codebook size "
+          f"{cfg.codebook_size or auto_codebook_size(len(raw), cfg.levels)}", flush=True)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids, raw = load_content(cfg)
-    if raw.ndim != 2 or len(raw) == 0:
-        raise ValueError(f"content vectors must be a non-empty [N, d] tensor, got shape {tuple(raw.shape)}")
-    if not torch.isfinite(raw).all():
-        raise ValueError("content vectors contain NaN/Inf")
     center = raw.mean(0)
     scale = (raw - center).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)  # mean item norm 1 after centring
     x = (raw - center) / scale

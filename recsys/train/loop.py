@@ -107,7 +107,8 @@ def train(cfg: RunConfig) -> Path:
     random.seed(tc.seed)
     np.random.seed(tc.seed)  # all three are saved in checkpoints and restored on resume (recsys.reliability.rng)
     device = resolve_device(tc.device)
-    ds: PreparedDataset = prepare_dataset(cfg.data, progress=tc.progress)
+    # all three splits: it trains on train, validates on valid, reports on test: an empty one is refused before any step
+    ds: PreparedDataset = prepare_dataset(cfg.data, progress=tc.progress, need=("train", "valid", "test"))
     schema = ds.schema
     cfg, sids = with_resolved_sids(cfg)  # item_embedding=sid/both: SID sizes + codes from its sid_path
     model = build_model(schema, cfg.model, cfg.data.loader.max_len).to(device)
