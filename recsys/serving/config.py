@@ -124,8 +124,9 @@ class ScoreConfig:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     """Full-catalog mode settings."""
     overwrite: bool = False
-    """When output_dir holds partitions of a *different* job (other checkpoint / inputs / settings): delete
-    them (True) or refuse to start (False)."""
+    """When output_dir holds partitions of a *different* scoring job (other checkpoint / inputs / settings):
+    delete them (True) or refuse to start (False). Never deletes files no scoring job wrote (no
+    ``_job.json``), and an output_dir overlapping an input is refused either way."""
     max_partitions: int = 0
     """Stop after this many partitions in this run (0 = all); a later run resumes."""
     pause_after_partition_s: float = 0.0

@@ -105,9 +105,9 @@ class CheckpointManager:
                 fault_point("checkpoint.mid_write", f)
                 os.fsync(f.fileno())
             atomic_write_bytes(final.with_name(final.name + DIGEST_SUFFIX), (file_sha256(tmp) + "\n").encode())
-        except (OSError, RuntimeError) as exc:  # e.g. disk full: torch reports it as a RuntimeError
+        except BaseException as exc:  # e.g. disk full (torch reports it as a RuntimeError), or the digest's write
             tmp.unlink(missing_ok=True)
-            if (err := space_error(final, exc)) is not None:
+            if isinstance(exc, (OSError, RuntimeError)) and (err := space_error(final, exc)) is not None:
                 raise err from exc
             raise
         fault_point("checkpoint.before_rename")

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from recsys.data import prepare_dataset
 from recsys.errors import InputError
+from recsys.reliability.atomic import OutOfSpaceError, atomic_write_bytes
 from recsys.reliability.rundir import LOCK_NAME, check_output_dir, lock_run_dir
 from recsys.reliability.strict_config import unknown_keys
 from recsys.serving.config import ScoreConfig
@@ -339,3 +340,16 @@ def test_checkpoint_error_is_an_input_error_naming_the_file(tmp_path):
     torch.save(torch.zeros(2), path)  # a valid torch file that is not a checkpoint dict
     with pytest.raises(InputError, match=f"checkpoint {path} holds a Tensor"):
         load_checkpoint(path)
+
+
+def test_atomic_write_out_of_space_names_the_file_and_leaves_no_temp(tmp_path):
+    """The helper behind partitions, _job.json, summaries and report.json: a real EFBIG from a file-size limit
+    set on this process for the duration of the write."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(OutOfSpaceError, match=f"could not write {tmp_path / 'part-00000.parquet'}: no space left"):
+            atomic_write_bytes(tmp_path / "part-00000.parquet", b"x" * 200_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(tmp_path.iterdir()) == []
