@@ -8,4 +8,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+# One pytest worker per core (pytest-xdist), whole files per worker so module-scoped fixtures (a trained
+# checkpoint, a prepared dataset) are built once; one OpenMP thread per worker, since workers x threads
+# above the core count makes every parallel op wait for a descheduled thread. RECSYS_TEST_WORKERS=0 runs in one process.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 -n "${RECSYS_TEST_WORKERS:-$(nproc)}" --dist loadfile "$@"
