@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -36,6 +37,8 @@ from recsys.reliability.atomic import atomic_write
 ID_MAPS_DIR = "id_maps"
 RAW, DENSE = "raw_id", "dense_id"
 FEATURE_PREFIX = "feature_"
+RAW_COLUMNS = {"user_id": ("users", "raw_user_id"), "item_id": ("items", "raw_item_id")}
+"""Dense output column -> (map table, raw output column) of :func:`with_raw_ids`."""
 ENTITY = {"users": "user", "items": "item", "categories": "category", "actions": "action"}
 """How messages name one id of a table."""
 
@@ -135,6 +138,21 @@ class IdMaps:
         return names
 
 
+def with_raw_ids(columns: dict[str, Any], maps: IdMaps | None) -> dict[str, Any]:
+    """Output columns with ``raw_user_id`` / ``raw_item_id`` (Arrow arrays, null for an unknown dense id)
+    right after ``user_id`` / ``item_id``, when ``maps`` are given; as they are without maps (synthetic
+    data: dense ids are the only ids)."""
+    if maps is None:
+        return columns
+    out: dict[str, Any] = {}
+    for name, values in columns.items():
+        out[name] = values
+        if name in RAW_COLUMNS:
+            table, raw_name = RAW_COLUMNS[name]
+            out[raw_name] = maps.to_raw(table, np.asarray(values)).to_arrow()
+    return out
+
+
 def _read_table(path: Path) -> pl.DataFrame:
     try:
         table = pl.read_parquet(path)
@@ -151,4 +169,4 @@ def _read_table(path: Path) -> pl.DataFrame:
     return table.sort(DENSE)
 
 
-__all__ = ["DENSE", "FEATURE_PREFIX", "ID_MAPS_DIR", "RAW", "IdMaps", "vocab_table"]
+__all__ = ["DENSE", "FEATURE_PREFIX", "ID_MAPS_DIR", "RAW", "RAW_COLUMNS", "IdMaps", "vocab_table", "with_raw_ids"]

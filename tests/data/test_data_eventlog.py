@@ -122,6 +122,13 @@ def test_new_log_through_the_stored_maps(prepared, tmp_path: Path):
     assert new_maps.to_dense("users", pl.Series(["user_03", "newcomer"])).to_list() == [
         known[0], maps.size("users") + 1]  # stored ids kept, the new user appended
     assert rows["country"].to_list().count(0) == 1  # the new user has no stored feature value
+    # what recsys.score inputs_eventlog= derives from the trained config: the same dataset
+    trained = config(tmp_path / "data", EVENTLOG_FIXTURE / "ratings.csv",
+                     **{"eventlog.item_features": str(EVENTLOG_FIXTURE / "movies.csv")})
+    derived = eventlog.new_log_config(trained, base.path, new, "oov")
+    assert prepare_dataset(derived, progress=False, need=("test",)).path == ds.path
+    with pytest.raises(InputError, match="trained on data.source=synthetic"):
+        eventlog.new_log_config(load_data_config("tiny"), base.path, new)
     with pytest.raises(InputError, match="takes categories and user features from the stored id maps"):
         config(tmp_path / "data", new, **common, **{"eventlog.item_features": str(EVENTLOG_FIXTURE / "movies.csv")})
 

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from recsys.data.config import OovPolicy
-from recsys.data.id_maps import IdMaps
+from recsys.data.id_maps import IdMaps, with_raw_ids
 from recsys.data.ingest import ingest_event_log
 from recsys.data.prepare import write_dataset
 from recsys.errors import InputError
@@ -89,3 +89,14 @@ def test_damaged_map_file_is_refused_naming_it(tmp_path: Path):
     with pytest.raises(InputError, match=r"users.parquet: not a readable id map"):
         IdMaps.read(tmp_path / "ds")
     assert IdMaps.read(tmp_path / "nowhere") is None  # a dataset without maps (synthetic): dense ids only
+
+
+def test_output_columns_gain_raw_ids_next_to_the_dense_ones():
+    maps = ingest_event_log(events_of(["zoe", "amy"], ["tt9", "tt10"])).id_maps
+    cols = {"request_id": np.array([0, 1, 2]), "user_id": np.array([2, 1, 0]), "item_id": np.array([1, 2, 0]),
+            "score_click": np.array([0.1, 0.2, 0.3], dtype=np.float32)}
+    out = with_raw_ids(cols, maps)
+    assert list(out) == ["request_id", "user_id", "raw_user_id", "item_id", "raw_item_id", "score_click"]
+    assert out["raw_user_id"].to_pylist() == ["zoe", "amy", None]  # dense 0: unknown, no raw id
+    assert out["raw_item_id"].to_pylist() == ["tt10", "tt9", None]
+    assert with_raw_ids(cols, None) is cols  # synthetic data: dense ids are the only ids
