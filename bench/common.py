@@ -27,6 +27,16 @@ def median_ms(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float
     return statistics.median(times)
 
 
+def device_median_ms(fn: Callable[[], Any], device: str, repeats: int = 5) -> float:
+    """Median milliseconds of ``fn()`` on ``device``: ``triton.testing.do_bench`` (CUDA events,
+    L2 flushed between calls, warm-up included) on CUDA, :func:`median_ms` elsewhere."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return median_ms(fn, repeats=repeats)
+
+
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
     """Achievable dense matmul GFLOP/s on this machine and dtype (``2 n^3`` FLOPs per call):
     the ceiling every bench quotes beside its own GFLOP/s, measured in the same run."""

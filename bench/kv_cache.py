@@ -54,12 +54,12 @@ D, HEADS, LAYERS, N_NS, CHUNK = 128, 4, 4, 4, 256
 NAIVE_TOKENS = 16384  # history tokens per timed naive call (c_timed * L)
 
 
-def build(max_s: int) -> OneTransRanker:
+def build(max_s: int, backend: str = "torch", device: str = "cpu") -> OneTransRanker:
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=D, n_heads=HEADS, n_layers=LAYERS, ffn_mult=4, n_ns_tokens=N_NS, emb_dim=32,
                       head_hidden=128, pyramid=PyramidConfig(mode="linear", final=0, round_to=32),
-                      attention_backend="torch")
-    return OneTransRanker(tiny_schema(kinds=("click",)), cfg, max_s_tokens=max_s).eval()
+                      attention_backend=backend)
+    return OneTransRanker(tiny_schema(kinds=("click",)), cfg, max_s_tokens=max_s).eval().to(device)
 
 
 @torch.no_grad()

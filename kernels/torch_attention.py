@@ -6,7 +6,8 @@ Same math as the references in ``reference.py``, batched:
   runs of sequences, or query-row blocks of one long sequence) whose transient memory stays under
   ``_SCORE_BUDGET`` elements and whose padding at most doubles its rows; each chunk is padded with
   fbgemm ``jagged_to_padded_dense`` to the chunk's own max length (not the batch max), attended
-  with one fused call, and unpadded with ``dense_to_jagged``. Chunks where every sequence queries all its positions use ``is_causal``
+  with one fused call, and unpadded with ``dense_to_jagged`` (plain torch indexing instead for
+  non-CPU tensors or where FBGEMM is not installed: the same copies). Chunks where every sequence queries all its positions use ``is_causal``
   (fastest CPU kernel); query subsets use an additive mask.
 - ``candidate_prefix_attention_torch_{fwd,bwd}``: own N tokens of every candidate by small batched
   matmuls in one go; the prefix by one fused call per chunk of *many requests* (the NS rows of a
@@ -28,8 +29,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.jagged_to_padded_dense / dense_to_jagged)
 import torch
+
+try:  # registers torch.ops.fbgemm.jagged_to_padded_dense / dense_to_jagged (CPU kernels)
+    import fbgemm_gpu  # noqa: F401
+
+    _FBGEMM = True
+except ImportError:  # an image without FBGEMM (the GPU one): the same copies in plain torch
+    _FBGEMM = False
 
 # Max transient elements per chunk (see _plan_chunks: padded rows, masks, or score matrices):
 # bounds memory independently of the batch size, the longest sequence and C.
@@ -183,11 +190,30 @@ def _plan_chunks(
     return chunks
 
 
+def _use_fbgemm(x: torch.Tensor) -> bool:
+    """FBGEMM's jagged copies for CPU tensors (measured fast, see ENVIRONMENT.md); plain torch
+    indexing elsewhere (CUDA tensors, or no FBGEMM installed). Both are exact copies."""
+    return _FBGEMM and x.device.type == "cpu"
+
+
+def _valid_rows(offsets: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, mask)``, both ``[B, max_len]``: jagged row of padded slot ``(i, j)`` and whether
+    ``j < min(L_i, max_len)`` (longer sequences are truncated, as fbgemm does)."""
+    j = torch.arange(max_len, device=offsets.device)
+    rows = offsets[:-1, None] + j[None, :]
+    return rows, j[None, :] < (offsets[1:] - offsets[:-1])[:, None]
+
+
 def _to_padded(x: torch.Tensor, offsets: torch.Tensor, max_len: int, value: float = 0.0) -> torch.Tensor:
     """Jagged ``[sum L_i, H, Dh]`` -> padded ``[B, H, max_len, Dh]`` (``value`` past L_i)."""
     n, h, d = x.shape
     b = offsets.numel() - 1
-    dense = torch.ops.fbgemm.jagged_to_padded_dense(x.reshape(n, h * d), [offsets], [max_len], value)
+    if _use_fbgemm(x):
+        dense = torch.ops.fbgemm.jagged_to_padded_dense(x.reshape(n, h * d), [offsets], [max_len], value)
+    else:
+        rows, mask = _valid_rows(offsets, max_len)
+        dense = x.new_full((b, max_len, h * d), value)
+        dense[mask] = x.reshape(n, h * d)[rows[mask]]
     return dense.view(b, max_len, h, d).transpose(1, 2)  # [B, H, max_len, Dh]
 
 
@@ -195,7 +221,9 @@ def _to_jagged(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Padded ``[B, H, max_len, Dh]`` -> jagged ``[sum L_i, H, Dh]`` (padded rows dropped)."""
     b, h, m, d = x.shape
     dense = x.transpose(1, 2).reshape(b, m, h * d)  # [B, max_len, H*Dh]
-    return torch.ops.fbgemm.dense_to_jagged(dense, [offsets])[0].view(-1, h, d)
+    if _use_fbgemm(x):
+        return torch.ops.fbgemm.dense_to_jagged(dense, [offsets])[0].view(-1, h, d)
+    return dense[_valid_rows(offsets, m)[1]].view(-1, h, d)
 
 
 def _chunk_visible(c: _Chunk, device: torch.device) -> torch.Tensor:

@@ -18,6 +18,7 @@ Conventions (both ops):
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -30,6 +31,11 @@ LOG2E = 1.4426950408889634
 _HOPPER_SPACE = [
     (bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
 ]
+# Override of that space, read when the kernels are decorated (first import of kernels.triton_*):
+# comma-separated BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. "128x64x4x3,64x64x4x2". Every config of every
+# kernel is compiled on its first use, so a short list bounds compile + tuning time (a GPU
+# validation window, tests); unset or empty: the full space.
+CONFIGS_ENV = "RECSYS_TRITON_CONFIGS"
 # Hopper has 228 KiB of shared memory per SM (227 KiB usable by one block).
 _SMEM_LIMIT = 227 * 1024
 
@@ -73,10 +79,35 @@ def bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
 
+def parse_config_space(spec: str) -> list[tuple[int, int, int, int]]:
+    """``"128x64x4x3,64x64x4x2"`` -> ``[(128, 64, 4, 3), (64, 64, 4, 2)]`` (BLOCK_M, BLOCK_N, warps, stages).
+
+    Raises:
+        ValueError: an entry is not four ``x``-separated integers, a tile is not a power of two in
+            16..256, warps not a power of two in 1..16, or stages not in 1..8.
+    """
+    space = []
+    for item in (part.strip() for part in spec.split(",")):
+        fields = item.split("x")
+        if len(fields) != 4 or not all(f.isdigit() for f in fields):
+            raise ValueError(f"{CONFIGS_ENV}: {item!r} is not BLOCK_MxBLOCK_NxWARPSxSTAGES (e.g. 128x64x4x3)")
+        bm, bn, w, s = (int(f) for f in fields)
+        pow2 = [n > 0 and n & (n - 1) == 0 for n in (bm, bn, w)]
+        if not (all(pow2) and 16 <= bm <= 256 and 16 <= bn <= 256 and w <= 16 and 1 <= s <= 8):
+            raise ValueError(
+                f"{CONFIGS_ENV}: {item!r}: tiles must be powers of two in 16..256, warps a power of two "
+                "in 1..16, stages in 1..8"
+            )
+        space.append((bm, bn, w, s))
+    return space
+
+
 def hopper_configs() -> list[triton.Config]:
+    """The autotune space: ``$RECSYS_TRITON_CONFIGS`` when set, else the full Hopper space."""
+    spec = os.environ.get(CONFIGS_ENV, "").strip()
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in _HOPPER_SPACE
+        for bm, bn, w, s in (parse_config_space(spec) if spec else _HOPPER_SPACE)
     ]
 
 

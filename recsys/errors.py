@@ -25,11 +25,16 @@ class InputError(ValueError):
 def exit_on_input_error(main: Callable[..., T]) -> Callable[..., T]:
     """Wraps an entry point (under ``@hydra.main``): an ``InputError`` becomes ``error: <message>`` on
     stderr and exit status 2. ``SystemExit`` passes through Hydra's own handler, which only catches
-    ``Exception``."""
+    ``Exception``. The composed config is first checked for undeclared keys
+    (``recsys.reliability.strict_config``), so every entry point refuses them the same way."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
+            if args:  # the composed Hydra config: a key added with +key=value would be silently dropped
+                from recsys.reliability.strict_config import check_known_keys
+
+                check_known_keys(args[0])
             return main(*args, **kwargs)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)

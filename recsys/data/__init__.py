@@ -8,21 +8,50 @@ Public entry points::
     for batch in loader: ...                                 # RequestBatch
 """
 
-from recsys.data.batch import RequestBatch
-from recsys.data.config import (
-    DataConfig,
-    DataSource,
-    HistoryDist,
-    LoaderConfig,
-    Ml100kConfig,
-    OovPolicy,
-    SyntheticConfig,
-)
-from recsys.data.loader import RequestLoader
-from recsys.data.parquet_io import read_schema
-from recsys.data.prepare import PreparedDataset, as_data_config, prepare_dataset
-from recsys.data.schema import OOV_ID, DataSchema, SparseFeature
-from recsys.data.validate import DataValidationError, validate_table
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Submodule of every public name, imported on first access (PEP 562): importing one light module
+# (``recsys.data.batch`` for the model, ``recsys.data.schema``) must not pull in the ingest stack
+# (polars, omegaconf), which an image that only runs the model may not have.
+_EXPORTS = {
+    "RequestBatch": "batch",
+    "DataConfig": "config", "DataSource": "config", "HistoryDist": "config", "LoaderConfig": "config",
+    "Ml100kConfig": "config", "OovPolicy": "config", "SyntheticConfig": "config",
+    "RequestLoader": "loader",
+    "read_schema": "parquet_io",
+    "PreparedDataset": "prepare", "as_data_config": "prepare", "prepare_dataset": "prepare",
+    "OOV_ID": "schema", "DataSchema": "schema", "SparseFeature": "schema",
+    "DataValidationError": "validate", "validate_table": "validate",
+}
+
+if TYPE_CHECKING:  # static analysers see the eager imports
+    from recsys.data.batch import RequestBatch
+    from recsys.data.config import (
+        DataConfig,
+        DataSource,
+        HistoryDist,
+        LoaderConfig,
+        Ml100kConfig,
+        OovPolicy,
+        SyntheticConfig,
+    )
+    from recsys.data.loader import RequestLoader
+    from recsys.data.parquet_io import read_schema
+    from recsys.data.prepare import PreparedDataset, as_data_config, prepare_dataset
+    from recsys.data.schema import OOV_ID, DataSchema, SparseFeature
+    from recsys.data.validate import DataValidationError, validate_table
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
 
 __all__ = [
     "OOV_ID",

@@ -30,10 +30,18 @@ from recsys.dist.config import Backend, DistConfig
 from recsys.dist.sharding import describe_plan, gather_full_state
 from recsys.dist.trainer import DistTrainer
 from recsys.model.pyramid import flops_report
+from recsys.reliability.rundir import check_output_dir
 from recsys.train.checkpoint import CheckpointManager
 from recsys.train.config import RunConfig
 from recsys.train.evaluate import metrics_report, predict
-from recsys.train.loop import PopularityBaseline, _json_default, build_model, max_s_tokens, plain_config
+from recsys.train.loop import (
+    PopularityBaseline,
+    _json_default,
+    build_model,
+    max_s_tokens,
+    plain_config,
+    train_inputs,
+)
 from recsys.train.schedule import lr_multiplier
 
 
@@ -75,6 +83,7 @@ def train_distributed(cfg: RunConfig) -> Path:
     out = [cfg.output_dir]
     dist.broadcast_object_list(out, src=0)  # ${now:...} resolves per process: rank 0's name wins
     cfg = replace(cfg, output_dir=out[0])
+    check_output_dir(cfg.output_dir, train_inputs(cfg))  # every rank: a pure check, all refuse alike
     try:
         return _train(cfg, device, rank, world)
     finally:

@@ -12,6 +12,8 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from recsys.errors import InputError
+
 
 class ScoreMode(str, Enum):
     """What is scored for each request."""
@@ -52,7 +54,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.max_bytes < 0:
-            raise ValueError(f"cache.max_bytes must be >= 0, got {self.max_bytes}")
+            raise InputError(f"cache.max_bytes must be >= 0, got {self.max_bytes}")
 
 
 @dataclass
@@ -80,7 +82,7 @@ class CatalogConfig:
     def __post_init__(self) -> None:
         self.target = CatalogTarget(self.target)
         if self.top_k < 1 or self.k < 1:
-            raise ValueError("catalog.top_k and catalog.k must be >= 1")
+            raise InputError(f"catalog.top_k and catalog.k must be >= 1, got {self.top_k}, {self.k}")
 
 
 @dataclass
@@ -104,7 +106,11 @@ class ScoreConfig:
     candidate_chunk: int = 512
     """Candidate rows per stage-2 call: transient memory grows with this, not with C."""
     max_len: int | None = None
-    """Events kept per sequence kind (None: the checkpoint's data.loader.max_len, as in training)."""
+    """Events kept per sequence kind (None: the checkpoint's data.loader.max_len, as in training). Another
+    value is refused unless ``allow_max_len_change``: the scores would silently differ from training's."""
+    allow_max_len_change: bool = False
+    """Opt-in to score with a ``max_len`` *below* the trained one on purpose (e.g. a latency study); a
+    value above it is always refused (the model's pyramid was sized for the trained length)."""
     device: ScoreDevice = ScoreDevice.auto
     """auto = cuda when available."""
     num_threads: int = 0
@@ -118,8 +124,9 @@ class ScoreConfig:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     """Full-catalog mode settings."""
     overwrite: bool = False
-    """When output_dir holds partitions of a *different* job (other checkpoint / inputs / settings): delete
-    them (True) or refuse to start (False)."""
+    """When output_dir holds partitions of a *different* scoring job (other checkpoint / inputs / settings):
+    delete them (True) or refuse to start (False). Never deletes files no scoring job wrote (no
+    ``_job.json``), and an output_dir overlapping an input is refused either way."""
     max_partitions: int = 0
     """Stop after this many partitions in this run (0 = all); a later run resumes."""
     pause_after_partition_s: float = 0.0
@@ -131,14 +138,15 @@ class ScoreConfig:
         self.mode = ScoreMode(self.mode)
         self.device = ScoreDevice(self.device)
         if self.num_threads < 0:
-            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
+            raise InputError(f"num_threads must be >= 0, got {self.num_threads}")
         for name in ("rows_per_partition", "batch_size", "candidate_chunk"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_len is not None and self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_len is not None and (isinstance(self.max_len, bool) or self.max_len < 1):
+            raise InputError(f"max_len must be a positive integer (or null for the trained value), got {self.max_len}")
         if self.max_partitions < 0 or self.pause_after_partition_s < 0:
-            raise ValueError("max_partitions and pause_after_partition_s must be >= 0")
+            raise InputError(f"max_partitions and pause_after_partition_s must be >= 0, got {self.max_partitions}, "
+                             f"{self.pause_after_partition_s}")
         if self.attention_backend is not None:
             from kernels.backend import AttentionBackend
 

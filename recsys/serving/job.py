@@ -9,6 +9,10 @@ write ``summary.json``.
 
 Rows are read by partition-aligned row ranges rather than through ``RequestLoader`` (which
 deals row groups to ranks/workers): a partition must be the same rows in every run.
+
+Before the output directory is created or written, the job checks that it overlaps none of its
+inputs (request files, dataset, checkpoint; ``recsys.reliability.rundir``) and that ``max_len``
+is the trained one; the directory is then locked for the job's lifetime.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +38,12 @@ from recsys.data.collate import collate
 from recsys.data.prepare import as_data_config, prepare_dataset
 from recsys.data.schema import DataSchema
 from recsys.data.validate import validate_table
+from recsys.errors import InputError
 from recsys.longseq.cache import LongMemoryCache
 from recsys.model.config import Backend, ModelConfig
 from recsys.model.ranker import OneTransRanker
 from recsys.reliability.atomic import atomic_write_bytes
+from recsys.reliability.rundir import check_output_dir, lock_run_dir
 from recsys.serving.cache import UserKVCache
 from recsys.serving.catalog import (
     catalog_items,
@@ -56,13 +62,17 @@ from recsys.serving.partitions import (
     write_partition,
 )
 from recsys.serving.scorer import CachedScorer
-from recsys.train.checkpoint import CheckpointManager, load_checkpoint, load_model_state
+from recsys.train.checkpoint import CheckpointManager, load_checkpoint, load_model_state, require_keys
 from recsys.train.metrics import auc, gauc, hr_ndcg_at_k, logloss
 
 
 # ---------------------------------------------------------------------------------------------- loading
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A ``step_<N>.pt`` file as is; a directory -> its newest ``step_<N>.pt`` (or ``checkpoints/``'s)."""
+    """A ``step_<N>.pt`` file as is; a directory -> its newest ``step_<N>.pt`` (or ``checkpoints/``'s).
+
+    The newest by step number, with no fall-back: if that file does not load, scoring fails naming it
+    rather than silently scoring an older model.
+    """
     p = Path(path)
     if p.is_file():
         return p.resolve()
@@ -70,7 +80,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = CheckpointManager(d).paths()
         if found:
             return found[-1].resolve()
-    raise FileNotFoundError(f"no checkpoint file or step_<N>.pt under {p}")
+    raise InputError(f"checkpoint={path}: no such file, and no step_<N>.pt under {p} or {p / 'checkpoints'}")
+
+
+SCORING_KEYS = ("model", "schema", "config", "max_s_tokens")
 
 
 def load_ranker(path: Path, device: torch.device, backend: str | None = None, item_content: str | None = None
@@ -81,13 +94,14 @@ def load_ranker(path: Path, device: torch.device, backend: str | None = None, it
     checkpoint's quantizer (SID models only), so items unseen in training are scored by their SID.
     """
     state = load_checkpoint(path)
+    require_keys(state, SCORING_KEYS, path, "be scored")
     schema = DataSchema.from_json(state["schema"])
     config = state["config"]
     # Through a structured merge, not ModelConfig(**d): it type-checks every key (config enums have
     # lower-case names equal to their values, which is what checkpoints store).
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])
     if model_cfg.arch != "onetrans":  # the KV-cached scorer needs the ranker's two-stage structure
-        raise ValueError(f"{path} holds a {model_cfg.arch.value!r} baseline; recsys.score serves the OneTrans "
+        raise InputError(f"{path} holds a {model_cfg.arch.value!r} baseline; recsys.score serves the OneTrans "
                          "ranker only (evaluate baselines with python -m recsys.evaluate)")
     if backend is not None:
         model_cfg.attention_backend = Backend(backend)
@@ -95,7 +109,7 @@ def load_ranker(path: Path, device: torch.device, backend: str | None = None, it
     load_model_state(model, state["model"], str(path))
     if item_content:
         if "item_sid" not in state:
-            raise ValueError(f"item_content given but checkpoint {path} has no semantic IDs "
+            raise InputError(f"item_content given but checkpoint {path} has no semantic IDs "
                              "(trained with model.item_embedding.mode=id)")
         from recsys.quant.ranker import add_new_items
         add_new_items(model, state["item_sid"], item_content, schema.num_items)
@@ -112,24 +126,51 @@ def expand_files(paths: list[str]) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"input {p} does not exist")
+            raise InputError(f"input {p} does not exist")
     return [p.resolve() for p in out]
 
 
-def resolve_inputs(cfg: ScoreConfig, ckpt_config: dict[str, Any]) -> tuple[list[Path], list[Path]]:
-    """(files to score, files of the checkpoint's whole dataset when inputs default to it, else [])."""
+def resolve_inputs(cfg: ScoreConfig, ckpt_config: dict[str, Any]) -> tuple[list[Path], list[Path], Path | None]:
+    """(files to score, files of the checkpoint's whole dataset when inputs default to it, else [],
+    that dataset's directory, else None)."""
     if cfg.inputs:
-        return expand_files(cfg.inputs), []
+        return expand_files(cfg.inputs), [], None
     ds = prepare_dataset(as_data_config(OmegaConf.create(ckpt_config["data"])), progress=False)
     if cfg.split not in ds.splits:
-        raise ValueError(f"split {cfg.split!r} not in the dataset {sorted(ds.splits)}")
+        raise InputError(f"split={cfg.split!r} is not a split of the checkpoint's dataset {sorted(ds.splits)}")
     files = [p.resolve() for p in ds.splits[cfg.split]]
-    return files, [p.resolve() for fs in ds.splits.values() for p in fs]
+    return files, [p.resolve() for fs in ds.splits.values() for p in fs], ds.path
+
+
+def job_inputs(cfg: ScoreConfig, ckpt: Path, dataset_dir: Path | None) -> list[tuple[str, str | Path | None]]:
+    """Everything the job reads, as ``(key, path)``: the output dir must overlap none of them."""
+    named: list[tuple[str, str | Path | None]] = [("checkpoint", ckpt), ("dataset", dataset_dir),
+                                                  ("item_content", cfg.item_content)]
+    named += [("inputs", f) for f in cfg.inputs]
+    if cfg.mode == ScoreMode.catalog:
+        named += [("catalog.items_file", cfg.catalog.items_file)]
+        named += [("catalog.category_files", f) for f in cfg.catalog.category_files]
+    return named
+
+
+def scoring_max_len(cfg: ScoreConfig, ckpt_config: dict[str, Any], ckpt: Path) -> int:
+    """The trained ``data.loader.max_len``, or ``cfg.max_len`` when it equals it or is an allowed lower value."""
+    trained = int(ckpt_config["data"]["loader"]["max_len"])
+    if cfg.max_len is None or cfg.max_len == trained:
+        return trained
+    if cfg.max_len > trained:
+        raise InputError(f"max_len={cfg.max_len} is above the trained data.loader.max_len={trained} of {ckpt}: the "
+                         "model's pyramid was sized for the trained length; drop max_len to use the trained value")
+    if not cfg.allow_max_len_change:
+        raise InputError(f"max_len={cfg.max_len} differs from the trained data.loader.max_len={trained} of {ckpt}: "
+                         "scores would silently differ from training's truncation; drop max_len to use the trained "
+                         "value, or set allow_max_len_change=true to score shorter histories on purpose")
+    return cfg.max_len
 
 
 def resolve_device(choice: ScoreDevice) -> torch.device:
     if choice == ScoreDevice.cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is available")
+        raise InputError("device=cuda but no CUDA device is available")
     if choice == ScoreDevice.auto:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice.value)
@@ -288,15 +329,39 @@ def run_scoring(cfg: ScoreConfig) -> Path:
 
 
 def _run(cfg: ScoreConfig) -> Path:
+    """Resolve and check everything, then score under the output directory's lock."""
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     ckpt = resolve_checkpoint(cfg.checkpoint)
     model, schema, ckpt_config = load_ranker(ckpt, device, cfg.attention_backend, cfg.item_content)
-    max_len = cfg.max_len or int(ckpt_config["data"]["loader"]["max_len"])
+    max_len = scoring_max_len(cfg, ckpt_config, ckpt)
+    files, dataset_files, dataset_dir = resolve_inputs(cfg, ckpt_config)
+    out_dir = check_output_dir(cfg.output_dir, job_inputs(cfg, ckpt, dataset_dir))  # before anything is written
+    opened = OpenedJob(device, ckpt, model, schema, ckpt_config, max_len, files, dataset_files, out_dir)
+    with lock_run_dir(out_dir):
+        return _score(cfg, opened, t_start)
+
+
+@dataclass
+class OpenedJob:
+    """What a scoring job resolved and checked before it touches its output directory."""
+
+    device: torch.device
+    ckpt: Path
+    model: OneTransRanker
+    schema: DataSchema
+    ckpt_config: dict[str, Any]
+    max_len: int
+    files: list[Path]
+    dataset_files: list[Path]
+    out_dir: Path
+
+
+def _score(cfg: ScoreConfig, opened: OpenedJob, t_start: float) -> Path:
+    device, ckpt, model, schema, ckpt_config = opened.device, opened.ckpt, opened.model, opened.schema, opened.ckpt_config
+    max_len, files, dataset_files, out_dir = opened.max_len, opened.files, opened.dataset_files, opened.out_dir
     long_max_len = int(ckpt_config["data"]["loader"].get("long_max_len") or 0)  # model.long_seq: long history
     long_max_len = max(long_max_len, max_len) if long_max_len else 0
-    files, dataset_files = resolve_inputs(cfg, ckpt_config)
-    out_dir = Path(cfg.output_dir)
     parts = plan_partitions(files, cfg.rows_per_partition)
     job = {"checkpoint": checkpoint_identity(ckpt), "inputs": [(str(f), f.stat().st_size) for f in files],
            "mode": cfg.mode.value, "max_len": max_len, "rows_per_partition": cfg.rows_per_partition,

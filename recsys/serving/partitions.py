@@ -13,7 +13,8 @@ neither duplicates nor gaps.
 
 ``_job.json`` records the plan and a fingerprint of everything that changes the output bytes
 (checkpoint identity, inputs, mode, settings); a rerun with a different fingerprint refuses to
-mix outputs (or, with ``overwrite``, starts over).
+mix outputs (or, with ``overwrite``, starts over). A directory holding partitions or a summary but
+no ``_job.json`` was not written by a scoring job and is refused whatever ``overwrite`` says.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.data.loader import ReadUnit, row_group_units
+from recsys.errors import InputError
 from recsys.reliability.atomic import atomic_write, atomic_write_bytes
 
 JOB_FILE = "_job.json"
@@ -92,25 +94,32 @@ def fingerprint(payload: dict[str, Any]) -> str:
 def prepare_output(directory: Path, job: dict[str, Any], parts: list[Partition], overwrite: bool) -> None:
     """Create ``directory`` / check it belongs to this job; write ``_job.json`` (fingerprint + plan).
 
-    Raises ``RuntimeError`` when it holds another job's partitions and ``overwrite`` is False.
+    Raises ``InputError`` when it holds another scoring job's partitions and ``overwrite`` is False,
+    and, ``overwrite`` or not, when it holds ``part-*.parquet`` / ``summary.json`` files but no
+    ``_job.json``: no scoring job wrote those (a dataset split's files are named ``part-*.parquet``
+    too), so they are never deleted or replaced. ``overwrite`` deletes only files of a directory
+    that a scoring job's ``_job.json`` marks as its own.
     """
     directory.mkdir(parents=True, exist_ok=True)
     remove_temp_files(directory)
     fp = fingerprint(job)
     job_path = directory / JOB_FILE
-    if job_path.is_file():
+    if not job_path.is_file():
+        foreign = sorted(p.name for p in directory.glob(f"{PART_PREFIX}*.parquet"))
+        foreign += ["summary.json"] if (directory / "summary.json").exists() else []
+        if foreign:
+            raise InputError(f"output_dir {directory} holds {', '.join(foreign[:5])}"
+                             f"{' ...' if len(foreign) > 5 else ''} but no {JOB_FILE}: files no scoring job "
+                             "wrote are never deleted or replaced (overwrite=true included); use another output_dir")
+    else:
         old = json.loads(job_path.read_text())
         if old.get("fingerprint") == fp:
             return
         if not overwrite:
-            raise RuntimeError(f"{directory} holds outputs of a different scoring job (fingerprint "
-                               f"{old.get('fingerprint')} != {fp}); use another output_dir or overwrite=true")
-    if overwrite:  # (a different job's _job.json without overwrite has raised above)
+            raise InputError(f"output_dir {directory} holds outputs of a different scoring job (fingerprint "
+                             f"{old.get('fingerprint')} != {fp}); use another output_dir or overwrite=true")
         for p in directory.glob(f"{PART_PREFIX}*.parquet"):
             p.unlink()
         (directory / "summary.json").unlink(missing_ok=True)
-    elif any(directory.glob(f"{PART_PREFIX}*.parquet")):
-        raise RuntimeError(f"{directory} has partitions but no {JOB_FILE}: refusing to mix outputs "
-                           "(use another output_dir or overwrite=true)")
     record = {"fingerprint": fp, "job": job, "partitions": [asdict(p) for p in parts]}
     atomic_write_bytes(job_path, json.dumps(record, indent=2, default=str).encode())

@@ -4,7 +4,7 @@ Write protocol of ``step_<N>.pt`` (:meth:`CheckpointManager.save`):
 
 1. ``torch.save`` into ``.step_<N>.pt.tmp-<pid>``, flush, fsync;
 2. SHA-256 of the temp file's bytes -> ``step_<N>.pt.sha256`` (itself temp + fsync + rename);
-3. ``os.replace`` temp -> ``step_<N>.pt``, fsync the directory; prune to the newest ``keep``.
+3. ``os.replace`` temp -> ``step_<N>.pt``, fsync the directory; prune (:meth:`CheckpointManager.prune`).
 
 A crash at any point leaves the previous checkpoints intact and at most a temp file (deleted by
 the next save / resume). Loading (:func:`load_checkpoint`) checks the digest when the sidecar
@@ -12,19 +12,29 @@ exists (bit rot in tensor bytes would otherwise load silently: ``torch.load`` do
 CRCs of stored tensors) and uses ``torch.load(weights_only=True)``, so a file carrying a pickled
 code payload is refused instead of executed. :meth:`CheckpointManager.load_latest` falls back
 to the next older checkpoint when the newest does not load or verify.
+
+Retention never deletes the checkpoint just written: it keeps that one and the newest ``keep - 1``
+checkpoints numbered *below* it. A file numbered above it cannot be this run's (a resume continues
+from the newest checkpoint that loads), so it is left as it is, neither counted nor deleted.
+
+A write that fails for lack of space removes its temp file and raises
+:class:`~recsys.reliability.atomic.OutOfSpaceError` naming the checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from recsys.reliability.atomic import atomic_write_bytes, fsync_dir, temp_path
+from recsys.errors import InputError
+from recsys.reliability.atomic import atomic_write_bytes, fsync_dir, space_error, temp_path
 from recsys.reliability.faults import fault_point
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -32,8 +42,20 @@ _TMP = re.compile(r"^\.step_\d+\.pt(\.sha256)?\.tmp-(\d+)$")
 DIGEST_SUFFIX = ".sha256"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is unreadable, truncated, or does not match its recorded digest."""
+class CheckpointError(InputError):
+    """A checkpoint file is unreadable, truncated, not a training checkpoint, or does not match its digest."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint that needs arbitrary code to load (``torch.load(weights_only=True)`` refused it)."""
+
+
+def step_of(path: Path) -> int:
+    """N of ``step_<N>.pt``."""
+    m = _NAME.match(path.name)
+    if m is None:
+        raise ValueError(f"{path} is not named step_<N>.pt")
+    return int(m.group(1))
 
 
 def file_sha256(path: Path) -> str:
@@ -45,7 +67,7 @@ def file_sha256(path: Path) -> str:
 
 
 class CheckpointManager:
-    """``step_<N>.pt`` files in ``directory``; keeps the newest ``keep``."""
+    """``step_<N>.pt`` files in ``directory``; keeps the one just written and ``keep - 1`` older ones."""
 
     def __init__(self, directory: str | Path, keep: int = 2) -> None:
         if keep < 1:
@@ -76,36 +98,62 @@ class CheckpointManager:
         self.remove_stale_temps()
         final = self.dir / f"step_{step}.pt"
         tmp = temp_path(final)
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            fault_point("checkpoint.mid_write", f)
-            os.fsync(f.fileno())
-        atomic_write_bytes(final.with_name(final.name + DIGEST_SUFFIX), (file_sha256(tmp) + "\n").encode())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                fault_point("checkpoint.mid_write", f)
+                os.fsync(f.fileno())
+            atomic_write_bytes(final.with_name(final.name + DIGEST_SUFFIX), (file_sha256(tmp) + "\n").encode())
+        except BaseException as exc:  # e.g. disk full (torch reports it as a RuntimeError), or the digest's write
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, (OSError, RuntimeError)) and (err := space_error(final, exc)) is not None:
+                raise err from exc
+            raise
         fault_point("checkpoint.before_rename")
         os.replace(tmp, final)
         fsync_dir(self.dir)
-        for old in self.paths()[: -self.keep]:
-            old.unlink(missing_ok=True)
-            old.with_name(old.name + DIGEST_SUFFIX).unlink(missing_ok=True)
+        self.prune(step)
         return final
 
-    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """Newest checkpoint that loads and verifies; broken ones are reported and skipped."""
+    def prune(self, current: int) -> list[Path]:
+        """Keep ``step_<current>.pt`` and the newest ``keep - 1`` below it; returns what was deleted."""
+        older = [p for p in self.paths() if step_of(p) < current]
+        doomed = older[: max(0, len(older) - (self.keep - 1))]
+        for old in doomed:
+            old.unlink(missing_ok=True)
+            old.with_name(old.name + DIGEST_SUFFIX).unlink(missing_ok=True)
+        return doomed
+
+    def load_latest(self, required: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]] | None:
+        """Newest checkpoint that loads, verifies and holds every ``required`` key; the others are
+        reported and skipped."""
         self.remove_stale_temps()
         for path in reversed(self.paths()):
             try:
-                return path, load_checkpoint(path)
+                state = load_checkpoint(path)
+                require_keys(state, required, path, "resume training")
+                return path, state
             except Exception as e:  # a truncated / corrupt / foreign file must not stop a resume
                 print(f"[checkpoint] skipping unusable {path}: {type(e).__name__}: {e}")
         return None
 
 
+def require_keys(state: dict[str, Any], keys: tuple[str, ...], path: Path, purpose: str) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and the missing keys when ``state`` lacks any of ``keys``."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} cannot {purpose}: it lacks {missing} (not a full training "
+                              "checkpoint of this version)")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict at ``path``: digest checked (when recorded), then ``torch.load(weights_only=True)``.
 
-    Raises :class:`CheckpointError` on a digest mismatch, ``pickle.UnpicklingError`` on a file that
-    needs arbitrary code to load (e.g. a pickled ``__reduce__`` payload): nothing in it is executed.
+    Raises :class:`CheckpointError` (an ``InputError``) naming the file on a digest mismatch, on a file
+    that is not a torch checkpoint (text, truncated zip...) or holds no dict, and
+    :class:`UnsafeCheckpointError` (also a ``pickle.UnpicklingError``) on a file that needs arbitrary code
+    to load (e.g. a pickled ``__reduce__`` payload): nothing in it is executed.
     """
     path = Path(path)
     digest_file = path.with_name(path.name + DIGEST_SUFFIX)
@@ -115,7 +163,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if got != want:
             raise CheckpointError(f"checkpoint {path} is corrupt: SHA-256 {got[:16]}... != recorded {want[:16]}... "
                                   f"in {digest_file.name}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch.load would call text "unsafe"
+        raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint (not a torch.save zip archive: "
+                              "truncated, empty, or another kind of file)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"checkpoint {path} was refused, it needs code execution to load: {e}") from None
+    except Exception as e:  # torch reports a foreign file as KeyError / RuntimeError / EOFError...
+        raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint "
+                              f"({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -133,5 +193,5 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
             lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:10]}")
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:10]))
-        raise ValueError("\n".join(lines))
+        raise InputError("\n".join(lines))
     model.load_state_dict(state)

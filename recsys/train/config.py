@@ -1,17 +1,25 @@
 """Structured configs of `python -m recsys.train` (registered in Hydra's ConfigStore).
 
-Unknown keys fail at start-up: every group YAML is merged into these typed nodes.
+Unknown keys fail at start-up: every group YAML is merged into these typed nodes (and a key added
+with ``+key=value`` is refused by the entry point, see ``recsys.reliability.strict_config``).
+
+:func:`run_identity` is the part of a run's config that a resumed run must share with its
+checkpoint (everything that changes the trained weights), :func:`run_fingerprint` its digest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
 from recsys.data.config import DataConfig
 from recsys.dist.config import DistConfig
+from recsys.errors import InputError
 from recsys.model.config import ModelConfig
 
 
@@ -62,9 +70,9 @@ class OptimConfig:
         self.sparse = SparseOptimizer(self.sparse)
         self.lr_decay = LrDecay(self.lr_decay)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"train.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise InputError(f"train.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dense_lr <= 0 or self.sparse_lr <= 0:
-            raise ValueError("learning rates must be > 0")
+            raise InputError(f"train.optim.dense_lr and sparse_lr must be > 0, got {self.dense_lr}, {self.sparse_lr}")
 
 
 @dataclass
@@ -86,7 +94,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
     resume: bool = True
-    """Continue from the newest valid checkpoint in the output dir, if any."""
+    """Continue from the newest valid checkpoint in the output dir, if any (its run configuration must
+    match, see :func:`run_identity`). False into a directory that holds checkpoints is refused."""
+    fresh_run: bool = False
+    """Start a new run in an output dir that holds an earlier one: its checkpoints, train_log.jsonl and
+    report.json are moved (never deleted) into ``<output_dir>/previous-<timestamp>/``; no resume."""
     bf16: bool = False
     """bf16 autocast for forward/backward (parameters and optimizer stay fp32)."""
     device: Device = Device.auto
@@ -103,13 +115,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError("train.epochs must be >= 1")
+            raise InputError(f"train.epochs must be >= 1, got {self.epochs}")
         for n in ("max_steps", "eval_every", "eval_max_batches", "checkpoint_every", "max_consecutive_nonfinite"):
             if getattr(self, n) < 0:
-                raise ValueError(f"train.{n} must be >= 0")
+                raise InputError(f"train.{n} must be >= 0, got {getattr(self, n)}")
         self.device = Device(self.device)
         if self.keep_checkpoints < 1:
-            raise ValueError("train.keep_checkpoints must be >= 1")
+            raise InputError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass
@@ -126,3 +138,48 @@ class RunConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=RunConfig)
+
+
+# Settings that do not change what a run computes, only where it lives, how long it runs, how it logs
+# or on what hardware: a resume may change them. Every other key of the run config (data, model, seed,
+# optimizers, batch size, max_len...) must equal the checkpoint's. ``train.epochs`` / ``max_steps`` are
+# here so that a finished run can be extended (with lr_decay=cosine the schedule then stretches).
+RESUME_NEUTRAL_KEYS = (
+    "output_dir", "dist",
+    "data.root", "data.loader.num_workers", "data.ml100k.raw_dir", "data.ml100k.download",
+    "model.attention_backend",
+    "train.epochs", "train.max_steps", "train.eval_every", "train.eval_max_batches", "train.log_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.fresh_run", "train.progress",
+    "train.device", "train.max_consecutive_nonfinite",
+)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_identity(plain: dict[str, Any]) -> dict[str, Any]:
+    """``{dotted key: value}`` of a plain run config (``loop.plain_config``) without the resume-neutral keys."""
+    return {k: v for k, v in _flatten(plain).items()
+            if not any(k == n or k.startswith(n + ".") for n in RESUME_NEUTRAL_KEYS)}
+
+
+def run_fingerprint(plain: dict[str, Any]) -> str:
+    """16 hex digits of SHA-256 over :func:`run_identity` (stored in checkpoints as ``config_fingerprint``)."""
+    return hashlib.sha256(json.dumps(run_identity(plain), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def identity_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: checkpoint <a> != now <b>"`` for every identity key both configs hold with different values.
+
+    A key only one side holds (added to or removed from the config schema since the checkpoint was
+    written) is not compared: the checkpoint cannot say what it was.
+    """
+    a, b = run_identity(stored), run_identity(current)
+    return [f"{k}: checkpoint {a[k]!r} != now {b[k]!r}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]

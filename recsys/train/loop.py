@@ -1,4 +1,10 @@
-"""The training loop behind `python -m recsys.train`: build, train, evaluate, report."""
+"""The training loop behind `python -m recsys.train`: build, train, evaluate, report.
+
+Run directory (``output_dir``): refused when it overlaps the data (``recsys.reliability.rundir``),
+locked for the run's lifetime; ``train.resume=false`` into a directory holding checkpoints is refused
+(``train.fresh_run=true`` moves the earlier outputs aside), and a resume refuses a checkpoint whose
+run configuration (:func:`recsys.train.config.run_identity`) differs from this run's.
+"""
 
 from __future__ import annotations
 
@@ -18,17 +24,21 @@ from tqdm import tqdm
 from recsys.baselines import Baseline, sparse_parameters
 from recsys.baselines import build_model as build_arch
 from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
+from recsys.data.config import DataSource
 from recsys.data.schema import DataSchema
+from recsys.errors import InputError
 from recsys.model.config import ModelConfig
 from recsys.model.heads import multitask_bce
 from recsys.model.pyramid import flops_report
 from recsys.model.ranker import OneTransRanker
 from recsys.quant.ranker import install_sids, with_resolved_sids
+from recsys.reliability.atomic import atomic_write_bytes
 from recsys.reliability.guards import NonFiniteGuard, grads_finite
 from recsys.reliability.resume import trim_log
 from recsys.reliability.rng import capture_rng, restore_rng
+from recsys.reliability.rundir import check_output_dir, lock_run_dir, move_aside
 from recsys.train.checkpoint import CheckpointManager, load_model_state
-from recsys.train.config import OptimConfig, RunConfig
+from recsys.train.config import OptimConfig, RunConfig, identity_differences, run_fingerprint
 from recsys.train.evaluate import metrics_report, predict
 from recsys.train.metrics import auc
 from recsys.train.schedule import lr_multiplier
@@ -94,15 +104,99 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+# What a run writes into output_dir (besides the lock file): moved aside together by train.fresh_run.
+RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", "report.json")
+# What a resume reads from a checkpoint (a model-only checkpoint, e.g. from recsys.dist, lacks some).
+RESUME_KEYS = ("model", "opt_sparse", "opt_dense", "sched", "popularity", "step", "epoch", "batch_in_epoch",
+               "train_time", "samples", "requests")
+
+
+def train_inputs(cfg: RunConfig) -> list[tuple[str, str | None]]:
+    """What the run reads, as ``(config key, path)``: ``output_dir`` must overlap none of them."""
+    d = cfg.data
+    named: list[tuple[str, str | None]] = ([("data.path", d.path)] if d.source == DataSource.parquet
+                                           else [("data.root", d.root)])
+    if d.source == DataSource.ml100k:
+        named.append(("data.ml100k.raw_dir", d.ml100k.raw_dir))
+    named.append(("model.item_embedding.sid_path", cfg.model.item_embedding.sid_path))
+    return named
+
+
+def check_same_run(path: Path, state: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse to resume from a checkpoint of another run configuration, naming every differing key.
+
+    The checkpoint's ``config_fingerprint`` (digest of ``run_identity``) equal to this run's: same run.
+    Otherwise (a different digest, or a checkpoint written before fingerprints existed) the stored
+    config is compared key by key; keys only one side knows are not compared.
+    """
+    stored = state.get("config")
+    if not isinstance(stored, dict):
+        raise InputError(f"checkpoint {path} records no run configuration, so resuming could continue another "
+                         "run: use another output_dir, or train.fresh_run=true (moves it aside)")
+    current = plain_config(cfg)
+    if state.get("config_fingerprint") == run_fingerprint(current):
+        return
+    diffs = identity_differences(stored, current)
+    if diffs:
+        raise InputError(
+            f"checkpoint {path} is of another run configuration ({len(diffs)} setting(s) differ: "
+            f"{'; '.join(diffs[:10])}{' ...' if len(diffs) > 10 else ''}); resuming would continue that run "
+            f"under other settings. Rerun with the checkpoint's settings, use another output_dir, or set "
+            f"train.fresh_run=true (moves the earlier run into {path.parent.parent}/previous-<time>/)")
+    if "config_fingerprint" not in state:
+        print(f"[train] {path} has no config fingerprint (older version): its stored config matches key by key")
+
+
+def open_run(cfg: RunConfig, out_dir: Path, ckpts: CheckpointManager) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from (checked against this run's config), or None for a fresh start.
+
+    ``train.fresh_run``: earlier outputs are moved aside, fresh start. ``train.resume=false`` into a
+    directory that holds checkpoints, or a resume where none of them loads: refused (a new run would be
+    pruned against, and scored as, the old checkpoints). No checkpoint at all: fresh start.
+    """
+    tc = cfg.train
+    if tc.fresh_run:
+        moved = move_aside(out_dir, RUN_OUTPUTS)
+        if moved is not None:
+            print(f"[train] fresh run: the earlier outputs of {out_dir} were moved to {moved}")
+        return None
+    if not tc.resume:
+        existing = ckpts.paths()
+        if existing:
+            names = ", ".join(p.name for p in existing[-5:])
+            raise InputError(
+                f"output_dir={out_dir} already holds checkpoints ({names} in {ckpts.dir}) and train.resume=false: a new "
+                "run there would mix with them (retention and recsys.score pick the highest step). Resume "
+                "(train.resume=true), start a fresh run there (train.fresh_run=true moves the earlier outputs to "
+                "previous-<time>/), or use another output_dir")
+        return None
+    found = ckpts.load_latest(required=RESUME_KEYS)
+    if found is not None:
+        check_same_run(*found, cfg)
+    elif existing := ckpts.paths():  # every one was reported and skipped: do not start a run over them
+        raise InputError(
+            f"output_dir={out_dir} holds checkpoints but none can be resumed ({', '.join(p.name for p in existing[-5:])}"
+            f" in {ckpts.dir}, each reported above); a new run there would mix with them. Remove or replace them, "
+            "start a fresh run there (train.fresh_run=true moves them to previous-<time>/), or use another output_dir")
+    return found
+
+
 def train(cfg: RunConfig) -> Path:
     """Train, evaluate on the test split, write ``report.json``; returns its path."""
     if str(getattr(cfg.dist.backend, "value", cfg.dist.backend)) != "none":  # dist=gloo|nccl under torchrun
         from recsys.dist.loop import train_distributed
 
         return train_distributed(cfg)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(cfg.output_dir, train_inputs(cfg))  # before anything is written
+    with lock_run_dir(cfg.output_dir):  # one process per run directory
+        return _train(cfg, Path(cfg.output_dir))
+
+
+def _train(cfg: RunConfig, out_dir: Path) -> Path:
     tc = cfg.train
+    cfg, sids = with_resolved_sids(cfg)  # item_embedding=sid/both: SID sizes + codes from its sid_path
+    ckpts = CheckpointManager(out_dir / "checkpoints", keep=tc.keep_checkpoints)
+    found = open_run(cfg, out_dir, ckpts)  # refusals before the data is prepared
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed)  # all three are saved in checkpoints and restored on resume (recsys.reliability.rng)
@@ -110,7 +204,6 @@ def train(cfg: RunConfig) -> Path:
     # all three splits: it trains on train, validates on valid, reports on test: an empty one is refused before any step
     ds: PreparedDataset = prepare_dataset(cfg.data, progress=tc.progress, need=("train", "valid", "test"))
     schema = ds.schema
-    cfg, sids = with_resolved_sids(cfg)  # item_embedding=sid/both: SID sizes + codes from its sid_path
     model = build_model(schema, cfg.model, cfg.data.loader.max_len).to(device)
     if sids is not None:
         install_sids(model, sids, schema.num_items)
@@ -123,7 +216,6 @@ def train(cfg: RunConfig) -> Path:
         s, oc.warmup_steps, total, oc.lr_decay.value, oc.min_lr_ratio))
     weights = list(tc.task_weights) or None
     popularity = PopularityBaseline(schema.num_items)
-    ckpts = CheckpointManager(out_dir / "checkpoints", keep=tc.keep_checkpoints)
     log_path = out_dir / "train_log.jsonl"
     guard = NonFiniteGuard(tc.max_consecutive_nonfinite)
     all_params = [p for opt in (opt_sparse, opt_dense) for g in opt.param_groups for p in g["params"]]
@@ -131,7 +223,7 @@ def train(cfg: RunConfig) -> Path:
 
     step, epoch, batch_in_epoch, train_time, samples, requests = 0, 0, 0, 0.0, 0, 0
     resumed_from = None
-    if tc.resume and (found := ckpts.load_latest()) is not None:
+    if found is not None:
         resumed_from, state = found
         load_model_state(model, state["model"], str(resumed_from))
         opt_sparse.load_state_dict(state["opt_sparse"])
@@ -157,7 +249,7 @@ def train(cfg: RunConfig) -> Path:
             "nonfinite": guard.state_dict(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "train_time": train_time,
             "samples": samples, "requests": requests,
-            "config": plain_config(cfg),
+            "config": plain_config(cfg), "config_fingerprint": run_fingerprint(plain_config(cfg)),
             "schema": schema.to_json(), "max_s_tokens": max_s_tokens(schema, cfg.model, cfg.data.loader.max_len),
             **({"item_sid": sids.to_dict()} if sids is not None else {}),  # item -> SID + quantizer (scoring)
         })
@@ -256,5 +348,5 @@ def train(cfg: RunConfig) -> Path:
         "config": plain_config(cfg),
     }
     report_path = out_dir / "report.json"
-    report_path.write_text(json.dumps(report, indent=2, default=_json_default))
+    atomic_write_bytes(report_path, json.dumps(report, indent=2, default=_json_default).encode())
     return report_path

@@ -196,6 +196,21 @@ def test_autotune_prune_filter():
     assert 0 < len(kept) < len(configs)
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="imports Triton kernels; covered by the CUDA tests otherwise")
+def test_autotune_space_from_environment(monkeypatch):
+    from kernels.triton_attention_common import CONFIGS_ENV, hopper_configs, parse_config_space
+
+    monkeypatch.setenv(CONFIGS_ENV, " 128x64x4x3, 64x64x8x2 ")
+    configs = hopper_configs()
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs] == [
+        (128, 64, 4, 3), (64, 64, 8, 2)]
+    monkeypatch.setenv(CONFIGS_ENV, "")
+    assert len(hopper_configs()) == 24
+    for bad in ("128x64x4", "128x64x4x3,", "96x64x4x3", "64x64x3x2", "64x64x4x0", "64x64x4xs"):
+        with pytest.raises(ValueError, match=CONFIGS_ENV):
+            parse_config_space(bad)
+
+
 @pytest.mark.slow
 def test_triton_kernels_compile_for_sm90():
     """Real Triton compiler (not the interpreter) down to an sm_90 cubin; no GPU needed."""

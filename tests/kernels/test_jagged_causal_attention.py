@@ -81,6 +81,33 @@ def test_torch_backend_explicit_math_path(case, monkeypatch):
     _check_against_reference("torch", case, 2, 16, torch.bfloat16, "cpu")
 
 
+@pytest.mark.parametrize("max_len", [50, 20], ids=["pad", "truncate"])
+def test_plain_torch_padding_equals_fbgemm(max_len, monkeypatch):
+    """Without FBGEMM (the GPU image, or CUDA tensors) the padding copies are plain torch indexing:
+    bit-identical to fbgemm's jagged_to_padded_dense / dense_to_jagged, fill value and truncation included."""
+    from kernels import torch_attention
+
+    lengths = [33, 1, 17, 0, 50]
+    off = offsets(lengths)
+    x = torch.randn(sum(lengths), 2, 3, generator=torch.Generator().manual_seed(0))
+    padded = {}
+    for fbgemm in (True, False):
+        monkeypatch.setattr(torch_attention, "_FBGEMM", fbgemm)
+        padded[fbgemm] = torch_attention._to_padded(x, off, max_len, value=-7.0)
+        if max_len >= max(lengths):
+            torch.testing.assert_close(torch_attention._to_jagged(padded[fbgemm], off), x, rtol=0, atol=0)
+    torch.testing.assert_close(padded[False], padded[True], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["ragged", "subset"])
+def test_torch_backend_without_fbgemm(case, monkeypatch):
+    """The torch backend with FBGEMM absent (plain-torch padding) against the reference."""
+    from kernels import torch_attention
+
+    monkeypatch.setattr(torch_attention, "_FBGEMM", False)
+    _check_against_reference("torch", case, 2, 16, torch.float32, "cpu")
+
+
 def test_default_scale_and_explicit_scale():
     q, k, v, kv_off, q_off, _ = _inputs("subset", 2, 16, torch.float32, "cpu")
     a = jagged_causal_attention(q, k, v, kv_off, q_off, backend="torch")

@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from recsys.errors import INPUT_ERROR_EXIT
@@ -22,13 +23,14 @@ def file_digests(root: Path) -> dict[str, str]:
             for p in files}
 
 
-def run_cli(module: str, *overrides: str, timeout: float = 240, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess:
-    """``python -m <module> <overrides...>`` from the repo root, one thread, output captured as text."""
+def run_cli(module: str, *overrides: str, timeout: float = 240, env: dict[str, str] | None = None,
+            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """``python -m <module> <overrides...>`` from the repo root, one thread, output captured as text.
+    ``preexec_fn`` runs in the child before ``exec`` (e.g. ``resource.setrlimit`` for that process only)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("RECSYS_FAULT", None)
     return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -20,6 +20,7 @@ from job_fixtures import CONFIGS, make_checkpoint, tiny_data_config
 from omegaconf import OmegaConf
 
 from recsys.data.collate import collate
+from recsys.errors import InputError
 from recsys.serving.catalog import collect_item_categories, with_candidates
 from recsys.serving.config import ScoreConfig, register_configs
 from recsys.serving.job import PartitionReader, load_ranker, resolve_checkpoint, run_scoring
@@ -112,7 +113,7 @@ def test_rerun_is_a_no_op_and_other_jobs_are_refused(trained, baseline):
     assert again["complete"] and again["partitions_written"] == 0 and again["requests"] == 0
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert again["metrics"] == pytest.approx(baseline[1]["metrics"], rel=1e-12)
-    with pytest.raises(RuntimeError, match="different scoring job"):
+    with pytest.raises(InputError, match="different scoring job"):
         run_scoring(score_config(ckpt, out, candidate_chunk=7))
     partial = json.loads(run_scoring(score_config(ckpt, out, candidate_chunk=7, overwrite="true",
                                                   max_partitions=1)).read_text())
