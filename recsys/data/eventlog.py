@@ -25,6 +25,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from recsys.data.config import DataConfig, DataSource, EventLogConfig, OovPolicy
 from recsys.data.id_maps import ID_MAPS_DIR, IdMaps
 from recsys.data.ingest import IngestResult, ingest, read_tables
@@ -103,18 +105,23 @@ def ingest_configured(cfg: DataConfig) -> tuple[IngestResult, dict]:
     return res, extra
 
 
-def new_log_config(trained: DataConfig, dataset_dir: str | Path, events: str | Path,
+def new_log_config(trained: DataConfig | dict, dataset_dir: str | Path, events: str | Path,
                    oov_policy: OovPolicy | str | None = None) -> DataConfig:
     """The data config of a new event log encoded with the maps of ``dataset_dir`` (the dataset a model was
-    trained on, from the ``trained`` config): same columns and options, the side tables and cold items
-    dropped (they come from the maps), ``oov_policy`` (default: the trained config's) for unknown ids."""
-    if trained.source != DataSource.eventlog:
+    trained on; ``trained``: its data config, or the plain dict a checkpoint stores): same columns and
+    options, the side tables and cold items dropped (they come from the maps), ``oov_policy`` (default:
+    the trained config's) for unknown ids. The trained log's own files are not needed."""
+    data = OmegaConf.structured(trained) if isinstance(trained, DataConfig) else OmegaConf.create(trained)
+    source = DataSource(data.get("source", DataSource.synthetic))
+    if source != DataSource.eventlog:
         raise InputError(f"a new event log is encoded with the id maps of an eventlog dataset, but this model was "
-                         f"trained on data.source={trained.source.value}")
-    ev = dataclasses.replace(trained.eventlog, events=str(events), item_features=None, user_features=None,
-                             cold_items=[], id_maps_from=str(dataset_dir))
-    cfg = dataclasses.replace(trained, eventlog=ev, oov_policy=OovPolicy(oov_policy or trained.oov_policy))
-    return cfg  # dataclasses.replace ran every __post_init__: the files exist, the maps are a dataset's
+                         f"trained on data.source={source.value}")
+    data.eventlog.update(events=str(events), item_features=None, user_features=None, cold_items=[],
+                         id_maps_from=str(dataset_dir))
+    if oov_policy is not None:
+        data.oov_policy = OovPolicy(oov_policy).value
+    from recsys.data.prepare import as_data_config
+    return as_data_config(data)  # every check: the new log exists, the maps are a dataset's
 
 
 __all__ = ["check_inputs", "new_log_config", "eventlog_key", "file_identity", "file_sha256", "ingest_configured"]

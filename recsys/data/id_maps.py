@@ -86,7 +86,7 @@ class IdMaps:
         """Dense id of every raw id (null where unknown), in input order. Raw ids are normalized and cast to
         the stored raw dtype (``9.0`` is ``9``; an id that cannot be cast is an ``InputError`` naming ``what``)."""
         raw = raw if isinstance(raw, pl.Series) else pl.Series(RAW, raw)
-        ids = cast_ids(raw.rename(RAW), self.raw_dtype(name), what)
+        ids = cast_ids(raw, self.raw_dtype(name), what).rename(RAW)  # a refusal names the caller's column
         return ids.to_frame().join(self.table(name).select(RAW, DENSE), on=RAW, how="left",
                                    maintain_order="left", nulls_equal=False)[DENSE]
 

@@ -237,10 +237,10 @@ def _open_or_build(cfg: DataConfig, progress: bool, build: bool = True) -> Prepa
     if (out / "summary.json").is_file():
         return _load(out, cfg, cached=True)
     if not build:
-        raise InputError(f"no prepared dataset {out} for this data config"
-                         + (f" (its input files changed since it was prepared: {cfg.eventlog.input_files()})"
-                            if cfg.source == DataSource.eventlog else "")
-                         + "; prepare it with python -m recsys.data")
+        files = f" {cfg.eventlog.input_files()}" if cfg.source == DataSource.eventlog else ""
+        raise InputError(f"no prepared dataset {out} for this data config: its input files{files} are not the ones "
+                         "it was prepared from (changed since?), and a model's ids are those of its dataset: restore the "
+                         "files, or point data.source=parquet data.path at the dataset it was prepared from")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     try:

@@ -9,9 +9,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys.data.config import OovPolicy
+from recsys.data.config import IngestConfig, OovPolicy
 from recsys.data.id_maps import IdMaps, with_raw_ids
-from recsys.data.ingest import ingest_event_log
+from recsys.data.ingest import ingest, ingest_event_log
 from recsys.data.prepare import write_dataset
 from recsys.errors import InputError
 
@@ -100,3 +100,16 @@ def test_output_columns_gain_raw_ids_next_to_the_dense_ones():
     assert out["raw_user_id"].to_pylist() == ["zoe", "amy", None]  # dense 0: unknown, no raw id
     assert out["raw_item_id"].to_pylist() == ["tt10", "tt9", None]
     assert with_raw_ids(cols, None) is cols  # synthetic data: dense ids are the only ids
+
+
+def test_a_new_csv_of_digit_strings_matches_stored_string_ids(tmp_path: Path):
+    # stored ids are strings ("007"); the new CSV's ids all look like numbers, so without reading them as
+    # text CSV inference would make them 7 and 8 and every one would be unknown
+    base = ingest_event_log(events_of(["007", "u1", "007"], ["08", "x", "x"]))
+    write_dataset(tmp_path / "ds", base.schema, base.columns, base.split, row_group_size=8, seed=0,
+                  id_maps=base.id_maps)
+    new = tmp_path / "new.csv"
+    new.write_text(f"user_id,item_id,timestamp\n007,08,{T0 + 100}\n007,08,{T0 + 200}\n")
+    res = ingest(new, IngestConfig(), maps=IdMaps.read(tmp_path / "ds"))
+    assert res.counters["unknown_items"] == 0 and res.counters["new_users"] == 0
+    assert base.id_maps.to_raw("users", res.columns["user_id"]).to_list() == ["007", "007"]

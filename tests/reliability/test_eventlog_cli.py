@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
 import pytest
-from hostile_helpers import ROOT, file_digests, run_cli
+from hostile_helpers import ROOT, assert_refused, file_digests, run_cli
 
 FIXTURE = ROOT / "data" / "fixtures" / "eventlog-mini"
 NEGATIVES = 2
@@ -41,13 +42,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     procs = {"data": run_cli("recsys.data", *data, "progress=false", "loader_pass=false"),
              "train": run_cli("recsys.train", *data, "model=debug", "train.max_steps=3", "train.progress=false",
                               f"output_dir={folder / 'run'}")}
-    procs["score"] = run_cli("recsys.score", f"checkpoint={folder / 'run'}", f"output_dir={folder / 'score'}",
-                             "progress=false")
-    procs["score_new"] = run_cli("recsys.score", f"checkpoint={folder / 'run'}", f"output_dir={folder / 'new'}",
-                                 f"inputs_eventlog={new}", "oov_policy=oov", "progress=false")
+    scores = {"score": (), "score_new": (f"inputs_eventlog={new}", "oov_policy=oov")}
+    with ThreadPoolExecutor(3) as pool:  # the two scoring runs are independent: side by side
+        futures = {name: pool.submit(run_cli, "recsys.score", f"checkpoint={folder / 'run'}",
+                                     f"output_dir={folder / name}", "progress=false", *extra)
+                   for name, extra in scores.items()}
+        # meanwhile: a mapping onto a column the log lacks is refused before any work
+        elsewhere = [o for o in data if not o.startswith("data.root=")] + [f"data.root={folder / 'refused'}"]
+        wrong = pool.submit(run_cli, "recsys.data", *elsewhere, "data.eventlog.columns.item_id=itemId",
+                            "progress=false")
+        procs.update({name: f.result() for name, f in futures.items()})
+    refused = wrong.result()
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{(proc.stdout + proc.stderr)[-3000:]}"
-    return {"folder": folder, "before": before, "after": file_digests(folder / "in"), "new": new}
+    return {"folder": folder, "before": before, "after": file_digests(folder / "in"), "new": new, "refused": refused}
 
 
 def scored(folder: Path, name: str) -> tuple[pl.DataFrame, dict]:
@@ -55,8 +63,11 @@ def scored(folder: Path, name: str) -> tuple[pl.DataFrame, dict]:
             json.loads((folder / name / "summary.json").read_text()))
 
 
-def test_inputs_are_never_modified(runs):
+def test_inputs_are_never_modified_and_a_wrong_mapping_is_refused(runs):
     assert runs["after"] == runs["before"]
+    assert_refused(runs["refused"], "data.eventlog.columns.item_id=itemId", str(runs["folder"] / "in" / "ratings.csv"),
+                   "'movieId'")
+    assert not (runs["folder"] / "refused").exists()  # nothing was written
 
 
 def test_every_scored_row_maps_back_to_the_input_log(runs):
@@ -82,13 +93,30 @@ def test_every_scored_row_maps_back_to_the_input_log(runs):
 
 
 def test_a_new_log_is_scored_through_the_stored_maps(runs):
-    out, summary = scored(runs["folder"], "new")
+    out, summary = scored(runs["folder"], "score_new")
     ingest = summary["inputs_eventlog"]
     assert ingest["events"] == str(runs["new"])
     assert (ingest["new_users"], ingest["unknown_items"], ingest["unknown_item_rows"]) == (1, 1, 1)
     assert summary["requests"] == 4
-    events = out.filter(pl.col("label_click").is_not_null()).group_by("request_id", maintain_order=True).first()
+    events = out.group_by("request_id", maintain_order=True).first()  # candidate 0: the event itself
     assert sorted(events["raw_user_id"].to_list()) == ["newcomer", "newcomer", "user_03", "user_03"]
     firsts = sorted(events["raw_item_id"].to_list(), key=str)
     assert firsts == [None, "tt0001000", "tt0001037", "tt0001074"]  # the unknown item is the OOV id 0
     assert out.filter(pl.col("raw_item_id").is_null())["item_id"].to_list() == [0]
+
+
+def test_the_checkpoint_records_its_dataset_so_a_moved_log_still_scores(runs):
+    from recsys.serving.job import resolve_checkpoint, trained_dataset
+    from recsys.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(resolve_checkpoint(runs["folder"] / "run"))
+    built = sorted((d for d in (runs["folder"] / "data").iterdir() if d.name.startswith("eventlog-")),
+                   key=lambda d: "id_maps_from" in json.loads((d / "summary.json").read_text()))
+    assert len(built) == 2  # the log's dataset, then the new log's (encoded with the first one's maps)
+    assert state["dataset_dir"] == str(built[0].resolve())
+    _, summary = scored(runs["folder"], "score")
+    assert summary["id_maps"] == str(built[0].resolve() / "id_maps")
+    moved = json.loads(json.dumps(state["config"]))
+    moved["data"]["eventlog"]["events"] = str(runs["folder"] / "gone.csv")  # the run's log, moved away
+    ds = trained_dataset({**moved, "dataset_dir": state["dataset_dir"]})
+    assert ds.path == built[0].resolve() and ds.summary["requests"] == 220
