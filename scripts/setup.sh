@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Creates .venv/ in the repo root and installs the whole stack into it.
+# Creates .venv/ in the repo root and installs the project with its declared dependencies.
 #
-#   bash scripts/setup.sh          # idempotent: a second run returns in about a second
+#   bash scripts/setup.sh                   # idempotent: a second run returns in about a second
+#   VENV=/tmp/recsys-venv bash scripts/setup.sh   # another venv location (a fresh-install check)
 #
-# CPU machine (default): torch==2.13.0 CPU wheel, fbgemm-gpu-cpu==1.8.0, torchrec==1.8.0.
-# GPU machine (nvidia-smi lists a GPU): the CUDA builds of torch and fbgemm-gpu instead.
-# torchrec 1.8.0 declares a dependency on the CUDA `fbgemm-gpu`, which breaks
-# `import fbgemm_gpu` on a CPU machine and shares its folder with fbgemm-gpu-cpu, so
-# torchrec is installed with --no-deps and its real dependencies are listed by hand.
-# (`pip check` complains about that on CPU: expected, harmless.)
+# What is installed is pyproject.toml's: [project] dependencies, plus the `cpu` extra
+# (fbgemm-gpu-cpu) or, where nvidia-smi lists a GPU, the `cuda` extra (fbgemm-gpu), plus `dev`
+# (pytest, ruff, ...). One dependency is dropped on purpose: torchrec 1.8.0 declares the CUDA
+# `fbgemm-gpu`, which breaks `import fbgemm_gpu` on a CPU machine and shares its folder with
+# fbgemm-gpu-cpu (uninstalling it later removes both). pip cannot drop a dependency, so:
+#   1. every declared requirement except torchrec goes in with pip's normal resolution (pip's own
+#      config picks the local CPU torch wheel: torch==2.13.0 is pinned in pyproject.toml);
+#   2. torchrec (pinned in pyproject.toml) with --no-deps: its real dependencies are declared
+#      in pyproject.toml beside it, so step 1 already installed them;
+#   3. the project itself, editable, with --no-deps.
+# The same three steps serve the cuda flavour (there the extra supplies the fbgemm-gpu torchrec
+# wants). pip rather than uv: it honours this machine's pip config (local wheel folder, extra
+# indexes) with nothing to translate. `pip check` complains that torchrec wants fbgemm-gpu on CPU:
+# expected, harmless.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+VENV="${VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
@@ -38,23 +47,32 @@ pipi() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2
 PIP=(pipi)
 
 "${PIP[@]}" --upgrade pip
-# Pinned: an open range can resolve to a multi-GB CUDA build on a CPU machine.
-"${PIP[@]}" "torch==2.13.0"
-if [[ "$FLAVOR" == cuda ]]; then
-  "${PIP[@]}" "fbgemm-gpu==1.8.0"
-else
-  "${PIP[@]}" "fbgemm-gpu-cpu==1.8.0"
-fi
-"${PIP[@]}" --no-deps "torchrec==1.8.0"
-"${PIP[@]}" tensordict "torchmetrics==1.0.3" tqdm pyre-extensions
-"${PIP[@]}" triton pyarrow polars hydra-core pytest pytest-benchmark pytest-timeout \
-  hypothesis matplotlib ruff
-# The project itself, editable, without letting pip re-resolve torch / torchrec.
+# The requirement lists, read from pyproject.toml: line 1 is torchrec's pin, one requirement a line after it.
+mapfile -t REQS < <("$VENV/bin/python" - "$ROOT/pyproject.toml" "$FLAVOR" <<'PY'
+import re, sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10: pip vendors the same parser
+    from pip._vendor import tomli as tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = project["optional-dependencies"]
+reqs = project["dependencies"] + extras[sys.argv[2]] + extras["dev"]
+is_torchrec = [re.match(r"[A-Za-z0-9._-]+", r).group(0).lower() == "torchrec" for r in reqs]
+assert sum(is_torchrec) == 1, "pyproject.toml must list torchrec exactly once"
+print(*[r for r, t in zip(reqs, is_torchrec) if t], *[r for r, t in zip(reqs, is_torchrec) if not t], sep="\n")
+PY
+)
+# (a failure inside the process substitution does not stop the script: check its output instead)
+[[ ${#REQS[@]} -gt 1 && "${REQS[0]}" == torchrec* ]] || { echo "[setup] cannot read pyproject.toml" >&2; exit 1; }
+"${PIP[@]}" "${REQS[@]:1}"
+"${PIP[@]}" --no-deps "${REQS[0]}"
 "${PIP[@]}" --no-deps -e "$ROOT"
 
 "$VENV/bin/python" - <<'PY'
-import fbgemm_gpu, polars, pyarrow, torch, torchrec, triton  # noqa: F401  (fail loudly now)
-import recsys, kernels  # noqa: F401
+import fbgemm_gpu, polars, pyarrow, tensorboard, torch, torchrec, triton  # noqa: F401  (fail loudly now)
+import kernels  # noqa: F401
+from recsys.configs import CONFIG_DIR
+assert (CONFIG_DIR / "train.yaml").is_file(), f"no Hydra config tree under {CONFIG_DIR}"
 print(f"[setup] torch {torch.__version__}, torchrec {torchrec.__version__}, triton {triton.__version__}, "
       f"cuda={torch.cuda.is_available()}")
 PY

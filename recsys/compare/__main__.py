@@ -15,7 +15,7 @@ from recsys.errors import exit_on_input_error
 register_configs()
 
 
-@hydra.main(config_path="../../configs", config_name="compare", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="compare", version_base="1.3")
 @exit_on_input_error
 def main(dcfg: DictConfig) -> None:
     cfg: CompareConfig = OmegaConf.to_object(dcfg)  # runs every __post_init__ validation

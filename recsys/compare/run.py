@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from recsys.compare.config import CompareConfig
 from recsys.compare.table import markdown_table, summarize
+from recsys.configs import CONFIG_DIR
 from recsys.evaluate.config import EvaluateConfig
 from recsys.evaluate.plots import comparison_figure, save
 from recsys.evaluate.run import eval_config_dict, run_evaluation
@@ -26,8 +27,6 @@ from recsys.model.config import ModelConfig
 from recsys.serving.job import resolve_checkpoint
 from recsys.train.config import RunConfig
 from recsys.train.loop import train
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def model_preset(name: str, overrides: list[str]) -> ModelConfig:

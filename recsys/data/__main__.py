@@ -90,7 +90,7 @@ def run(cfg: PrepareConfig) -> dict:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="prepare")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
 @exit_on_input_error
 def main(cfg: DictConfig) -> None:
     run(PrepareConfig(data=as_data_config(cfg.data), progress=cfg.progress, loader_pass=cfg.loader_pass))

@@ -43,6 +43,7 @@ from recsys.train.loop import (
     train_inputs,
 )
 from recsys.train.schedule import lr_multiplier
+from recsys.train.tensorboard import TensorBoardLog
 
 
 def init_process_group(dcfg: DistConfig) -> tuple[torch.device, bool]:
@@ -84,14 +85,15 @@ def train_distributed(cfg: RunConfig) -> Path:
     dist.broadcast_object_list(out, src=0)  # ${now:...} resolves per process: rank 0's name wins
     cfg = replace(cfg, output_dir=out[0])
     check_output_dir(cfg.output_dir, train_inputs(cfg))  # every rank: a pure check, all refuse alike
-    try:
-        return _train(cfg, device, rank, world)
+    try:  # rank 0 writes the TensorBoard scalars, as it writes train_log.jsonl
+        with TensorBoardLog(cfg.output_dir, cfg.train.tensorboard and rank == 0) as board:
+            return _train(cfg, device, rank, world, board)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _train(cfg: RunConfig, device: torch.device, rank: int, world: int) -> Path:
+def _train(cfg: RunConfig, device: torch.device, rank: int, world: int, board: TensorBoardLog) -> Path:
     out_dir = Path(cfg.output_dir)
     tc = cfg.train
     main = rank == 0
@@ -149,6 +151,7 @@ def _train(cfg: RunConfig, device: torch.device, rank: int, world: int) -> Path:
             print(f"[dist] resumed from {found} at step {step}")
     elif main and not tc.resume:
         log_path.unlink(missing_ok=True)
+    board.open(step)  # resumed: hides rank 0's events past this checkpoint (purge_step)
     dist.barrier()
 
     def checkpoint() -> None:
@@ -162,6 +165,7 @@ def _train(cfg: RunConfig, device: torch.device, rank: int, world: int) -> Path:
         if main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record, default=_json_default) + "\n")
+            board.write(record)
 
     done = bool(tc.max_steps) and step >= tc.max_steps
     bar = tqdm(total=total, initial=step, disable=not (tc.progress and main), desc=f"train x{world}", unit="step",

@@ -15,7 +15,7 @@ from recsys.evaluate.config import EvaluateConfig, register_configs
 register_configs()
 
 
-@hydra.main(config_path="../../configs", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
 @exit_on_input_error
 def main(dcfg: DictConfig) -> None:
     cfg: EvaluateConfig = OmegaConf.to_object(dcfg)  # runs every __post_init__ validation

@@ -21,7 +21,7 @@ from recsys.quant.config import QuantConfig, register_configs
 register_configs()
 
 
-@hydra.main(config_path="../../configs", config_name="quant", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="quant", version_base="1.3")
 @exit_on_input_error
 def main(dcfg: DictConfig) -> None:
     cfg: QuantConfig = OmegaConf.to_object(dcfg)  # runs every __post_init__ validation

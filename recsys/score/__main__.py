@@ -19,7 +19,7 @@ from recsys.serving.config import ScoreConfig, register_configs
 register_configs()
 
 
-@hydra.main(config_path="../../configs", config_name="score", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="score", version_base="1.3")
 @exit_on_input_error
 def main(dcfg: DictConfig) -> None:
     cfg: ScoreConfig = OmegaConf.to_object(dcfg)  # runs every __post_init__ validation

@@ -18,7 +18,7 @@ from recsys.train.config import RunConfig, register_configs
 register_configs()
 
 
-@hydra.main(config_path="../../configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 @exit_on_input_error
 def main(dcfg: DictConfig) -> None:
     cfg: RunConfig = OmegaConf.to_object(dcfg)  # runs every __post_init__ validation

@@ -97,8 +97,8 @@ class TrainConfig:
     """Continue from the newest valid checkpoint in the output dir, if any (its run configuration must
     match, see :func:`run_identity`). False into a directory that holds checkpoints is refused."""
     fresh_run: bool = False
-    """Start a new run in an output dir that holds an earlier one: its checkpoints, train_log.jsonl and
-    report.json are moved (never deleted) into ``<output_dir>/previous-<timestamp>/``; no resume."""
+    """Start a new run in an output dir that holds an earlier one: its checkpoints, train_log.jsonl,
+    tensorboard/ and report.json are moved (never deleted) into ``<output_dir>/previous-<timestamp>/``; no resume."""
     bf16: bool = False
     """bf16 autocast for forward/backward (parameters and optimizer stay fp32)."""
     device: Device = Device.auto
@@ -107,6 +107,9 @@ class TrainConfig:
     """Loss weight per task (empty = all 1)."""
     progress: bool = True
     """tqdm progress bar."""
+    tensorboard: bool = True
+    """TensorBoard scalars of every train_log.jsonl record under ``<output_dir>/tensorboard/``
+    (``recsys/train/tensorboard.py``); false = none."""
     max_consecutive_nonfinite: int = 10
     """Steps with a NaN/Inf loss or gradient are skipped (no update) and counted; one more than this
     many in a row stops training with FloatingPointError (0 = stop at the first)."""
@@ -150,7 +153,7 @@ RESUME_NEUTRAL_KEYS = (
     "model.attention_backend",
     "train.epochs", "train.max_steps", "train.eval_every", "train.eval_max_batches", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.fresh_run", "train.progress",
-    "train.device", "train.max_consecutive_nonfinite",
+    "train.tensorboard", "train.device", "train.max_consecutive_nonfinite",
 )
 
 

@@ -42,6 +42,7 @@ from recsys.train.config import OptimConfig, RunConfig, identity_differences, ru
 from recsys.train.evaluate import metrics_report, predict
 from recsys.train.metrics import auc
 from recsys.train.schedule import lr_multiplier
+from recsys.train.tensorboard import TENSORBOARD_DIR, TensorBoardLog
 
 
 def max_s_tokens(schema: DataSchema, model_cfg: ModelConfig, max_len: int) -> int:
@@ -105,7 +106,7 @@ def _json_default(o: Any) -> Any:
 
 
 # What a run writes into output_dir (besides the lock file): moved aside together by train.fresh_run.
-RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", "report.json")
+RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", TENSORBOARD_DIR, "report.json")
 # What a resume reads from a checkpoint (a model-only checkpoint, e.g. from recsys.dist, lacks some).
 RESUME_KEYS = ("model", "opt_sparse", "opt_dense", "sched", "popularity", "step", "epoch", "batch_in_epoch",
                "train_time", "samples", "requests")
@@ -191,11 +192,12 @@ def train(cfg: RunConfig) -> Path:
 
         return train_distributed(cfg)
     check_output_dir(cfg.output_dir, train_inputs(cfg))  # before anything is written
-    with lock_run_dir(cfg.output_dir):  # one process per run directory
-        return _train(cfg, Path(cfg.output_dir))
+    # one process per run directory; the TensorBoard writer refuses a missing package before any work
+    with lock_run_dir(cfg.output_dir), TensorBoardLog(cfg.output_dir, cfg.train.tensorboard) as board:
+        return _train(cfg, Path(cfg.output_dir), board)
 
 
-def _train(cfg: RunConfig, out_dir: Path) -> Path:
+def _train(cfg: RunConfig, out_dir: Path, board: TensorBoardLog) -> Path:
     tc = cfg.train
     cfg, sids = with_resolved_sids(cfg)  # item_embedding=sid/both: SID sizes + codes from its sid_path
     ckpts = CheckpointManager(out_dir / "checkpoints", keep=tc.keep_checkpoints)
@@ -242,6 +244,7 @@ def _train(cfg: RunConfig, out_dir: Path) -> Path:
         print(f"[train] resumed from {resumed_from} at step {step}")
     else:
         log_path.unlink(missing_ok=True)  # a fresh start (or a run killed before its first checkpoint)
+    board.open(step)  # resumed: hides the killed run's events past this checkpoint (purge_step)
 
     def checkpoint() -> None:
         nonlocal last_saved
@@ -261,6 +264,7 @@ def _train(cfg: RunConfig, out_dir: Path) -> Path:
     def log(record: dict[str, Any]) -> None:
         with open(log_path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
+        board.write(record)
 
     def validate() -> dict[str, Any]:
         loader = RequestLoader(ds.splits["valid"], schema, cfg.data.loader)
@@ -301,6 +305,7 @@ def _train(cfg: RunConfig, out_dir: Path) -> Path:
                 torch.nn.utils.clip_grad_norm_(dense_params, tc.optim.clip_grad_norm)
             opt_sparse.step()
             opt_dense.step()
+            lr = sched.get_last_lr()[0]  # the dense lr this step used (the sparse lr is constant)
             sched.step()
             train_time += time.perf_counter() - t0
             if epoch == 0:
@@ -314,7 +319,7 @@ def _train(cfg: RunConfig, out_dir: Path) -> Path:
             if step % tc.log_every == 0:
                 log({"step": step, "epoch": epoch, "loss": loss.item(),
                      **{f"loss_{t}": float(v) for t, v in zip(schema.tasks, per_task)},
-                     "samples_per_s": samples / max(train_time, 1e-9)})
+                     "lr": lr, "samples_per_s": samples / max(train_time, 1e-9)})
             if tc.eval_every and step % tc.eval_every == 0:
                 log({"step": step, "epoch": epoch, **validate()})
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
