@@ -17,17 +17,18 @@ import pyarrow.parquet as pq
 import torch
 
 from recsys.data.config import DataConfig, DataSource, SyntheticConfig
+from recsys.data.parquet_io import read_parquet_table
 from recsys.errors import InputError
+from recsys.train.checkpoint import load_checkpoint
 
 ITEM_TABLE_KEY = "tokenizer.embeddings.seq_tables.embeddings.item_id_table.weight"
 
 
 def read_content_parquet(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parquet with columns ``item_id`` (int) and ``vector`` (list of floats, one length)."""
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"content.path={path}: not a readable Parquet file ({' '.join(str(exc).split())})") from exc
+    """Parquet with columns ``item_id`` (int) and ``vector`` (list of floats, one length).
+
+    A missing, empty, truncated or corrupted file: an ``InputError`` naming it (``read_parquet_table``)."""
+    table = read_parquet_table(path)
     missing = {"item_id", "vector"} - set(table.column_names)
     if missing:
         raise InputError(f"content Parquet {path} lacks column(s) {sorted(missing)} (needs item_id, vector)")
@@ -50,9 +51,13 @@ def write_content_parquet(path: str | Path, ids: torch.Tensor, vecs: torch.Tenso
 
 
 def checkpoint_content(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows 1.. of a training checkpoint's item embedding table (row 0 is the OOV id)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = state.get("model", {}).get(ITEM_TABLE_KEY)
+    """Rows 1.. of a training checkpoint's item embedding table (row 0 is the OOV id).
+
+    Loaded like every checkpoint (``load_checkpoint``: digest, ``weights_only``): a file that is not a
+    torch checkpoint raises ``CheckpointError`` (an ``InputError``) naming it."""
+    state = load_checkpoint(path)
+    model = state.get("model")
+    weights = model.get(ITEM_TABLE_KEY) if isinstance(model, dict) else None
     if weights is None:
         raise InputError(f"checkpoint {path} has no item id table ({ITEM_TABLE_KEY}); was it trained with "
                          "model.item_embedding.mode=sid?")
