@@ -44,6 +44,7 @@ from recsys.data.parquet_io import (
 from recsys.data.schema import DataSchema
 from recsys.data.stats import summarize
 from recsys.errors import InputError
+from recsys.reliability.rundir import check_output_dir
 
 FORMAT_VERSION = 1
 """Bump when generation / ingest changes the rows, so stale caches are not reused."""
@@ -105,6 +106,26 @@ def dataset_dir(cfg: DataConfig) -> Path:
     return Path(cfg.root) / f"{cfg.source.value}-{config_hash(cfg)}"
 
 
+def ml100k_raw_dir(cfg: DataConfig) -> Path:
+    """Where the ml-100k files are read from (and the recbole wheel downloaded to): ``data.ml100k.raw_dir``,
+    else ``<root>/raw``."""
+    return Path(cfg.ml100k.raw_dir) if cfg.ml100k.raw_dir else Path(cfg.root) / "raw"
+
+
+def raw_inputs(cfg: DataConfig) -> list[tuple[str, Path]]:
+    """The raw files building the dataset of ``cfg`` reads, as ``(config key, path)``: the ml-100k raw dir
+    (synthetic data reads nothing; a prepared ``data.path`` is read, not built)."""
+    return [("data.ml100k.raw_dir", ml100k_raw_dir(cfg))] if cfg.source == DataSource.ml100k else []
+
+
+def dataset_inputs(cfg: DataConfig) -> list[tuple[str, Path]]:
+    """What opening (or building) the dataset of ``cfg`` reads, as ``(config key, path)``: the dataset
+    directory (``data.path``, or ``<root>/<source>-<hash>``) and its raw files. A command's output
+    directory must overlap none of them (``recsys.reliability.rundir.check_output_dir``)."""
+    key = "data.path" if cfg.source == DataSource.parquet else "dataset"
+    return [(key, dataset_dir(cfg)), *raw_inputs(cfg)]
+
+
 def write_dataset(out_dir: Path, schema: DataSchema, cols: RequestColumns, split: np.ndarray, *,
                   row_group_size: int, seed: int, progress: bool = False) -> dict:
     """Writes schema.json and one Parquet file per split; returns the per-split summaries.
@@ -139,8 +160,7 @@ def _build(cfg: DataConfig, out_dir: Path, progress: bool) -> dict:
         extra["events"] = data.num_events
     elif cfg.source == DataSource.ml100k:
         from recsys.data.ml100k import ensure_ml100k, ingest_ml100k
-        raw_dir = Path(cfg.ml100k.raw_dir) if cfg.ml100k.raw_dir else Path(cfg.root) / "raw"
-        files = ensure_ml100k(raw_dir, cfg.ml100k.recbole_version, download=cfg.ml100k.download)
+        files = ensure_ml100k(ml100k_raw_dir(cfg), cfg.ml100k.recbole_version, download=cfg.ml100k.download)
         data = ingest_ml100k(files, like_threshold=cfg.ml100k.like_threshold,
                              cold_item_fraction=cfg.ml100k.cold_item_fraction, cold_seed=cfg.ml100k.cold_seed)
         schema, cols, split, timings, seed = data.schema, data.columns, data.split, data.timings, 0
@@ -218,6 +238,8 @@ def _open_or_build(cfg: DataConfig, progress: bool) -> PreparedDataset:
         return _load(out, cfg, cached=True)
     if (out / "summary.json").is_file():
         return _load(out, cfg, cached=True)
+    # a build writes <root>/<source>-<hash>/ (and a temp sibling): never into, over or around its raw input
+    check_output_dir(out, raw_inputs(cfg), key="output dataset (data.root/<source>-<hash>)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     try:

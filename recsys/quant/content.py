@@ -85,9 +85,9 @@ def synthetic_content(cfg: SyntheticConfig, dim: int, noise: float, w_popularity
 def ml100k_genre_content(data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """ml-100k: 19-dim genre multi-hot (+ release decade one-hot) per movie; ids = the dataset's ids."""
     from recsys.data.ml100k import ensure_ml100k, read_atomic
+    from recsys.data.prepare import ml100k_raw_dir
 
-    raw = Path(data.ml100k.raw_dir) if data.ml100k.raw_dir else Path(data.root) / "raw"
-    items = read_atomic(ensure_ml100k(raw, data.ml100k.recbole_version, download=data.ml100k.download)
+    items = read_atomic(ensure_ml100k(ml100k_raw_dir(data), data.ml100k.recbole_version, download=data.ml100k.download)
                         / "ml-100k.item")
     ids = items["item_id"].cast(pl.Int64).to_numpy()
     if not np.array_equal(np.sort(ids), np.arange(1, len(ids) + 1)):
