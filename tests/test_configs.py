@@ -14,6 +14,8 @@ from recsys.train.config import RunConfig, register_configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("data", "model", "train", "dist")
+NEEDS = {("data", "eventlog"): [f"data.eventlog.events={CONFIGS.parent / 'data/fixtures/eventlog-mini/ratings.csv'}"]}
+"""Options that name no input of their own: the overrides a user adds (data=eventlog: the event log)."""
 register_configs()
 
 
@@ -33,7 +35,7 @@ def test_every_yaml_file_is_covered():
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
 def test_group_option_composes_into_run_config(group, option):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"{group}={option}", "output_dir=/tmp/x"])
+        cfg = compose("train", overrides=[f"{group}={option}", "output_dir=/tmp/x", *NEEDS.get((group, option), [])])
     run = OmegaConf.to_object(cfg)  # runs every __post_init__
     assert isinstance(run, RunConfig)
 

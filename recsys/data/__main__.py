@@ -3,6 +3,7 @@
     python -m recsys.data                                  # embedded synthetic default
     python -m recsys.data data=tiny                        # seconds; what the tests use
     python -m recsys.data data=ml100k data.loader.num_workers=2
+    python -m recsys.data data=eventlog data.eventlog.events=events.csv   # your own log (configs/data/eventlog.yaml)
 
 Prints the dataset summary (requests, candidates, history lengths, oracle AUC for
 synthetic data) and the loader's throughput over one pass of the train split.
@@ -19,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from recsys.data.config import DataConfig
+from recsys.data.config import DataConfig, DataSource
 from recsys.data.loader import RequestLoader
 from recsys.data.prepare import PreparedDataset, as_data_config, prepare_dataset
 from recsys.errors import exit_on_input_error
@@ -34,10 +35,14 @@ class PrepareConfig:
     progress: bool = True
     """Show progress bars."""
     loader_pass: bool = True
-    """After preparing, stream the train split once through RequestLoader and time it."""
+    """After preparing, stream the train split (test: a log encoded with stored id maps) once through
+    RequestLoader and time it."""
 
 
 ConfigStore.instance().store(name="prepare_schema", node=PrepareConfig)
+COUNTERS = ("duplicate_events_dropped", "user_ids_normalized", "item_ids_normalized", "timestamp_unit", "new_users",
+            "unknown_items", "unknown_item_rows", "unknown_actions", "unknown_action_rows")
+"""Counters of the ingest policies printed in the summary (``IngestResult.counters``)."""
 
 
 def _print_summary(prepared: PreparedDataset) -> None:
@@ -51,6 +56,9 @@ def _print_summary(prepared: PreparedDataset) -> None:
         if "oracle_auc" in split:
             line += f"  oracle AUC {split['oracle_auc']}"
         print(line)
+    counted = {k: s[k] for k in COUNTERS if k in s}
+    if counted:  # what the input policies did (ingested logs only)
+        print(f"  input policies {json.dumps(counted)}")
     for kind, st in s.get("history_length", {}).items():
         print(f"  history {kind:<9} {json.dumps(st)}")
     if "timings" in s:
@@ -60,15 +68,17 @@ def _print_summary(prepared: PreparedDataset) -> None:
 def run(cfg: PrepareConfig) -> dict:
     """Prepares the dataset, optionally times one loader pass; returns the numbers printed."""
     t0 = time.perf_counter()
-    prepared = prepare_dataset(cfg.data, progress=cfg.progress)
+    # a log encoded with stored id maps holds test rows only (rows for a trained model to score)
+    split = "test" if cfg.data.source == DataSource.eventlog and cfg.data.eventlog.id_maps_from else "train"
+    prepared = prepare_dataset(cfg.data, progress=cfg.progress, need=(split,))
     prepare_s = time.perf_counter() - t0
     _print_summary(prepared)
     out = {"prepare_s": round(prepare_s, 3), "path": str(prepared.path)}
     if cfg.loader_pass:
-        loader = RequestLoader(prepared.splits["train"], prepared.schema, cfg.data.loader)
+        loader = RequestLoader(prepared.splits[split], prepared.schema, cfg.data.loader)
         n_req = n_cand = 0
         t1 = time.perf_counter()
-        for batch in tqdm(loader, total=len(loader), desc="train pass", unit="batch", disable=not cfg.progress):
+        for batch in tqdm(loader, total=len(loader), desc=f"{split} pass", unit="batch", disable=not cfg.progress):
             n_req += batch.num_requests
             n_cand += batch.num_candidates
         dt = time.perf_counter() - t1

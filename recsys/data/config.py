@@ -15,10 +15,12 @@ YAML files under ``configs/data/`` fill a :class:`DataConfig`::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from numbers import Integral, Real
 from pathlib import Path
+from typing import ClassVar
 
 from recsys.errors import InputError
 
@@ -28,6 +30,7 @@ class DataSource(str, Enum):
 
     synthetic = "synthetic"
     ml100k = "ml100k"
+    eventlog = "eventlog"
     parquet = "parquet"
 
 
@@ -83,8 +86,38 @@ def _is_int(value: object) -> bool:
 
 
 @dataclass
+class EventColumns:
+    """Which column of the input files holds each field ingest reads, so files keep their own names
+    (``movieId``, ``userId``, ``ts``...) and are never rewritten. A mapped column is read under the
+    standard name; the file's other columns (a label column, for one) keep their names."""
+
+    user_id: str = "user_id"
+    """Column of the user id, in the event log and in the user feature table."""
+    item_id: str = "item_id"
+    """Column of the item id, in the event log and in the item feature table."""
+    timestamp: str = "timestamp"
+    """Event log column of the event time."""
+    action: str | None = None
+    """Event log column of the action (type or strength); None: a column named ``action`` if there is one."""
+    kind: str | None = None
+    """Event log column of the behaviour kind; None: a column named ``kind`` if there is one."""
+    category: str = "category"
+    """Item feature table column of the item's category."""
+
+    EVENT_FIELDS: ClassVar[tuple[str, ...]] = ("user_id", "item_id", "timestamp", "action", "kind")
+    """Fields read from the event log (``category``: item table; user_id / item_id: side tables too)."""
+
+    def mapping(self, names: tuple[str, ...]) -> dict[str, str]:
+        """``{standard name: file column}`` of the fields in ``names`` that are set."""
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass
 class IngestConfig:
     """Options of ``recsys.data.ingest.ingest_event_log``, checked before any file is read."""
+
+    KEY: ClassVar[str] = "ingest"
+    """How messages name these options (``ingest.<field>``; ``data.eventlog.<field>`` on the command line)."""
 
     task: str = "click"
     """Task name: the label column of the rows is ``cand_label_<task>``."""
@@ -112,38 +145,117 @@ class IngestConfig:
     """Exact duplicate events: drop (keep the first, count them), keep, or error."""
     timestamp_unit: TimestampUnit = TimestampUnit.auto
     """Unit of a numeric timestamp column: s, ms, us, ns, or auto (inferred from the magnitude)."""
+    columns: EventColumns = field(default_factory=EventColumns)
+    """Input column names (``columns.item_id=movieId``...); the defaults are the standard names."""
 
     def __post_init__(self) -> None:
-        self.split = _choice(IngestSplit, self.split, "ingest.split")
-        self.duplicates = _choice(DuplicatePolicy, self.duplicates, "ingest.duplicates")
-        self.timestamp_unit = _choice(TimestampUnit, self.timestamp_unit, "ingest.timestamp_unit")
+        k = self.KEY
+        self.split = _choice(IngestSplit, self.split, f"{k}.split")
+        self.duplicates = _choice(DuplicatePolicy, self.duplicates, f"{k}.duplicates")
+        self.timestamp_unit = _choice(TimestampUnit, self.timestamp_unit, f"{k}.timestamp_unit")
         if not _is_int(self.num_negatives) or self.num_negatives < 0:
-            raise InputError(f"ingest.num_negatives must be an integer >= 0, got {self.num_negatives!r}")
+            raise InputError(f"{k}.num_negatives must be an integer >= 0, got {self.num_negatives!r}")
         if self.max_history is not None and (not _is_int(self.max_history) or self.max_history < 1):
-            raise InputError(f"ingest.max_history must be None (keep all) or an integer >= 1, "
+            raise InputError(f"{k}.max_history must be None (keep all) or an integer >= 1, "
                              f"got {self.max_history!r}")
         if not _is_int(self.seed):
-            raise InputError(f"ingest.seed must be an integer, got {self.seed!r}")
+            raise InputError(f"{k}.seed must be an integer, got {self.seed!r}")
         for name in ("valid_fraction", "test_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
-                raise InputError(f"ingest.{name} must be a number in [0, 1), got {value!r}")
+                raise InputError(f"{k}.{name} must be a number in [0, 1), got {value!r}")
         if self.valid_fraction + self.test_fraction >= 1.0:
-            raise InputError(f"ingest.valid_fraction + ingest.test_fraction must be < 1 (some rows must stay in "
+            raise InputError(f"{k}.valid_fraction + {k}.test_fraction must be < 1 (some rows must stay in "
                              f"train), got {self.valid_fraction} + {self.test_fraction} = "
                              f"{self.valid_fraction + self.test_fraction:g}")
         if self.positive_threshold is not None and (
                 isinstance(self.positive_threshold, bool) or not isinstance(self.positive_threshold, Real)
                 or not math.isfinite(self.positive_threshold)):
-            raise InputError(f"ingest.positive_threshold must be None or a finite number, "
+            raise InputError(f"{k}.positive_threshold must be None or a finite number, "
                              f"got {self.positive_threshold!r}")
         for name in ("task", "default_kind"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise InputError(f"ingest.{name} must be a non-empty string, got {getattr(self, name)!r}")
+                raise InputError(f"{k}.{name} must be a non-empty string, got {getattr(self, name)!r}")
         for name in ("label_column", "target_kind"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise InputError(f"ingest.{name} must be None or a non-empty string, got {value!r}")
+                raise InputError(f"{k}.{name} must be None or a non-empty string, got {value!r}")
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        """``columns`` as an :class:`EventColumns` (a mapping is accepted), every name a non-empty string."""
+        if isinstance(self.columns, Mapping):
+            known = {f.name for f in fields(EventColumns)}
+            unknown = sorted(set(self.columns) - known)
+            if unknown:
+                raise InputError(f"{self.KEY}.columns: unknown field(s) {unknown}; the fields are "
+                                 f"{sorted(known)}")
+            self.columns = EventColumns(**self.columns)
+        for f in fields(EventColumns):
+            value = getattr(self.columns, f.name)
+            optional = f.name in ("action", "kind")
+            if (value is None and not optional) or (value is not None and (not isinstance(value, str) or not value)):
+                raise InputError(f"{self.KEY}.columns.{f.name} must be a non-empty column name"
+                                 f"{' (or None)' if optional else ''}, got {value!r}")
+
+
+@dataclass
+class EventLogConfig(IngestConfig):
+    """``data.source=eventlog``: your own event log (CSV / TSV / Parquet) ingested by ``ingest_event_log``.
+
+    Every ingest option is a field (inherited from :class:`IngestConfig`); the files are named here.
+    The cache key holds the SHA-256 of every input file (``prepare.config_key``), so a changed log is
+    ingested again and a copied or touched one is not.
+    """
+
+    KEY: ClassVar[str] = "data.eventlog"
+
+    events: str | None = None
+    """The event log: ``.csv`` (comma), ``.parquet``, anything else tab-separated (``.tsv``)."""
+    item_features: str | None = None
+    """Optional item table: item id + category columns (names from ``columns``)."""
+    user_features: str | None = None
+    """Optional user table: user id + categorical columns (each becomes a sparse feature)."""
+    cold_items: list[str] = field(default_factory=list)
+    """Raw item ids held out as cold-start items (test only; cast to the log's id type)."""
+    id_maps_from: str | None = None
+    """A prepared eventlog dataset directory: encode this log with *its* id maps and schema (a new log
+    of the same catalog, e.g. to score with that dataset's checkpoint); unknown ids follow
+    ``data.oov_policy``. Categories and user features then come from the stored maps."""
+
+    def input_files(self) -> dict[str, str]:
+        """``{field: path}`` of the input files that are set."""
+        return {n: getattr(self, n) for n in ("events", "item_features", "user_features")
+                if getattr(self, n) is not None}
+
+    def check_files(self) -> None:
+        """Every input file set exists (made absolute, so a checkpoint's config finds them from any
+        directory); ``id_maps_from`` is a prepared dataset with id maps, and the tables it replaces are
+        not set. Raises ``InputError`` naming the key and the value."""
+        if not self.events:
+            raise InputError(f"data.source=eventlog needs {self.KEY}.events=<file.csv|.tsv|.parquet> (the event "
+                             "log: user id, item id, timestamp columns; see configs/data/eventlog.yaml)")
+        for name, value in self.input_files().items():
+            path = Path(value)
+            if not path.is_file():
+                what = "is not a file" if path.exists() else "does not exist"
+                raise InputError(f"{self.KEY}.{name}={value} {what}")
+            setattr(self, name, str(path.resolve()))
+        if self.id_maps_from is None:
+            return
+        base = Path(self.id_maps_from)
+        if not (base / "schema.json").is_file() or not (base / "id_maps").is_dir():
+            raise InputError(f"{self.KEY}.id_maps_from={self.id_maps_from} is not a prepared eventlog dataset "
+                             "(it needs schema.json and id_maps/: a directory python -m recsys.data data=eventlog "
+                             "wrote)")
+        self.id_maps_from = str(base.resolve())
+        for name in ("item_features", "user_features"):
+            if getattr(self, name) is not None:
+                raise InputError(f"{self.KEY}.{name} is set, but {self.KEY}.id_maps_from={self.id_maps_from} "
+                                 "takes categories and user features from the stored id maps: drop it")
+        if self.cold_items:
+            raise InputError(f"{self.KEY}.cold_items is set, but a log encoded with {self.KEY}.id_maps_from has "
+                             "no training split to hold items out of: drop it")
 
 
 SYNTHETIC_TASKS = ("click", "like")
@@ -324,7 +436,7 @@ class DataConfig:
     """The ``data`` config group: which dataset, where it lives, how it is read."""
 
     source: DataSource = DataSource.synthetic
-    """synthetic (generated), ml100k (MovieLens-100k), parquet (an already prepared directory)."""
+    """synthetic (generated), ml100k (MovieLens-100k), eventlog (your own log), parquet (a prepared directory)."""
     root: str = "data"
     """Prepared datasets land in <root>/<source>-<config hash>/."""
     path: str | None = None
@@ -337,6 +449,8 @@ class DataConfig:
     """Generator settings (source = synthetic)."""
     ml100k: Ml100kConfig = field(default_factory=Ml100kConfig)
     """MovieLens-100k settings (source = ml100k)."""
+    eventlog: EventLogConfig = field(default_factory=EventLogConfig)
+    """Your own event log and its ingest options (source = eventlog)."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     """Loader settings."""
 
@@ -346,6 +460,20 @@ class DataConfig:
         if self.row_group_size < 1:
             raise InputError(f"data.row_group_size must be >= 1, got {self.row_group_size}")
         self._check_path()
+        self._check_eventlog()
+
+    def _check_eventlog(self) -> None:
+        """``data.eventlog.*`` files are read only with ``source=eventlog``, where they must exist."""
+        if self.source == DataSource.eventlog:
+            self.eventlog.check_files()
+            return
+        given = {**self.eventlog.input_files(), **({"id_maps_from": self.eventlog.id_maps_from}
+                                                   if self.eventlog.id_maps_from else {})}
+        if given:
+            name, value = next(iter(given.items()))
+            raise InputError(f"data.eventlog.{name}={value} is set, but data.source={self.source.value} does not "
+                             "read it (only data.source=eventlog reads data.eventlog.*): drop it, or add "
+                             "data.source=eventlog (or data=eventlog)")
 
     def _check_path(self) -> None:
         """``data.path`` is read only with ``source=parquet``, where it must be an existing directory: a path

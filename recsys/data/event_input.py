@@ -57,25 +57,62 @@ def table_name(src: pl.DataFrame | str | Path, what: str, name: str | None = Non
     return what if isinstance(src, pl.DataFrame) else str(src)
 
 
-def read_frame(src: pl.DataFrame | str | Path, separator: str | None = None) -> pl.DataFrame:
+def read_frame(src: pl.DataFrame | str | Path, separator: str | None = None, *, header_only: bool = False,
+               string_columns: tuple[str, ...] = ()) -> pl.DataFrame:
     """A DataFrame as is, or a Parquet / CSV / TSV file (``.tsv``, ``.inter``... read tab-separated).
 
     CSV and TSV are read with standard ``"`` quoting, and every row takes part in inferring the column
-    types (a float in the last row does not fail the read).
+    types (a float in the last row does not fail the read). ``header_only``: no rows, only the column
+    names (cheap: the check of a column mapping before any work). ``string_columns``: CSV columns read
+    as text, not inferred (ids matched against stored string ids: ``007`` stays ``"007"``).
     """
     if isinstance(src, pl.DataFrame):
-        return src
+        return src.clear() if header_only else src
     path = Path(src)
     if not path.is_file():
         raise InputFileNotFound(f"event/feature table {path} does not exist")
     try:
         if path.suffix == ".parquet":
+            if header_only:
+                return pl.DataFrame(schema=pl.read_parquet_schema(path))
             return pl.read_parquet(path)
         sep = separator or ("," if path.suffix == ".csv" else "\t")
-        return pl.read_csv(path, separator=sep, quote_char='"', infer_schema_length=None)
+        return pl.read_csv(path, separator=sep, quote_char='"', infer_schema_length=None,
+                           n_rows=0 if header_only else None,
+                           schema_overrides={c: pl.String for c in string_columns} or None)
     except (pl.exceptions.PolarsError, OSError) as e:  # ragged rows, bad encoding, not a Parquet file...
         raise InputError(f"cannot read {path} as {'Parquet' if path.suffix == '.parquet' else 'CSV/TSV'}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def check_mapping(columns: list[str], mapping: dict[str, str], where: str, key: str) -> None:
+    """Every column ``mapping`` names (``{standard name: file column}``) is in ``columns``, and no other
+    column of the table already holds a standard name it would be read under.
+
+    Raises ``InputError`` naming the table, the keys ``<key>.<field>=<column>`` at fault and the columns.
+    """
+    missing = {std: col for std, col in mapping.items() if col not in columns}
+    if missing:
+        keys = ", ".join(f"{key}.{std}={col}" for std, col in missing.items())
+        raise InputError(f"{where} lacks column(s) {list(missing.values())} ({keys}; its columns: {columns}); "
+                         f"it needs columns {', '.join(mapping)}: name the file's own columns with "
+                         f"{key}.<field>=<column>")
+    sources = set(mapping.values())
+    for std, col in mapping.items():
+        if col != std and std in columns and std not in sources:
+            raise InputError(f"{where}: {key}.{std}={col}, but the table also has a column {std!r}: it would be "
+                             f"read as two {std} columns; map {key}.{std}={std}, or rename one of them")
+
+
+def apply_mapping(frame: pl.DataFrame, mapping: dict[str, str], keep: tuple[str, ...] = ()) -> pl.DataFrame:
+    """``frame`` with each mapped file column renamed to its standard name (no copy of the data). A mapped
+    column also named in ``keep`` (the label column, when it is also the action) stays under its own name
+    too; the other file columns are untouched (a side table's other columns are its features)."""
+    moved = {std: col for std, col in mapping.items() if col != std}
+    if not moved:
+        return frame
+    drop = [col for col in set(moved.values()) if col not in keep and col not in moved]
+    return frame.with_columns(pl.col(col).alias(std) for std, col in moved.items()).drop(drop)
 
 
 def first_row(mask: pl.Series | np.ndarray) -> int:
@@ -102,6 +139,17 @@ def numeric_column(values: pl.Series, where: str, hint: str = "") -> pl.Series:
         i = first_row(bad)
         raise InputError(f"{where}: column {values.name!r}, row {i}: {values[i]!r} is not a number{hint}")
     return as_float
+
+
+def cast_ids(ids: pl.Series, dtype: pl.DataType, what: str) -> pl.Series:
+    """``ids`` of a side table normalized like the log's (:func:`normalize_ids`: ``9.0`` is ``9``)
+    and cast to the event log's id dtype, or an ``InputError`` saying which table."""
+    ids, _ = normalize_ids(ids, what)
+    try:
+        return ids.cast(dtype)
+    except pl.exceptions.PolarsError as e:
+        raise InputError(f"{what}: column {ids.name!r} of dtype {ids.dtype} does not convert to the event log's "
+                         f"{dtype} ids ({str(e).splitlines()[0]})") from e
 
 
 def normalize_ids(ids: pl.Series, where: str) -> tuple[pl.Series, int]:

@@ -31,17 +31,20 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys.data.config import IngestConfig
+from recsys.data.config import EventColumns, IngestConfig, OovPolicy
 from recsys.data.event_input import (
     REQUIRED_EVENT_COLUMNS,
     CheckedEvents,
+    apply_mapping,
+    cast_ids,
     check_events,
+    check_mapping,
     label_values,
-    normalize_ids,
     read_frame,
     table_name,
 )
 from recsys.data.history import attach_history
+from recsys.data.id_maps import FEATURE_PREFIX, IdMaps, vocab_table
 from recsys.data.jagged import Jagged
 from recsys.data.parquet_io import RequestColumns
 from recsys.data.schema import DataSchema, SparseFeature
@@ -49,8 +52,9 @@ from recsys.data.splits import SPLIT_CODES, leave_one_out_split, sample_negative
 from recsys.errors import InputError
 
 __all__ = ["REQUIRED_EVENT_COLUMNS", "SPLIT_CODES", "EventLog", "IngestResult", "attach_history", "cast_ids",
-           "dense_ids", "encode_event_log", "event_seconds", "ingest_event_log", "leave_one_out_split",
-           "read_frame", "sample_negatives", "time_split", "user_feature_columns"]
+           "dense_ids", "encode_event_log", "encode_with_maps", "event_seconds", "ingest", "ingest_event_log",
+           "leave_one_out_split", "read_frame", "read_tables", "sample_negatives", "time_split",
+           "user_feature_columns"]
 
 
 MAX_ABS_SECONDS = 2**62
@@ -78,17 +82,6 @@ def event_seconds(ts: pl.Series) -> pl.Series:
         i = int(np.flatnonzero(far)[0])
         raise InputError(f"event log timestamp {ts[i]!r} (row {i}) is outside (-2**62, 2**62) seconds")
     return ts.cast(pl.Int64)
-
-
-def cast_ids(ids: pl.Series, dtype: pl.DataType, what: str) -> pl.Series:
-    """``ids`` of a side table normalized like the log's (``event_input.normalize_ids``: ``9.0`` is ``9``)
-    and cast to the event log's id dtype, or an ``InputError`` saying which table."""
-    ids, _ = normalize_ids(ids, what)
-    try:
-        return ids.cast(dtype)
-    except pl.exceptions.PolarsError as e:
-        raise InputError(f"{what}: column {ids.name!r} of dtype {ids.dtype} does not convert to the event log's "
-                         f"{dtype} ids ({str(e).splitlines()[0]})") from e
 
 
 def dense_ids(*series: pl.Series) -> tuple[list[np.ndarray], pl.Series]:
@@ -130,6 +123,27 @@ class EventLog:
     """[num_items] category id of every item id (0 = unknown), from the item table."""
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     """Other per-event columns kept as numpy (e.g. a label or rating), aligned with ``events``."""
+    category_vocab: pl.Series | None = None
+    """Raw category of dense id i at position i - 1 (None: no item table)."""
+    action_vocab: pl.Series | None = None
+    """Raw action of dense id i at position i - 1 (None: no action column)."""
+    counters: dict[str, int] = field(default_factory=dict)
+    """Encoding with stored maps (:func:`encode_with_maps`): new users, unknown ids and their rows."""
+
+    def id_maps(self, user_features: dict[str, np.ndarray] | None = None,
+                feature_vocabs: dict[str, pl.Series] | None = None) -> IdMaps:
+        """The raw <-> dense maps of this encoding (``recsys.data.id_maps``); ``user_features``: [users + 1]
+        dense value per user of each sparse feature, ``feature_vocabs``: their raw values."""
+        per_user = {name: codes[1:] for name, codes in (user_features or {}).items()}
+        tables = {"users": vocab_table(self.user_vocab, **per_user),
+                  "items": vocab_table(self.item_vocab, category=self.item_category[1:])}
+        if self.category_vocab is not None:
+            tables["categories"] = vocab_table(self.category_vocab)
+        if self.action_vocab is not None:
+            tables["actions"] = vocab_table(self.action_vocab)
+        for name, vocab in (feature_vocabs or {}).items():
+            tables[FEATURE_PREFIX + name] = vocab_table(vocab)
+        return IdMaps(tables)
 
 
 def encode_event_log(events: pl.DataFrame, *, item_features: pl.DataFrame | None = None,
@@ -159,7 +173,7 @@ def encode_event_log(events: pl.DataFrame, *, item_features: pl.DataFrame | None
             subset="item_id", keep="first", maintain_order=True)
         feat_ids = item_features["item_id"]
         (items, feat_items), item_vocab = dense_ids(events["item_id"], feat_ids)
-        (feat_cats,), _ = dense_ids(item_features["category"])
+        (feat_cats,), category_vocab = dense_ids(item_features["category"])
         item_cat = np.zeros(len(item_vocab) + 1, dtype=np.int64)
         item_cat[feat_items] = feat_cats
         categories = item_cat[items]
@@ -167,27 +181,32 @@ def encode_event_log(events: pl.DataFrame, *, item_features: pl.DataFrame | None
     else:
         (items,), item_vocab = dense_ids(events["item_id"])
         item_cat = np.zeros(len(item_vocab) + 1, dtype=np.int64)
-        num_categories = 2
+        num_categories, category_vocab = 2, None
         categories = item_cat[items]
     if "action" in events.columns:
         (actions,), action_vocab = dense_ids(events["action"])
         num_actions = max(2, len(action_vocab) + 1)
     else:
-        actions, num_actions = np.ones(len(items), dtype=np.int64), 2
-    if "kind" in events.columns:
-        kind = events["kind"].cast(pl.String)
-        if kind.null_count():
-            raise InputError(f"{name}: column 'kind' has {kind.null_count()} null value(s), first at row "
-                             f"{int(np.flatnonzero(kind.is_null().to_numpy())[0])}")
-    else:
-        kind = pl.select(pl.repeat(default_kind, len(events), dtype=pl.String)).to_series()
+        actions, num_actions, action_vocab = np.ones(len(items), dtype=np.int64), 2, None
+    kind = event_kinds(events, default_kind, name)
     kinds = list(dict.fromkeys(kind.to_list()))
     frame = pl.DataFrame({
         "user_id": users, "item_id": items, "category": categories, "action": actions,
         "kind": kind, "timestamp": ts.cast(pl.Int64), "event_idx": np.arange(len(events), dtype=np.int64)})
     extra = {c: events[c].to_numpy() for c in keep}
     return EventLog(frame, kinds, len(item_vocab) + 1, num_categories, num_actions, item_vocab, user_vocab,
-                    item_cat, extra)
+                    item_cat, extra, category_vocab, action_vocab)
+
+
+def event_kinds(events: pl.DataFrame, default_kind: str, name: str) -> pl.Series:
+    """The ``kind`` column as strings (nulls refused), or ``default_kind`` for every event without one."""
+    if "kind" in events.columns:
+        kind = events["kind"].cast(pl.String)
+        if kind.null_count():
+            raise InputError(f"{name}: column 'kind' has {kind.null_count()} null value(s), first at row "
+                             f"{int(np.flatnonzero(kind.is_null().to_numpy())[0])}")
+        return kind
+    return pl.select(pl.repeat(default_kind, len(events), dtype=pl.String)).to_series()
 
 
 @dataclass
@@ -203,16 +222,19 @@ class IngestResult:
     """Dense ids of the items held out as cold start (``ingest_event_log(cold_items=...)``), sorted."""
     counters: dict[str, int | str] = field(default_factory=dict)
     """What the input policies did (``event_input.CheckedEvents.counters``): duplicate_events_dropped,
-    user_ids_normalized, item_ids_normalized, timestamp_unit (the unit the times were read in)."""
+    user_ids_normalized, item_ids_normalized, timestamp_unit (the unit the times were read in); with
+    stored maps also new_users, unknown_items / _rows, unknown_actions / _rows (``encode_with_maps``)."""
+    id_maps: IdMaps | None = None
+    """Raw <-> dense maps of every encoded id (``recsys.data.id_maps``); write them with the rows."""
 
 
-def user_feature_columns(user_features: pl.DataFrame | None, user_vocab: pl.Series,
-                         request_user: np.ndarray, what: str = "user feature table"
-                         ) -> tuple[list[SparseFeature], dict[str, np.ndarray]]:
+def user_feature_columns(user_features: pl.DataFrame | None, user_vocab: pl.Series, what: str = "user feature table"
+                         ) -> tuple[list[SparseFeature], dict[str, np.ndarray], dict[str, pl.Series]]:
     """Every non-``user_id`` column of the user table becomes a sparse feature (values encoded 1..n,
-    users missing from the table -> 0). ``what``: how messages name the table."""
+    users missing from the table -> 0). Returns ``(specs, {name: [users + 1] value per dense user id},
+    {name: raw value vocabulary})``. ``what``: how messages name the table."""
     if user_features is None:
-        return [], {}
+        return [], {}, {}
     if "user_id" not in user_features.columns:
         raise InputError(f"{what} needs a user_id column (it has {user_features.columns})")
     # cast (and normalize) before keeping the first row per user: one row per user for the join
@@ -220,15 +242,122 @@ def user_feature_columns(user_features: pl.DataFrame | None, user_vocab: pl.Seri
         subset="user_id", keep="first", maintain_order=True)
     lookup = pl.DataFrame({"user_id": user_vocab}).join(user_features, on="user_id", how="left",
                                                         maintain_order="left")
-    specs, cols = [], {}
+    specs, per_user, vocabs = [], {}, {}
     for name in user_features.columns:
         if name == "user_id":
             continue
         (codes,), vocab = dense_ids(lookup[name])
-        per_user = np.concatenate([[0], codes])  # dense user id -> code
+        per_user[name] = np.concatenate([[0], codes])  # dense user id -> code
         specs.append(SparseFeature(name, max(2, len(vocab) + 1)))
-        cols[name] = per_user[request_user]
-    return specs, cols
+        vocabs[name] = vocab
+    return specs, per_user, vocabs
+
+
+def encode_with_maps(events: pl.DataFrame, maps: IdMaps, policy: OovPolicy = OovPolicy.error, *,
+                     default_kind: str = "event", name: str = "event log") -> EventLog:
+    """Encodes a raw event log in the id space of a prepared dataset (its stored maps and schema), so the
+    rows fit that dataset's checkpoints: a new log of the same catalog.
+
+    Items and actions take their stored dense ids; an unknown one is refused (``policy=error``) or
+    becomes the unknown id 0 (``oov``), counted in ``EventLog.counters``. A user the maps lack gets a new
+    id after the stored ones (user ids index no embedding table, so a new user is not out of
+    vocabulary; counted as ``new_users``). Categories are the stored category of each item. Kinds must
+    be among the stored schema's sequences.
+    """
+    schema = maps.schema
+    if schema is None:
+        raise InputError(f"id maps {maps.path} come without a schema.json: not a prepared dataset")
+    ts = event_seconds(events["timestamp"])
+    raw_users = cast_ids(events["user_id"], maps.raw_dtype("users"), name)
+    known = maps.to_dense("users", raw_users, name)
+    new = known.is_null().to_numpy()
+    (new_codes,), new_vocab = dense_ids(raw_users.filter(pl.Series(new)))
+    users = known.fill_null(0).to_numpy().astype(np.int64)
+    users[new] = new_codes + maps.size("users")
+    items, n_items, n_item_rows = maps.lookup("items", events["item_id"], policy, name)
+    item_cat = np.zeros(schema.num_items, dtype=np.int64)
+    stored = maps.table("items")
+    item_cat[stored["dense_id"].to_numpy()] = stored["category"].to_numpy()
+    n_actions = n_action_rows = 0
+    if "actions" not in maps:  # trained without an action column: every event had action 1
+        actions = np.ones(len(events), dtype=np.int64)
+    elif "action" in events.columns:
+        actions, n_actions, n_action_rows = maps.lookup("actions", events["action"], policy, name)
+    else:
+        actions = np.zeros(len(events), dtype=np.int64)  # the log has no action: unknown
+    kind = event_kinds(events, default_kind, name)
+    others = sorted(set(kind.unique().to_list()) - set(schema.sequences))
+    if others:
+        raise InputError(f"{name}: behaviour kind(s) {others} are not in the stored schema {maps.path} "
+                         f"(its sequences: {schema.sequences}); the model has no history slot for them")
+    frame = pl.DataFrame({
+        "user_id": users, "item_id": items, "category": item_cat[items], "action": actions, "kind": kind,
+        "timestamp": ts.cast(pl.Int64), "event_idx": np.arange(len(events), dtype=np.int64)})
+    counters = {"new_users": len(new_vocab), "unknown_items": n_items, "unknown_item_rows": n_item_rows,
+                "unknown_actions": n_actions, "unknown_action_rows": n_action_rows}
+    user_vocab = pl.concat([maps.table("users")["raw_id"], new_vocab.cast(maps.raw_dtype("users"))])
+    return EventLog(frame, list(schema.sequences), schema.num_items, schema.num_categories, schema.num_actions,
+                    maps.table("items")["raw_id"], user_vocab, item_cat, counters=counters)
+
+
+def stored_features(maps: IdMaps, log: EventLog) -> tuple[dict[str, np.ndarray], IdMaps]:
+    """``({feature: [users + 1] value per dense user id}, the maps of the new rows)`` of a log encoded with
+    ``maps``: stored users keep their stored feature values, new users get 0 (unknown) and are appended."""
+    users = maps.table("users")
+    n_total = len(log.user_vocab)
+    per_user = {}
+    for feat in (f.name for f in maps.schema.sparse):
+        codes = np.zeros(n_total + 1, dtype=np.int64)
+        if feat in users.columns:
+            codes[users["dense_id"].to_numpy()] = users[feat].to_numpy()
+        per_user[feat] = codes
+    extended = vocab_table(log.user_vocab, **{k: v[1:] for k, v in per_user.items()})
+    return per_user, IdMaps({**maps.tables, "users": extended}, maps.schema)
+
+
+@dataclass
+class InputTables:
+    """The tables of one ingest as read, mapped columns readable under their standard names."""
+
+    events: pl.DataFrame
+    where: str
+    """How messages name the event log (its path, or ``name``)."""
+    items: pl.DataFrame | None = None
+    item_table: str = "item feature table"
+    users: pl.DataFrame | None = None
+    user_table: str = "user feature table"
+
+
+def read_tables(events: pl.DataFrame | str | Path, item_features: pl.DataFrame | str | Path | None,
+                user_features: pl.DataFrame | str | Path | None, opts: IngestConfig, name: str | None = None,
+                string_ids: Sequence[str] = (), header_only: bool = False) -> InputTables:
+    """Checks the column mapping ``opts.columns`` (and ``label_column``) against every table's header, then
+    reads the tables: a missing column is an ``InputError`` naming the key, the value and the table's
+    columns before any table is read in full. ``string_ids``: standard id columns read as text.
+    ``header_only``: stop after the checks (the tables come back without rows)."""
+    cols, key = opts.columns, f"{opts.KEY}.columns"
+    event_map = cols.mapping(("user_id", "item_id", "timestamp", "action", "kind"))
+    specs = [(events, table_name(events, "event log", name), event_map),
+             (item_features, None if item_features is None else table_name(item_features, "item feature table"),
+              cols.mapping(("item_id", "category"))),
+             (user_features, None if user_features is None else table_name(user_features, "user feature table"),
+              cols.mapping(("user_id",)))]
+    for i, (src, where, mapping) in enumerate(specs):
+        if src is None:
+            continue
+        header = read_frame(src, header_only=True).columns
+        check_mapping(header, mapping, where, key)
+        if i == 0 and opts.label_column is not None and opts.label_column not in header:
+            raise InputError(f"{where} has no label column {opts.label_column!r} ({opts.KEY}.label_column; "
+                             f"columns: {header})")
+    frames = []
+    for i, (src, _, mapping) in enumerate(specs):
+        text = tuple(mapping[c] for c in string_ids if c in mapping)
+        keep = (opts.label_column,) if i == 0 and opts.label_column else ()
+        frames.append(None if src is None else apply_mapping(
+            read_frame(src, string_columns=text, header_only=header_only), mapping, keep))
+    return InputTables(frames[0], specs[0][1], frames[1], specs[1][1] or "item feature table", frames[2],
+                       specs[2][1] or "user feature table")
 
 
 def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.DataFrame | str | Path | None = None,
@@ -238,7 +367,8 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
                      valid_fraction: float = 0.1, test_fraction: float = 0.1, max_history: int | None = None,
                      default_kind: str = "event", seed: int = 0,
                      cold_items: Sequence | np.ndarray | None = None, duplicates: str = "drop",
-                     timestamp_unit: str = "auto", name: str | None = None) -> IngestResult:
+                     timestamp_unit: str = "auto", columns: EventColumns | dict[str, str] | None = None,
+                     name: str | None = None) -> IngestResult:
     """Builds request rows from an event log: one request per event of ``target_kind`` (default: every event).
 
     Candidates: the event's item (label from ``label_column``, >= ``positive_threshold`` when given; 1 if
@@ -246,9 +376,10 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
     History: :func:`attach_history` over every kind, the last ``max_history`` events per kind, kept as
     slices of the sorted events (``HistorySlices``). Split: ``leave_one_out`` per user by time (ties: log
     order) or ``time`` (global quantiles of request time). ``duplicates``, ``timestamp_unit``: the input
-    policies of ``event_input.py``; what they did is in ``IngestResult.counters``. ``name``: how messages
+    policies of ``event_input.py``; what they did is in ``IngestResult.counters``. ``columns``: the files'
+    own column names (``{"item_id": "movieId"}``, see ``config.EventColumns``). ``name``: how messages
     name the event log (default: its path, or "event log" for a DataFrame). Every option is checked
-    (``IngestConfig``) before any file is read.
+    (``IngestConfig``) before any file is read; the keyword form of :func:`ingest`.
 
     ``cold_items`` (raw item ids, item cold-start protocol): their events are dropped from every history,
     every request whose positive is one of them goes to test, the split above runs over the other
@@ -257,21 +388,39 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
     opts = IngestConfig(task=task, label_column=label_column, positive_threshold=positive_threshold,
                         num_negatives=num_negatives, target_kind=target_kind, split=split,
                         valid_fraction=valid_fraction, test_fraction=test_fraction, max_history=max_history,
-                        default_kind=default_kind, seed=seed, duplicates=duplicates, timestamp_unit=timestamp_unit)
+                        default_kind=default_kind, seed=seed, duplicates=duplicates, timestamp_unit=timestamp_unit,
+                        columns=EventColumns() if columns is None else columns)
+    return ingest(events, opts, item_features=item_features, user_features=user_features, cold_items=cold_items,
+                  name=name)
+
+
+def ingest(events: pl.DataFrame | str | Path, opts: IngestConfig, *,
+           item_features: pl.DataFrame | str | Path | None = None,
+           user_features: pl.DataFrame | str | Path | None = None, cold_items: Sequence | np.ndarray | None = None,
+           maps: IdMaps | None = None, oov_policy: OovPolicy | str = OovPolicy.error,
+           name: str | None = None) -> IngestResult:
+    """:func:`ingest_event_log` with its options as one checked :class:`IngestConfig` (``data.eventlog`` of
+    the command line is one). ``maps``: encode in the id space of a prepared dataset
+    (:func:`encode_with_maps`; unknown ids follow ``oov_policy``), every request a test row (rows for a
+    trained model to score; the split options are not used); side tables are then not read."""
+    if maps is not None and (item_features is not None or user_features is not None or cold_items is not None):
+        raise InputError("a log encoded with stored id maps takes categories and user features from the maps and "
+                         "holds no item out: item_features, user_features and cold_items must not be given")
     t0 = time.perf_counter()
-    where = table_name(events, "event log", name)
-    raw = read_frame(events)
-    if opts.label_column is not None and opts.label_column not in raw.columns:
-        raise InputError(f"{where} has no label column {opts.label_column!r} (columns: {raw.columns})")
-    checked = check_events(raw, where, unit=opts.timestamp_unit, duplicates=opts.duplicates)
+    string_ids = () if maps is None else tuple(c for c, t in (("user_id", "users"), ("item_id", "items"))
+                                               if maps.raw_dtype(t) == pl.String)
+    tables = read_tables(events, item_features, user_features, opts, name, string_ids)
+    where = tables.where
+    checked = check_events(tables.events, where, unit=opts.timestamp_unit, duplicates=opts.duplicates)
     # labels converted on the table as read, so a refusal names the row of the file
-    labels = None if opts.label_column is None else label_values(raw[opts.label_column], where)[checked.source_row]
-    item_table = None if item_features is None else table_name(item_features, "item feature table")
-    user_table = None if user_features is None else table_name(user_features, "user feature table")
-    items_df = None if item_features is None else read_frame(item_features)
-    users_df = None if user_features is None else read_frame(user_features)
-    log = encode_event_log(checked.frame, item_features=items_df, default_kind=opts.default_kind,
-                           item_table=item_table or "item feature table", name=where)
+    labels = None if opts.label_column is None else \
+        label_values(tables.events[opts.label_column], where)[checked.source_row]
+    if maps is None:
+        log = encode_event_log(checked.frame, item_features=tables.items, default_kind=opts.default_kind,
+                               item_table=tables.item_table, name=where)
+    else:
+        log = encode_with_maps(checked.frame, maps, OovPolicy(oov_policy), default_kind=opts.default_kind,
+                               name=where)
     ev = log.events
     target = ev if opts.target_kind is None else ev.filter(pl.col("kind") == opts.target_kind)
     if len(target) == 0:
@@ -282,29 +431,41 @@ def ingest_event_log(events: pl.DataFrame | str | Path, *, item_features: pl.Dat
 
     cold_event, cold_dense = cold_item_events(cold_items, checked.frame["item_id"], ev)
     req_user, req_ts, req_order, codes = request_split(target, cold_event, opts)
+    if maps is not None:  # rows in a trained id space are scored or evaluated, not trained on
+        codes[:] = SPLIT_CODES["test"]
     pos_label = positive_labels(labels, req_order, checked, opts, where)
     cand_cols = candidate_columns(req_user, ev["item_id"].to_numpy()[req_order], pos_label, log, opts, cold_dense)
-    sparse_specs, sparse_cols = user_feature_columns(users_df, log.user_vocab, req_user,
-                                                     user_table or "user feature table")
-    try:
-        schema = DataSchema(sparse=sparse_specs, dense=[], sequences=log.kinds, tasks=[opts.task],
-                            num_items=log.num_items, num_categories=log.num_categories,
-                            num_actions=log.num_actions, has_true_prob=False)
-    except ValueError as e:  # a kind / task / user-feature name the column names cannot hold
-        raise InputError(f"{where}: {e} (sequence kinds come from column 'kind', the task from ingest.task, "
-                         "sparse features from the user table's columns)") from e
+    schema, per_user, id_maps = schema_and_maps(log, tables, maps, opts, where)
     cols: RequestColumns = {
         "request_id": np.arange(len(req_user), dtype=np.int64),
         "user_id": req_user,
         "request_ts": req_ts,
-        **sparse_cols,
+        **{feat: values[req_user] for feat, values in per_user.items()},
         **attach_history(ev.filter(pl.Series(~cold_event)), req_user, req_ts, log.kinds,
                          max_history=opts.max_history, lazy=True),
         **cand_cols,
     }
     t_done = time.perf_counter()
     return IngestResult(schema, cols, codes, {"encode_s": t_encode - t0, "build_rows_s": t_done - t_encode},
-                        cold_dense, dict(checked.counters))
+                        cold_dense, {**checked.counters, **log.counters}, id_maps)
+
+
+def schema_and_maps(log: EventLog, tables: InputTables, maps: IdMaps | None, opts: IngestConfig, where: str
+                    ) -> tuple[DataSchema, dict[str, np.ndarray], IdMaps]:
+    """The rows' schema, ``{sparse feature: [users + 1] value per dense user id}`` and the id maps: built
+    from this log and its user table, or (``maps`` given) the stored schema and maps, extended by new users."""
+    if maps is not None:
+        per_user, id_maps = stored_features(maps, log)
+        return maps.schema, per_user, id_maps
+    specs, per_user, vocabs = user_feature_columns(tables.users, log.user_vocab, tables.user_table)
+    try:
+        schema = DataSchema(sparse=specs, dense=[], sequences=log.kinds, tasks=[opts.task],
+                            num_items=log.num_items, num_categories=log.num_categories,
+                            num_actions=log.num_actions, has_true_prob=False)
+    except ValueError as e:  # a kind / task / user-feature name the column names cannot hold
+        raise InputError(f"{where}: {e} (sequence kinds come from column 'kind', the task from {opts.KEY}.task, "
+                         "sparse features from the user table's columns)") from e
+    return schema, per_user, log.id_maps(per_user, vocabs)
 
 
 def cold_item_events(cold_items: Sequence | np.ndarray | None, raw_items: pl.Series, ev: pl.DataFrame

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from recsys.data.config import DataConfig, DataSource
+from recsys.data.id_maps import IdMaps
 from recsys.data.ingest import SPLIT_CODES
 from recsys.data.parquet_io import (
     SPLITS,
@@ -93,6 +94,9 @@ def config_key(cfg: DataConfig) -> dict:
         key["ml100k"] = {"recbole_version": cfg.ml100k.recbole_version, "like_threshold": cfg.ml100k.like_threshold}
         if cfg.ml100k.cold_item_fraction > 0:  # absent at 0: same key (and hash) as before the option existed
             key["ml100k"].update(cold_item_fraction=cfg.ml100k.cold_item_fraction, cold_seed=cfg.ml100k.cold_seed)
+    elif cfg.source == DataSource.eventlog:
+        from recsys.data.eventlog import eventlog_key
+        key["eventlog"] = eventlog_key(cfg)  # the files by content (SHA-256), never by path or mtime
     return key
 
 
@@ -127,14 +131,17 @@ def dataset_inputs(cfg: DataConfig) -> list[tuple[str, Path]]:
 
 
 def write_dataset(out_dir: Path, schema: DataSchema, cols: RequestColumns, split: np.ndarray, *,
-                  row_group_size: int, seed: int, progress: bool = False) -> dict:
-    """Writes schema.json and one Parquet file per split; returns the per-split summaries.
+                  row_group_size: int, seed: int, progress: bool = False, id_maps: IdMaps | None = None) -> dict:
+    """Writes schema.json, ``id_maps/`` (when given: ``IngestResult.id_maps``) and one Parquet file per split;
+    returns the per-split summaries.
 
     Train rows are written in a seeded random order (so every row group is a mix of
     users and times); valid and test rows in request order.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     write_schema(schema, out_dir)
+    if id_maps is not None:
+        id_maps.write(out_dir)
     rng = np.random.default_rng(seed)
     per_split = {}
     n_groups = sum(-(-int((split == SPLIT_CODES[s]).sum()) // row_group_size) for s in SPLITS)
@@ -153,6 +160,7 @@ def write_dataset(out_dir: Path, schema: DataSchema, cols: RequestColumns, split
 def _build(cfg: DataConfig, out_dir: Path, progress: bool) -> dict:
     t0 = time.perf_counter()
     extra: dict = {}
+    id_maps = None
     if cfg.source == DataSource.synthetic:
         from recsys.data.synthetic import generate
         data = generate(cfg.synthetic)
@@ -170,11 +178,17 @@ def _build(cfg: DataConfig, out_dir: Path, progress: bool) -> dict:
         if data.cold_items is not None:
             extra["protocol"] += f"; {len(data.cold_items)} movies held out as cold items (every rating -> test)"
             extra["cold_items"] = data.cold_items.tolist()
+        id_maps = data.id_maps
+    elif cfg.source == DataSource.eventlog:
+        from recsys.data.eventlog import ingest_configured
+        data, extra = ingest_configured(cfg)
+        schema, cols, split, timings, seed = data.schema, data.columns, data.split, data.timings, cfg.eventlog.seed
+        id_maps = data.id_maps
     else:
         raise ValueError(f"cannot build source {cfg.source!r}")
     t_rows = time.perf_counter()
     per_split = write_dataset(out_dir, schema, cols, split, row_group_size=cfg.row_group_size, seed=seed,
-                              progress=progress)
+                              progress=progress, id_maps=id_maps)
     t_write = time.perf_counter()
     total = summarize(cols, schema)
     summary = {
@@ -219,25 +233,34 @@ def require_splits(ds: PreparedDataset, need: Iterable[str]) -> None:
 
 
 def prepare_dataset(cfg: DataConfig | DictConfig, *, progress: bool = True,
-                    need: Iterable[str] = ("train",)) -> PreparedDataset:
+                    need: Iterable[str] = ("train",), build: bool = True) -> PreparedDataset:
     """Generates / ingests the configured dataset once and returns its files (cached by config hash).
 
     ``need``: splits the caller reads, which must not be empty (:func:`require_splits`); the default, the
     train split, is what every command reads (training, the loader pass, popularity counts). Training
-    passes all three: it validates on valid and reports on test.
+    passes all three: it validates on valid and reports on test. ``build=False``: only open an existing
+    dataset (``InputError`` if there is none), e.g. the dataset a checkpoint was trained on.
     """
     cfg = as_data_config(cfg)
-    ds = _open_or_build(cfg, progress)
+    ds = _open_or_build(cfg, progress, build)
     require_splits(ds, need)
     return ds
 
 
-def _open_or_build(cfg: DataConfig, progress: bool) -> PreparedDataset:
+def _open_or_build(cfg: DataConfig, progress: bool, build: bool = True) -> PreparedDataset:
+    if cfg.source == DataSource.eventlog:
+        from recsys.data.eventlog import check_inputs
+        check_inputs(cfg.eventlog)  # the column mapping against every header, before hashing the files
     out = dataset_dir(cfg)
     if cfg.source == DataSource.parquet:
         return _load(out, cfg, cached=True)
     if (out / "summary.json").is_file():
         return _load(out, cfg, cached=True)
+    if not build:
+        files = f" {cfg.eventlog.input_files()}" if cfg.source == DataSource.eventlog else ""
+        raise InputError(f"no prepared dataset {out} for this data config: its input files{files} are not the ones "
+                         "it was prepared from (changed since?), and a model's ids are those of its dataset: restore the "
+                         "files, or point data.source=parquet data.path at the dataset it was prepared from")
     # a build writes <root>/<source>-<hash>/ (and a temp sibling): never into, over or around its raw input
     check_output_dir(out, raw_inputs(cfg), key="output dataset (data.root/<source>-<hash>)")
     out.parent.mkdir(parents=True, exist_ok=True)

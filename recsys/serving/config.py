@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from recsys.data.config import OovPolicy
 from recsys.errors import InputError
 
 
@@ -97,6 +99,13 @@ class ScoreConfig:
     """Request-row Parquet files or directories; empty = split ``split`` of the checkpoint's dataset."""
     split: str = "test"
     """Split of the checkpoint's dataset scored when ``inputs`` is empty."""
+    inputs_eventlog: str | None = None
+    """A new event log of the checkpoint's catalog (data.source=eventlog checkpoints): ingested with the
+    stored id maps of the checkpoint's dataset (its columns and options; ``data.eventlog.id_maps_from``),
+    every request scored. Not with ``inputs``."""
+    oov_policy: OovPolicy | None = None
+    """``inputs_eventlog``: an item / action the stored maps lack is refused (error) or scored as the
+    unknown id 0 (oov), counted in the summary; None = the checkpoint's data.oov_policy."""
     mode: ScoreMode = ScoreMode.candidates
     """candidates: score each request's candidates; catalog: rank the whole catalog."""
     rows_per_partition: int = 2048
@@ -147,10 +156,29 @@ class ScoreConfig:
         if self.max_partitions < 0 or self.pause_after_partition_s < 0:
             raise InputError(f"max_partitions and pause_after_partition_s must be >= 0, got {self.max_partitions}, "
                              f"{self.pause_after_partition_s}")
+        self._check_eventlog()
         if self.attention_backend is not None:
             from kernels.backend import AttentionBackend
 
             AttentionBackend(self.attention_backend)  # an unknown name fails at start-up
+
+
+    def _check_eventlog(self) -> None:
+        if self.oov_policy is not None:
+            self.oov_policy = OovPolicy(self.oov_policy)
+        if self.inputs_eventlog is None:
+            if self.oov_policy is not None:
+                raise InputError(f"oov_policy={self.oov_policy.value} is set, but only inputs_eventlog reads it (the "
+                                 "ids of prepared request files are already encoded): drop it, or add inputs_eventlog")
+            return
+        if self.inputs:
+            raise InputError(f"inputs_eventlog={self.inputs_eventlog} and inputs={list(self.inputs)} are both set: "
+                             "score either a new event log or prepared request files, not both")
+        path = Path(self.inputs_eventlog)
+        if not path.is_file():
+            raise InputError(f"inputs_eventlog={self.inputs_eventlog} "
+                             f"{'is not a file' if path.exists() else 'does not exist'}")
+        self.inputs_eventlog = str(path.resolve())
 
 
 def register_configs() -> None:

@@ -10,6 +10,12 @@ write ``summary.json``.
 Rows are read by partition-aligned row ranges rather than through ``RequestLoader`` (which
 deals row groups to ranks/workers): a partition must be the same rows in every run.
 
+Outputs speak the ids of the user's catalog too: when the scored rows' dataset has id maps
+(``recsys.data.id_maps``: ingested event logs, ml-100k), every partition carries ``raw_user_id`` and
+``raw_item_id`` next to ``user_id`` / ``item_id`` (null for the unknown id 0); synthetic data has no
+raw ids. ``inputs_eventlog`` scores a new log of the checkpoint's catalog, encoded with the stored maps
+of the checkpoint's dataset (``data.eventlog.id_maps_from``; unknown ids by ``oov_policy``, counted).
+
 Before the output directory is created or written, the job checks that it overlaps none of its
 inputs (request files, dataset, checkpoint; ``recsys.reliability.rundir``) and that ``max_len``
 is the trained one; the directory is then locked for the job's lifetime.
@@ -35,7 +41,10 @@ from tqdm import tqdm
 from kernels.backend import AttentionBackend
 from recsys.data.batch import RequestBatch
 from recsys.data.collate import collate
-from recsys.data.prepare import as_data_config, prepare_dataset
+from recsys.data.config import DataSource
+from recsys.data.eventlog import new_log_config
+from recsys.data.id_maps import IdMaps, with_raw_ids
+from recsys.data.prepare import PreparedDataset, as_data_config, prepare_dataset
 from recsys.data.schema import DataSchema
 from recsys.data.validate import validate_table
 from recsys.errors import InputError
@@ -88,7 +97,8 @@ SCORING_KEYS = ("model", "schema", "config", "max_s_tokens")
 
 def load_ranker(path: Path, device: torch.device, backend: str | None = None, item_content: str | None = None
                 ) -> tuple[OneTransRanker, DataSchema, dict[str, Any]]:
-    """(model in eval mode on ``device``, its data schema, the checkpoint's plain config dict).
+    """(model in eval mode on ``device``, its data schema, the checkpoint's plain config dict plus
+    ``dataset_dir``: the prepared dataset it was trained on, None for checkpoints that do not record it).
 
     ``item_content``: a Parquet (item_id, vector); its items without a SID get one from the
     checkpoint's quantizer (SID models only), so items unseen in training are scored by their SID.
@@ -96,7 +106,7 @@ def load_ranker(path: Path, device: torch.device, backend: str | None = None, it
     state = load_checkpoint(path)
     require_keys(state, SCORING_KEYS, path, "be scored")
     schema = DataSchema.from_json(state["schema"])
-    config = state["config"]
+    config = {**state["config"], "dataset_dir": state.get("dataset_dir")}
     # Through a structured merge, not ModelConfig(**d): it type-checks every key (config enums have
     # lower-case names equal to their values, which is what checkpoints store).
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])
@@ -130,22 +140,76 @@ def expand_files(paths: list[str]) -> list[Path]:
     return [p.resolve() for p in out]
 
 
-def resolve_inputs(cfg: ScoreConfig, ckpt_config: dict[str, Any]) -> tuple[list[Path], list[Path], Path | None]:
-    """(files to score, files of the checkpoint's whole dataset when inputs default to it, else [],
-    that dataset's directory, else None)."""
+@dataclass
+class ScoreInputs:
+    """What a job scores, and the id maps that turn its dense ids back into raw ones."""
+
+    files: list[Path]
+    """Request-row files to score."""
+    dataset_files: list[Path]
+    """Every file of the checkpoint's dataset when the inputs come from it (catalog categories), else []."""
+    dataset_dirs: list[Path]
+    """Dataset directories read (the checkpoint's; with ``inputs_eventlog`` also the new log's)."""
+    id_maps: IdMaps | None = None
+    """Raw <-> dense maps of the scored rows (None: synthetic data, or files of no single dataset)."""
+    eventlog: dict[str, Any] | None = None
+    """``inputs_eventlog``: the log, its dataset, the OOV policy and what it did (summary.json)."""
+
+
+def resolve_inputs(cfg: ScoreConfig, ckpt_config: dict[str, Any]) -> ScoreInputs:
+    """The files to score: ``inputs``, a new log (``inputs_eventlog``) encoded with the maps of the
+    checkpoint's dataset, or split ``split`` of that dataset."""
     if cfg.inputs:
-        return expand_files(cfg.inputs), [], None
-    ds = prepare_dataset(as_data_config(OmegaConf.create(ckpt_config["data"])), progress=False)
+        files = expand_files(cfg.inputs)
+        return ScoreInputs(files, [], [], inputs_id_maps(files))
+    ds = trained_dataset(ckpt_config)
+    dataset_files = [p.resolve() for fs in ds.splits.values() for p in fs]
+    if cfg.inputs_eventlog:
+        new_cfg = new_log_config(ckpt_config["data"], ds.path, cfg.inputs_eventlog, cfg.oov_policy)
+        new = prepare_dataset(new_cfg, progress=False, need=("test",))  # every request of a new log is a test row
+        info = {"events": cfg.inputs_eventlog, "dataset": str(new.path), "id_maps_from": str(ds.path),
+                "oov_policy": new_cfg.oov_policy.value, **{k: new.summary[k] for k in INGEST_COUNTERS
+                                                           if k in new.summary}}
+        return ScoreInputs([p.resolve() for p in new.splits["test"]], dataset_files, [ds.path, new.path],
+                           IdMaps.read(new.path), info)
     if cfg.split not in ds.splits:
         raise InputError(f"split={cfg.split!r} is not a split of the checkpoint's dataset {sorted(ds.splits)}")
     files = [p.resolve() for p in ds.splits[cfg.split]]
-    return files, [p.resolve() for fs in ds.splits.values() for p in fs], ds.path
+    return ScoreInputs(files, dataset_files, [ds.path], IdMaps.read(ds.path))
 
 
-def job_inputs(cfg: ScoreConfig, ckpt: Path, dataset_dir: Path | None) -> list[tuple[str, str | Path | None]]:
+def trained_dataset(ckpt_config: dict[str, Any]) -> PreparedDataset:
+    """The dataset the checkpoint was trained on: the directory the checkpoint recorded (``dataset_dir``),
+    opened as it is (no log is hashed or read again, so the run's log may have changed or moved since),
+    else the one its data config names. An event log is never ingested again here: the checkpoint's ids
+    are those of the dataset it was trained on."""
+    data = ckpt_config["data"]
+    recorded = ckpt_config.get("dataset_dir")
+    if recorded and (Path(recorded) / "schema.json").is_file():
+        opened = {"source": "parquet", "path": recorded, "oov_policy": data.get("oov_policy", "error"),
+                  "loader": data.get("loader", {})}
+        return prepare_dataset(as_data_config(OmegaConf.create(opened)), progress=False)
+    trained = as_data_config(OmegaConf.create(data))
+    return prepare_dataset(trained, progress=False, build=trained.source != DataSource.eventlog)
+
+
+INGEST_COUNTERS = ("new_users", "unknown_items", "unknown_item_rows", "unknown_actions", "unknown_action_rows",
+                   "duplicate_events_dropped", "user_ids_normalized", "item_ids_normalized", "timestamp_unit")
+"""What ingesting ``inputs_eventlog`` did, copied into the scoring summary."""
+
+
+def inputs_id_maps(files: list[Path]) -> IdMaps | None:
+    """The id maps of the dataset directory holding every input file (``<dir>/<split>/*.parquet`` with
+    ``<dir>/id_maps/``), or None when the files are of no single dataset with maps."""
+    dirs = {f.parent.parent for f in files}
+    return IdMaps.read(dirs.pop()) if len(dirs) == 1 else None
+
+
+def job_inputs(cfg: ScoreConfig, ckpt: Path, dataset_dirs: list[Path]) -> list[tuple[str, str | Path | None]]:
     """Everything the job reads, as ``(key, path)``: the output dir must overlap none of them."""
-    named: list[tuple[str, str | Path | None]] = [("checkpoint", ckpt), ("dataset", dataset_dir),
-                                                  ("item_content", cfg.item_content)]
+    named: list[tuple[str, str | Path | None]] = [("checkpoint", ckpt), *(("dataset", d) for d in dataset_dirs),
+                                                  ("item_content", cfg.item_content),
+                                                  ("inputs_eventlog", cfg.inputs_eventlog)]
     named += [("inputs", f) for f in cfg.inputs]
     if cfg.mode == ScoreMode.catalog:
         named += [("catalog.items_file", cfg.catalog.items_file)]
@@ -335,9 +399,9 @@ def _run(cfg: ScoreConfig) -> Path:
     ckpt = resolve_checkpoint(cfg.checkpoint)
     model, schema, ckpt_config = load_ranker(ckpt, device, cfg.attention_backend, cfg.item_content)
     max_len = scoring_max_len(cfg, ckpt_config, ckpt)
-    files, dataset_files, dataset_dir = resolve_inputs(cfg, ckpt_config)
-    out_dir = check_output_dir(cfg.output_dir, job_inputs(cfg, ckpt, dataset_dir))  # before anything is written
-    opened = OpenedJob(device, ckpt, model, schema, ckpt_config, max_len, files, dataset_files, out_dir)
+    inputs = resolve_inputs(cfg, ckpt_config)
+    out_dir = check_output_dir(cfg.output_dir, job_inputs(cfg, ckpt, inputs.dataset_dirs))  # before anything is written
+    opened = OpenedJob(device, ckpt, model, schema, ckpt_config, max_len, inputs, out_dir)
     with lock_run_dir(out_dir):
         return _score(cfg, opened, t_start)
 
@@ -352,14 +416,14 @@ class OpenedJob:
     schema: DataSchema
     ckpt_config: dict[str, Any]
     max_len: int
-    files: list[Path]
-    dataset_files: list[Path]
+    inputs: ScoreInputs
     out_dir: Path
 
 
 def _score(cfg: ScoreConfig, opened: OpenedJob, t_start: float) -> Path:
     device, ckpt, model, schema, ckpt_config = opened.device, opened.ckpt, opened.model, opened.schema, opened.ckpt_config
-    max_len, files, dataset_files, out_dir = opened.max_len, opened.files, opened.dataset_files, opened.out_dir
+    max_len, out_dir, id_maps = opened.max_len, opened.out_dir, opened.inputs.id_maps
+    files, dataset_files = opened.inputs.files, opened.inputs.dataset_files
     long_max_len = int(ckpt_config["data"]["loader"].get("long_max_len") or 0)  # model.long_seq: long history
     long_max_len = max(long_max_len, max_len) if long_max_len else 0
     parts = plan_partitions(files, cfg.rows_per_partition)
@@ -368,6 +432,8 @@ def _score(cfg: ScoreConfig, opened: OpenedJob, t_start: float) -> Path:
            "batch_size": cfg.batch_size, "candidate_chunk": cfg.candidate_chunk,
            "attention_backend": AttentionBackend(model.backend).value, "device": device.type,
            "cache": asdict(cfg.cache), "catalog": asdict(cfg.catalog) if cfg.mode == ScoreMode.catalog else None}
+    if id_maps is not None:  # the partitions carry raw-id columns: a part of what they hold (absent: as before)
+        job["raw_ids"] = str(id_maps.path)
     prepare_output(out_dir, job, parts, cfg.overwrite)
     done = finished(out_dir, parts)
 
@@ -420,7 +486,7 @@ def _score(cfg: ScoreConfig, opened: OpenedJob, t_start: float) -> Path:
             n_req += batch.num_requests
             bar.update(batch.num_requests)
         cols = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-        write_partition(out_dir / part.name, pa.table(cols))
+        write_partition(out_dir / part.name, pa.table(with_raw_ids(cols, id_maps)))  # + raw_user_id / raw_item_id
         if cfg.pause_after_partition_s:
             time.sleep(cfg.pause_after_partition_s)
     bar.close()
@@ -443,6 +509,8 @@ def _score(cfg: ScoreConfig, opened: OpenedJob, t_start: float) -> Path:
         "cache_hit_rate": stats.get("hit_rate"), "cache": stats,
         "max_len": max_len, "batch_size": cfg.batch_size, "candidate_chunk": cfg.candidate_chunk,
         **catalog_info,
+        "id_maps": str(id_maps.path) if id_maps is not None else None,  # raw_user_id / raw_item_id columns
+        "inputs_eventlog": opened.inputs.eventlog,
         "metrics": summary_metrics(out_dir, cfg, tasks),
         "metrics_note": ("over every partition on disk" + ("" if remaining == 0 else
                                                            f" ({remaining} partitions still missing)")),

@@ -132,6 +132,9 @@ def train_inputs(cfg: RunConfig) -> list[tuple[str, str | None]]:
                                            else [("data.root", d.root)])
     if d.source == DataSource.ml100k:
         named.append(("data.ml100k.raw_dir", d.ml100k.raw_dir))
+    if d.source == DataSource.eventlog:  # your own log, its side tables, the dataset whose maps it uses
+        named += [(f"data.eventlog.{k}", v) for k, v in d.eventlog.input_files().items()]
+        named.append(("data.eventlog.id_maps_from", d.eventlog.id_maps_from))
     named.append(("model.item_embedding.sid_path", cfg.model.item_embedding.sid_path))
     return named
 
@@ -280,6 +283,7 @@ def _train(cfg: RunConfig, out_dir: Path, board: TensorBoardLog) -> Path:
             "samples": samples, "requests": requests,
             "config": plain_config(cfg), "config_fingerprint": run_fingerprint(plain_config(cfg)),
             "schema": schema.to_json(), "max_s_tokens": max_s_tokens(schema, cfg.model, cfg.data.loader.max_len),
+            "dataset_dir": str(ds.path.resolve()),  # recsys.score opens it as is (no log hashed or re-read)
             **({"item_sid": sids.to_dict()} if sids is not None else {}),  # item -> SID + quantizer (scoring)
         })
 

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 ML100K_FIXTURE = REPO / "data" / "fixtures" / "ml-100k-mini"
 ML100K_REAL = REPO / "data" / "raw" / "ml-100k"
+EVENTLOG_FIXTURE = REPO / "data" / "fixtures" / "eventlog-mini"
 
 
 def load_data_config(name: str, **overrides: object) -> DataConfig:
