@@ -117,9 +117,32 @@ def ml100k_raw_dir(cfg: DataConfig) -> Path:
 
 
 def raw_inputs(cfg: DataConfig) -> list[tuple[str, Path]]:
-    """The raw files building the dataset of ``cfg`` reads, as ``(config key, path)``: the ml-100k raw dir
-    (synthetic data reads nothing; a prepared ``data.path`` is read, not built)."""
-    return [("data.ml100k.raw_dir", ml100k_raw_dir(cfg))] if cfg.source == DataSource.ml100k else []
+    """The raw inputs building the dataset of ``cfg`` reads, as ``(config key, path)``: the ml-100k raw dir;
+    an event log, its side tables and the dataset whose id maps it uses. Synthetic data reads nothing; a
+    prepared ``data.path`` is read, not built."""
+    if cfg.source == DataSource.ml100k:
+        return [("data.ml100k.raw_dir", ml100k_raw_dir(cfg))]
+    if cfg.source == DataSource.eventlog:
+        ev = cfg.eventlog
+        named = [(f"{ev.KEY}.{k}", Path(v)) for k, v in ev.input_files().items()]
+        return named + ([(f"{ev.KEY}.id_maps_from", Path(ev.id_maps_from))] if ev.id_maps_from else [])
+    return []
+
+
+def check_build_dir(cfg: DataConfig, out: Path) -> None:
+    """Refuse to build ``out`` (``<root>/<source>-<hash>``, built in a temp sibling under ``data.root``) where it
+    would write into a raw input: ``out`` is, lies inside or contains one (e.g. ``data.root`` = the ml-100k raw
+    dir, or inside the dataset whose id maps a log uses), or ``data.root`` is the folder holding an input file
+    (the build would add its folders beside your event log). Raises ``InputError`` naming both."""
+    inputs = raw_inputs(cfg)
+    check_output_dir(out, inputs, key="output dataset (data.root/<source>-<hash>)")
+    root = out.parent.resolve()
+    for key, path in inputs:
+        if path.is_file() and path.resolve().parent == root:
+            raise InputError(f"data.root={cfg.root} is the folder of the input {key}={path}: building the dataset "
+                             f"would write {out.name}/ and a temp folder beside it, and a command never writes into "
+                             "its inputs' folders; choose a data.root that is not the folder of an input file (the "
+                             "default, data/, or any new folder)")
 
 
 def dataset_inputs(cfg: DataConfig) -> list[tuple[str, Path]]:
@@ -261,8 +284,7 @@ def _open_or_build(cfg: DataConfig, progress: bool, build: bool = True) -> Prepa
         raise InputError(f"no prepared dataset {out} for this data config: its input files{files} are not the ones "
                          "it was prepared from (changed since?), and a model's ids are those of its dataset: restore the "
                          "files, or point data.source=parquet data.path at the dataset it was prepared from")
-    # a build writes <root>/<source>-<hash>/ (and a temp sibling): never into, over or around its raw input
-    check_output_dir(out, raw_inputs(cfg), key="output dataset (data.root/<source>-<hash>)")
+    check_build_dir(cfg, out)  # before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     try:

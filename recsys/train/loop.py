@@ -26,6 +26,7 @@ from recsys.baselines import Baseline, sparse_parameters
 from recsys.baselines import build_model as build_arch
 from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
 from recsys.data.config import DataSource
+from recsys.data.prepare import raw_inputs
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
 from recsys.model.config import ModelConfig
@@ -130,11 +131,7 @@ def train_inputs(cfg: RunConfig) -> list[tuple[str, str | None]]:
     d = cfg.data
     named: list[tuple[str, str | None]] = ([("data.path", d.path)] if d.source == DataSource.parquet
                                            else [("data.root", d.root)])
-    if d.source == DataSource.ml100k:
-        named.append(("data.ml100k.raw_dir", d.ml100k.raw_dir))
-    if d.source == DataSource.eventlog:  # your own log, its side tables, the dataset whose maps it uses
-        named += [(f"data.eventlog.{k}", v) for k, v in d.eventlog.input_files().items()]
-        named.append(("data.eventlog.id_maps_from", d.eventlog.id_maps_from))
+    named += raw_inputs(d)  # ml-100k raw dir; your own log, its side tables, the dataset whose maps it uses
     named.append(("model.item_embedding.sid_path", cfg.model.item_embedding.sid_path))
     return named
 

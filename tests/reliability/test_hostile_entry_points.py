@@ -47,6 +47,7 @@ from recsys.train.loop import open_run, train
 register_configs()
 CONFIGS = ROOT / "configs"
 ML100K_FIXTURE = ROOT / "data" / "fixtures" / "ml-100k-mini"
+EVENTLOG_FIXTURE = ROOT / "data" / "fixtures" / "eventlog-mini"
 TRAIN = ["model=debug", "model.attention_backend=torch", "data=tiny", "train.progress=false",
          "data.loader.batch_size=16", "train.max_steps=2"]
 HYDRA_LEFTOVERS = (".hydra", "outputs")  # what Hydra's default run dir would leave (plus <job>.log files)
@@ -154,6 +155,27 @@ def test_data_never_builds_a_dataset_inside_its_raw_dir(world, cli):
     assert_refused(cli["data_into_raw"], "output dataset (data.root/<source>-<hash>)=", f"{raw}/ml100k-",
                    f"is inside the input data.ml100k.raw_dir={raw}")
     assert sorted(p.name for p in raw.iterdir()) == ["ml-100k"]
+
+
+def test_no_dataset_is_built_into_the_folder_of_an_event_log(tmp_path):
+    """In-process (the refusal is the same InputError the CLI turns into exit 2, test above): ``data.root`` = the
+    log's folder would add ``eventlog-<hash>/`` and a temp folder beside the log. A ``data.root`` below it (the
+    documented layout: ``ratings.csv`` beside ``data/``) is fine."""
+    log = tmp_path / "log"
+    shutil.copytree(EVENTLOG_FIXTURE, log)
+    before = file_digests(log)
+
+    def cfg(root: Path) -> object:
+        return OmegaConf.merge(OmegaConf.load(CONFIGS / "data" / "eventlog.yaml"), {"root": str(root), "eventlog": {
+            "events": str(log / "ratings.csv"), "item_features": str(log / "movies.csv"),
+            "columns": {"user_id": "userId", "item_id": "movieId", "timestamp": "ts", "category": "genre"}}})
+
+    with pytest.raises(InputError, match=re.escape(f"data.root={log} is the folder of the input "
+                                                   f"data.eventlog.events={log / 'ratings.csv'}")):
+        prepare_dataset(cfg(log), progress=False)
+    assert file_digests(log) == before
+    assert prepare_dataset(cfg(log / "data"), progress=False).path.parent == log / "data"
+    assert {k: v for k, v in file_digests(log).items() if not k.startswith("data/")} == before
 
 
 def test_hydra_writes_nothing_into_the_output_dir_or_the_working_dir(world, cli):
