@@ -24,9 +24,10 @@ from recsys.evaluate.config import EvaluateConfig
 from recsys.evaluate.plots import comparison_figure, save
 from recsys.evaluate.run import eval_config_dict, run_evaluation
 from recsys.model.config import ModelConfig
+from recsys.reliability.rundir import check_output_dir, lock_run_dir
 from recsys.serving.job import resolve_checkpoint
 from recsys.train.config import RunConfig
-from recsys.train.loop import train
+from recsys.train.loop import train, train_inputs
 
 
 def model_preset(name: str, overrides: list[str]) -> ModelConfig:
@@ -52,21 +53,37 @@ def reuse_or_evaluate(ev: EvaluateConfig) -> dict[str, Any]:
     return json.loads(run_evaluation(ev).read_text())
 
 
+def run_config(cfg: CompareConfig, name: str, model_cfg: ModelConfig, seed: int) -> RunConfig:
+    """The training run of preset ``name`` with ``seed``: ``<output_dir>/<name>-seed<seed>/``."""
+    return RunConfig(data=cfg.data, model=model_cfg, train=replace(cfg.train, seed=seed),
+                     output_dir=str(Path(cfg.output_dir) / f"{name}-seed{seed}"))
+
+
 def run_comparison(cfg: CompareConfig) -> Path:
-    """Train + evaluate every (preset, seed); returns the path of ``table.md``."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Train + evaluate every (preset, seed); returns the path of ``table.md``.
+
+    Before anything is written: every preset is built (a typo fails fast) and ``output_dir`` is checked
+    against what every run reads (``train_inputs``: the data, a model's ``sid_path``); the comparison then
+    runs under the directory's lock, each training run and evaluation under its own.
+    """
+    presets = {m: model_preset(m, list(cfg.model_overrides.get(m, []))) for m in cfg.models}  # fail fast
+    out = check_output_dir(cfg.output_dir, [i for name, m in presets.items()
+                                            for i in train_inputs(run_config(cfg, name, m, cfg.seeds[0]))])
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    presets = {m: model_preset(m, list(cfg.model_overrides.get(m, []))) for m in cfg.models}  # fail fast
+    with lock_run_dir(out):
+        return _compare(cfg, out, presets)
+
+
+def _compare(cfg: CompareConfig, out: Path, presets: dict[str, ModelConfig]) -> Path:
     rows: list[dict[str, Any]] = []
     for seed in cfg.seeds:
         for name, model_cfg in presets.items():
-            run_dir = out / f"{name}-seed{seed}"
+            run = run_config(cfg, name, model_cfg, seed)
+            run_dir = Path(run.output_dir)
             print(f"[compare] {name} seed {seed} -> {run_dir}", flush=True)
             t0 = time.perf_counter()
-            report = json.loads(train(RunConfig(data=cfg.data, model=model_cfg, train=replace(cfg.train, seed=seed),
-                                                output_dir=str(run_dir))).read_text())
+            report = json.loads(train(run).read_text())
             wall_train = time.perf_counter() - t0
             ev = EvaluateConfig(checkpoint=str(run_dir), output_dir=str(run_dir / "eval"), batch_size=cfg.batch_size,
                                 catalog=cfg.catalog, progress=cfg.train.progress,

@@ -11,7 +11,7 @@ Layout of a prepared dataset directory::
     <dir>/<split>/part-00000.parquet  split in {train, valid, test}
 
 Reading: :func:`open_parquet` and :func:`read_row_group` are the one way a data file is opened and a
-row group read; a missing, empty, truncated or corrupted file becomes a
+row group read (:func:`read_parquet_table` reads a whole file through them); a missing, empty, truncated or corrupted file becomes a
 :class:`~recsys.data.validate.DataValidationError` naming the file (and the row group), never a bare
 pyarrow error. Writers store a CRC32 checksum per data page and readers verify it, so a flipped byte in
 the data is reported rather than decoded into wrong values.
@@ -151,6 +151,25 @@ def read_row_group(pf: pq.ParquetFile, path: str | Path, row_group: int, columns
     except (pa.ArrowException, OSError) as exc:
         raise DataValidationError(f"{path}, row group {row_group}: cannot be read ({_arrow_reason(exc)}): the "
                                   "file is corrupted; write it again") from exc
+
+
+def read_parquet_table(path: str | Path, columns: list[str] | None = None, pf: pq.ParquetFile | None = None
+                       ) -> pa.Table:
+    """The whole file at ``path`` (``columns``: only those), read row group by row group through
+    :func:`open_parquet` / :func:`read_row_group` (``pf``: the file already opened by the caller).
+
+    A missing, empty, truncated or corrupted file, or a requested column the file lacks (pyarrow would
+    silently leave it out), raises :class:`DataValidationError` naming the file (and row group / columns).
+    """
+    pf = open_parquet(path) if pf is None else pf
+    names = pf.schema_arrow.names
+    if columns is not None and (missing := [c for c in columns if c not in names]):
+        raise DataValidationError(f"{path}: no column(s) {missing} in this Parquet file (it has {names})")
+    groups = [read_row_group(pf, path, g, columns) for g in range(pf.num_row_groups)]
+    if not groups:  # a file of 0 row groups still has a schema
+        empty = pf.schema_arrow.empty_table()
+        return empty.select(columns) if columns is not None else empty
+    return pa.concat_tables(groups)
 
 
 def split_files(directory: str | Path) -> dict[str, list[Path]]:

@@ -45,6 +45,7 @@ from recsys.data.parquet_io import (
 from recsys.data.schema import DataSchema
 from recsys.data.stats import summarize
 from recsys.errors import InputError
+from recsys.reliability.rundir import check_output_dir
 
 FORMAT_VERSION = 1
 """Bump when generation / ingest changes the rows, so stale caches are not reused."""
@@ -109,6 +110,49 @@ def dataset_dir(cfg: DataConfig) -> Path:
     return Path(cfg.root) / f"{cfg.source.value}-{config_hash(cfg)}"
 
 
+def ml100k_raw_dir(cfg: DataConfig) -> Path:
+    """Where the ml-100k files are read from (and the recbole wheel downloaded to): ``data.ml100k.raw_dir``,
+    else ``<root>/raw``."""
+    return Path(cfg.ml100k.raw_dir) if cfg.ml100k.raw_dir else Path(cfg.root) / "raw"
+
+
+def raw_inputs(cfg: DataConfig) -> list[tuple[str, Path]]:
+    """The raw inputs building the dataset of ``cfg`` reads, as ``(config key, path)``: the ml-100k raw dir;
+    an event log, its side tables and the dataset whose id maps it uses. Synthetic data reads nothing; a
+    prepared ``data.path`` is read, not built."""
+    if cfg.source == DataSource.ml100k:
+        return [("data.ml100k.raw_dir", ml100k_raw_dir(cfg))]
+    if cfg.source == DataSource.eventlog:
+        ev = cfg.eventlog
+        named = [(f"{ev.KEY}.{k}", Path(v)) for k, v in ev.input_files().items()]
+        return named + ([(f"{ev.KEY}.id_maps_from", Path(ev.id_maps_from))] if ev.id_maps_from else [])
+    return []
+
+
+def check_build_dir(cfg: DataConfig, out: Path) -> None:
+    """Refuse to build ``out`` (``<root>/<source>-<hash>``, built in a temp sibling under ``data.root``) where it
+    would write into a raw input: ``out`` is, lies inside or contains one (e.g. ``data.root`` = the ml-100k raw
+    dir, or inside the dataset whose id maps a log uses), or ``data.root`` is the folder holding an input file
+    (the build would add its folders beside your event log). Raises ``InputError`` naming both."""
+    inputs = raw_inputs(cfg)
+    check_output_dir(out, inputs, key="output dataset (data.root/<source>-<hash>)")
+    root = out.parent.resolve()
+    for key, path in inputs:
+        if path.is_file() and path.resolve().parent == root:
+            raise InputError(f"data.root={cfg.root} is the folder of the input {key}={path}: building the dataset "
+                             f"would write {out.name}/ and a temp folder beside it, and a command never writes into "
+                             "its inputs' folders; choose a data.root that is not the folder of an input file (the "
+                             "default, data/, or any new folder)")
+
+
+def dataset_inputs(cfg: DataConfig) -> list[tuple[str, Path]]:
+    """What opening (or building) the dataset of ``cfg`` reads, as ``(config key, path)``: the dataset
+    directory (``data.path``, or ``<root>/<source>-<hash>``) and its raw files. A command's output
+    directory must overlap none of them (``recsys.reliability.rundir.check_output_dir``)."""
+    key = "data.path" if cfg.source == DataSource.parquet else "dataset"
+    return [(key, dataset_dir(cfg)), *raw_inputs(cfg)]
+
+
 def write_dataset(out_dir: Path, schema: DataSchema, cols: RequestColumns, split: np.ndarray, *,
                   row_group_size: int, seed: int, progress: bool = False, id_maps: IdMaps | None = None) -> dict:
     """Writes schema.json, ``id_maps/`` (when given: ``IngestResult.id_maps``) and one Parquet file per split;
@@ -147,8 +191,7 @@ def _build(cfg: DataConfig, out_dir: Path, progress: bool) -> dict:
         extra["events"] = data.num_events
     elif cfg.source == DataSource.ml100k:
         from recsys.data.ml100k import ensure_ml100k, ingest_ml100k
-        raw_dir = Path(cfg.ml100k.raw_dir) if cfg.ml100k.raw_dir else Path(cfg.root) / "raw"
-        files = ensure_ml100k(raw_dir, cfg.ml100k.recbole_version, download=cfg.ml100k.download)
+        files = ensure_ml100k(ml100k_raw_dir(cfg), cfg.ml100k.recbole_version, download=cfg.ml100k.download)
         data = ingest_ml100k(files, like_threshold=cfg.ml100k.like_threshold,
                              cold_item_fraction=cfg.ml100k.cold_item_fraction, cold_seed=cfg.ml100k.cold_seed)
         schema, cols, split, timings, seed = data.schema, data.columns, data.split, data.timings, 0
@@ -241,6 +284,7 @@ def _open_or_build(cfg: DataConfig, progress: bool, build: bool = True) -> Prepa
         raise InputError(f"no prepared dataset {out} for this data config: its input files{files} are not the ones "
                          "it was prepared from (changed since?), and a model's ids are those of its dataset: restore the "
                          "files, or point data.source=parquet data.path at the dataset it was prepared from")
+    check_build_dir(cfg, out)  # before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     try:

@@ -6,6 +6,12 @@ computed from the Parquet footers). Checkpoints are distributed (DCP) under
 ``<output_dir>/dist_checkpoints`` and resumed automatically. At the end the tables are gathered
 to rank 0, which evaluates the plain model exactly like ``recsys.train`` does, writes
 ``report.json`` and a model-only ``checkpoints/step_<N>.pt`` that ``recsys.score`` reads.
+
+Run directory: the rules of ``recsys.train``. Every rank checks the overlap with the inputs; rank 0
+alone takes the directory's lock (held until every rank is done) and makes the resume decision
+(``recsys.train.loop.open_run``: ``train.fresh_run``, ``resume=false`` into a directory with
+checkpoints refused, the checkpoint's run configuration checked), and every rank gets its outcome or
+its refusal through one broadcast (``recsys.dist.coordination.on_rank0``), so no rank is left waiting.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import os
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,18 +34,23 @@ from recsys.data.config import LoaderConfig
 from recsys.data.schema import DataSchema
 from recsys.dist.checkpoint import DistCheckpointer
 from recsys.dist.config import Backend, DistConfig
+from recsys.dist.coordination import on_rank0
 from recsys.dist.sharding import describe_plan, gather_full_state
 from recsys.dist.trainer import DistTrainer
 from recsys.model.pyramid import flops_report
-from recsys.reliability.rundir import check_output_dir
+from recsys.reliability.atomic import atomic_write_bytes
+from recsys.reliability.resume import trim_log
+from recsys.reliability.rundir import check_output_dir, lock_run_dir
 from recsys.train.checkpoint import CheckpointManager
-from recsys.train.config import RunConfig
+from recsys.train.config import RunConfig, run_fingerprint
 from recsys.train.evaluate import metrics_report, predict
 from recsys.train.loop import (
+    DIST_CHECKPOINT_DIR,
     PopularityBaseline,
     _json_default,
     build_model,
     max_s_tokens,
+    open_run,
     plain_config,
     train_inputs,
 )
@@ -85,15 +97,35 @@ def train_distributed(cfg: RunConfig) -> Path:
     dist.broadcast_object_list(out, src=0)  # ${now:...} resolves per process: rank 0's name wins
     cfg = replace(cfg, output_dir=out[0])
     check_output_dir(cfg.output_dir, train_inputs(cfg))  # every rank: a pure check, all refuse alike
-    try:  # rank 0 writes the TensorBoard scalars, as it writes train_log.jsonl
-        with TensorBoardLog(cfg.output_dir, cfg.train.tensorboard and rank == 0) as board:
-            return _train(cfg, device, rank, world, board)
+    try:
+        with ExitStack() as held:  # rank 0 holds the run directory's lock until every rank is done
+            resume_from = on_rank0(lambda: _open_run_dir(cfg, held))  # a refusal reaches every rank
+            # rank 0 writes the TensorBoard scalars, as it writes train_log.jsonl
+            with TensorBoardLog(cfg.output_dir, cfg.train.tensorboard and rank == 0) as board:
+                return _train(cfg, device, rank, world, board, resume_from)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _train(cfg: RunConfig, device: torch.device, rank: int, world: int, board: TensorBoardLog) -> Path:
+# What a distributed resume reads from trainer.pt (the sharded model and optimizer are in the DCP files).
+DIST_RESUME_KEYS = ("sched", "popularity", "step", "epoch", "batch_in_epoch", "train_time", "samples", "requests",
+                    "world_size")
+
+
+def _open_run_dir(cfg: RunConfig, held: ExitStack) -> str | None:
+    """Rank 0: lock ``output_dir`` (released by ``held``), then ``recsys.train``'s resume decision; returns the
+    DCP checkpoint to resume from. The model-only ``checkpoints/step_<N>.pt`` count as the directory's
+    checkpoints too (``resume=false`` over them is refused), but a resume loads only DCP checkpoints."""
+    out_dir = Path(cfg.output_dir)
+    held.enter_context(lock_run_dir(out_dir))
+    ckpts = DistCheckpointer(out_dir / DIST_CHECKPOINT_DIR, keep=cfg.dist.keep_checkpoints)
+    found = open_run(cfg, out_dir, ckpts, DIST_RESUME_KEYS, others=[CheckpointManager(out_dir / "checkpoints")])
+    return None if found is None else str(found[0])
+
+
+def _train(cfg: RunConfig, device: torch.device, rank: int, world: int, board: TensorBoardLog,
+           resume_from: str | None) -> Path:
     out_dir = Path(cfg.output_dir)
     tc = cfg.train
     main = rank == 0
@@ -128,12 +160,12 @@ def _train(cfg: RunConfig, device: torch.device, rank: int, world: int, board: T
         print("[dist] train.eval_every is ignored by distributed runs: validation runs once, on rank 0, at the end")
     plan = describe_plan(trainer.plan)
     popularity = PopularityBaseline(schema.num_items)
-    ckpts = DistCheckpointer(out_dir / "dist_checkpoints", keep=cfg.dist.keep_checkpoints)
+    ckpts = DistCheckpointer(out_dir / DIST_CHECKPOINT_DIR, keep=cfg.dist.keep_checkpoints)
     log_path = out_dir / "train_log.jsonl"
 
     step, epoch, batch_in_epoch, train_time, samples, requests = 0, 0, 0, 0.0, 0, 0
     resumed_from = None
-    found = ckpts.latest() if tc.resume else None
+    found = None if resume_from is None else Path(resume_from)  # rank 0's decision (_open_run_dir)
     if found is not None:
         state = trainer.load_checkpoint(found)
         popularity.pos = state["popularity"]
@@ -148,9 +180,10 @@ def _train(cfg: RunConfig, device: torch.device, rank: int, world: int, board: T
             batch_in_epoch = 0
         resumed_from = found
         if main:
+            trim_log(log_path, step)  # records a killed run wrote after this checkpoint are replayed
             print(f"[dist] resumed from {found} at step {step}")
-    elif main and not tc.resume:
-        log_path.unlink(missing_ok=True)
+    elif main:
+        log_path.unlink(missing_ok=True)  # a fresh start (or a run killed before its first checkpoint)
     board.open(step)  # resumed: hides rank 0's events past this checkpoint (purge_step)
     dist.barrier()
 
@@ -158,7 +191,8 @@ def _train(cfg: RunConfig, device: torch.device, rank: int, world: int, board: T
         ckpts.save(step, trainer.sharded_state(), {
             "sched": trainer.sched.state_dict(), "popularity": popularity.pos, "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "train_time": train_time, "samples": samples,
-            "requests": requests, "world_size": world, "plan": json.dumps(plan), "config": json.dumps(plain_config(cfg)),
+            "requests": requests, "world_size": world, "plan": json.dumps(plan), "config": plain_config(cfg),
+            "config_fingerprint": run_fingerprint(plain_config(cfg)),
         })
 
     def log(record: dict[str, Any]) -> None:
@@ -259,4 +293,4 @@ def _evaluate_and_report(cfg: RunConfig, ds: Any, schema: DataSchema, full: dict
                                           cfg.model.ffn_mult * cfg.model.d_model),
         "tasks": list(schema.tasks), "data": ds.summary, "device": str(device), "config": plain_config(cfg),
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    atomic_write_bytes(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default).encode())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from recsys.data.parquet_io import read_parquet_table
 from recsys.train.metrics import auc, gauc
 
 
@@ -16,7 +16,7 @@ def item_counts(files: list[Path], num_items: int) -> np.ndarray:
     """``[num_items]`` int64: how many candidate rows of ``files`` show each item (training popularity)."""
     counts = np.zeros(num_items, dtype=np.int64)
     for f in files:
-        items = pc.list_flatten(pq.read_table(f, columns=["cand_item_id"]).column("cand_item_id")).to_numpy()
+        items = pc.list_flatten(read_parquet_table(f, ["cand_item_id"]).column("cand_item_id")).to_numpy()
         items = items[(items >= 0) & (items < num_items)]
         counts += np.bincount(items, minlength=num_items)
     return counts

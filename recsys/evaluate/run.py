@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,17 @@ import torch
 from omegaconf import OmegaConf
 from torchmetrics.functional.classification import binary_roc
 
-from recsys.data import RequestLoader, prepare_dataset
-from recsys.data.prepare import as_data_config
+from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
+from recsys.data.batch import RequestBatch
+from recsys.data.config import DataConfig, LoaderConfig
+from recsys.data.prepare import as_data_config, dataset_inputs
+from recsys.data.schema import DataSchema
 from recsys.evaluate.buckets import bucket_metrics, calibration_table, item_counts, quantile_buckets
 from recsys.evaluate.catalog import catalog_ranks
 from recsys.evaluate.config import EvaluateConfig, RelevantItems
 from recsys.evaluate.load import load_any_model
 from recsys.evaluate.plots import bucket_figure, calibration_figure, roc_figure, save, training_figure
+from recsys.reliability.rundir import check_output_dir, lock_run_dir
 from recsys.serving.catalog import collect_item_categories
 from recsys.serving.config import CatalogTarget
 from recsys.serving.job import resolve_checkpoint, resolve_device
@@ -62,25 +66,59 @@ def eval_config_dict(cfg: EvaluateConfig) -> dict[str, Any]:
     return d
 
 
+def run_dir_of(ckpt: Path) -> Path:
+    """The training run directory of a checkpoint file (``<run>/checkpoints/step_<N>.pt`` -> ``<run>``)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def evaluation_inputs(ckpt: Path, data_cfg: DataConfig) -> list[tuple[str, str | Path | None]]:
+    """What the report reads, as ``(key, path)``: the checkpoint, its run's train_log.jsonl, its dataset
+    (and raw files). ``output_dir`` must overlap none of them (so ``<run>/eval`` is fine, ``<run>`` is not)."""
+    return [("checkpoint", ckpt), ("train log", run_dir_of(ckpt) / "train_log.jsonl"), *dataset_inputs(data_cfg)]
+
+
+@dataclass
+class OpenedEvaluation:
+    """What an evaluation resolved and checked before it touches its output directory."""
+
+    out: Path
+    ckpt: Path
+    device: torch.device
+    model: torch.nn.Module
+    schema: DataSchema
+    run_cfg: dict[str, Any]
+    ds: PreparedDataset
+    loader_cfg: LoaderConfig
+    batches: list[RequestBatch]
+
+
 def run_evaluation(cfg: EvaluateConfig) -> Path:
-    """Write the report folder; returns the path of ``metrics.json``."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the report folder; returns the path of ``metrics.json``.
+
+    Everything is resolved and checked before ``output_dir`` is touched: the checkpoint loads, the output
+    directory overlaps no input (``check_output_dir``), the split exists and has rows; the report is then
+    written under the directory's lock (``lock_run_dir``: one process per output directory).
+    """
     ckpt = resolve_checkpoint(cfg.checkpoint)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     model, schema, run_cfg = load_any_model(ckpt, device)
     data_cfg = as_data_config(OmegaConf.create(run_cfg["data"]))
-    ds = prepare_dataset(data_cfg, progress=False)
-    if cfg.split not in ds.splits:
-        raise ValueError(f"split {cfg.split!r} not in the dataset {sorted(ds.splits)}")
+    out = check_output_dir(cfg.output_dir, evaluation_inputs(ckpt, data_cfg))  # before anything is written
+    # the split evaluated, and train (item popularity): missing or empty -> InputError naming the dataset
+    ds = prepare_dataset(data_cfg, progress=False, need=("train", cfg.split))
     loader_cfg = replace(data_cfg.loader, batch_size=cfg.batch_size, shuffle=False, drop_last=False)
     batches = list(RequestLoader(ds.splits[cfg.split], schema, loader_cfg))  # collated once, outside the timing
-    if not batches:
-        raise ValueError(f"split {cfg.split!r} has no rows")
+    with lock_run_dir(out):
+        return _report(cfg, OpenedEvaluation(out, ckpt, device, model, schema, run_cfg, ds, loader_cfg, batches))
 
+
+def _report(cfg: EvaluateConfig, opened: OpenedEvaluation) -> Path:
+    """The report itself (see the module docstring), written into the locked output directory."""
+    out, ckpt, device, model, schema = opened.out, opened.ckpt, opened.device, opened.model, opened.schema
+    run_cfg, ds, loader_cfg, batches = opened.run_cfg, opened.ds, opened.loader_cfg, opened.batches
+    run_dir = run_dir_of(ckpt)
     predict(model, batches[:1], device)  # warm-up (lazy init, allocator), not timed
     t0 = time.perf_counter()
     pred = predict(model, batches, device)

@@ -17,17 +17,18 @@ import pyarrow.parquet as pq
 import torch
 
 from recsys.data.config import DataConfig, DataSource, SyntheticConfig
+from recsys.data.parquet_io import read_parquet_table
 from recsys.errors import InputError
+from recsys.train.checkpoint import load_checkpoint
 
 ITEM_TABLE_KEY = "tokenizer.embeddings.seq_tables.embeddings.item_id_table.weight"
 
 
 def read_content_parquet(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parquet with columns ``item_id`` (int) and ``vector`` (list of floats, one length)."""
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"content.path={path}: not a readable Parquet file ({' '.join(str(exc).split())})") from exc
+    """Parquet with columns ``item_id`` (int) and ``vector`` (list of floats, one length).
+
+    A missing, empty, truncated or corrupted file: an ``InputError`` naming it (``read_parquet_table``)."""
+    table = read_parquet_table(path)
     missing = {"item_id", "vector"} - set(table.column_names)
     if missing:
         raise InputError(f"content Parquet {path} lacks column(s) {sorted(missing)} (needs item_id, vector)")
@@ -50,9 +51,13 @@ def write_content_parquet(path: str | Path, ids: torch.Tensor, vecs: torch.Tenso
 
 
 def checkpoint_content(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows 1.. of a training checkpoint's item embedding table (row 0 is the OOV id)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    weights = state.get("model", {}).get(ITEM_TABLE_KEY)
+    """Rows 1.. of a training checkpoint's item embedding table (row 0 is the OOV id).
+
+    Loaded like every checkpoint (``load_checkpoint``: digest, ``weights_only``): a file that is not a
+    torch checkpoint raises ``CheckpointError`` (an ``InputError``) naming it."""
+    state = load_checkpoint(path)
+    model = state.get("model")
+    weights = model.get(ITEM_TABLE_KEY) if isinstance(model, dict) else None
     if weights is None:
         raise InputError(f"checkpoint {path} has no item id table ({ITEM_TABLE_KEY}); was it trained with "
                          "model.item_embedding.mode=sid?")
@@ -80,9 +85,9 @@ def synthetic_content(cfg: SyntheticConfig, dim: int, noise: float, w_popularity
 def ml100k_genre_content(data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """ml-100k: 19-dim genre multi-hot (+ release decade one-hot) per movie; ids = the dataset's ids."""
     from recsys.data.ml100k import ensure_ml100k, read_atomic
+    from recsys.data.prepare import ml100k_raw_dir
 
-    raw = Path(data.ml100k.raw_dir) if data.ml100k.raw_dir else Path(data.root) / "raw"
-    items = read_atomic(ensure_ml100k(raw, data.ml100k.recbole_version, download=data.ml100k.download)
+    items = read_atomic(ensure_ml100k(ml100k_raw_dir(data), data.ml100k.recbole_version, download=data.ml100k.download)
                         / "ml-100k.item")
     ids = items["item_id"].cast(pl.Int64).to_numpy()
     if not np.array_equal(np.sort(ids), np.arange(1, len(ids) + 1)):

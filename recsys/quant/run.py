@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from recsys.data.config import DataSource
+from recsys.data.prepare import raw_inputs
 from recsys.errors import InputError
 from recsys.quant.artifact import SemanticIds
 from recsys.quant.collisions import rebalance_last_level, resolve_collisions
@@ -25,6 +26,7 @@ from recsys.quant.multi_expert import MultiExpertQuantizer, orthogonality_penalt
 from recsys.quant.report import build_report, plot_report, recon_errors
 from recsys.quant.rq_kmeans import RQKMeans
 from recsys.quant.rq_vae import RQVAE, train_rqvae
+from recsys.reliability.rundir import check_output_dir, lock_run_dir
 
 
 def load_content(cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,15 +98,33 @@ def fit_codes(cfg: QuantConfig, x: torch.Tensor) -> tuple[Any, torch.Tensor, lis
     return q, q.encode(x), hist
 
 
+def quant_inputs(cfg: QuantConfig) -> list[tuple[str, str | Path | None]]:
+    """What the command reads, as ``(config key, path)``: ``content.path`` (a Parquet or a checkpoint), and
+    for ``content.source=side_features`` the dataset's raw files (ml-100k: its raw dir). ``output_dir`` must
+    overlap none of them."""
+    named: list[tuple[str, str | Path | None]] = [("content.path", cfg.content.path)]
+    if cfg.content.source == ContentSource.side_features:
+        named += raw_inputs(cfg.data)
+    return named
+
+
 def quantize(cfg: QuantConfig) -> Path:
-    """Writes ``sids.pt`` (a :class:`SemanticIds`), ``report.json`` and ``report.png``; returns the sids path."""
+    """Writes ``sids.pt`` (a :class:`SemanticIds`), ``report.json`` and ``report.png``; returns the sids path.
+
+    ``output_dir`` is checked against the inputs (``check_output_dir``) and the content against the settings
+    before anything is written; the outputs are then written under the directory's lock (``lock_run_dir``).
+    """
     t0 = time.perf_counter()
+    out = check_output_dir(cfg.output_dir, quant_inputs(cfg))
     ids, raw = load_content(cfg)
     check_content(cfg, ids, raw)
     print(f"[quant] {len(ids)} items x {raw.shape[1]} dims, {cfg.method.value}, codebook size "
           f"{cfg.codebook_size or auto_codebook_size(len(raw), cfg.levels)}", flush=True)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_run_dir(out):
+        return _quantize(cfg, out, ids, raw, t0)
+
+
+def _quantize(cfg: QuantConfig, out: Path, ids: torch.Tensor, raw: torch.Tensor, t0: float) -> Path:
     center = raw.mean(0)
     scale = (raw - center).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)  # mean item norm 1 after centring
     x = (raw - center) / scale

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
+from recsys.data.parquet_io import open_parquet, read_parquet_table
 from recsys.data.schema import DataSchema
 from recsys.serving.scorer import CachedScorer, score_in_chunks
 from recsys.serving.state import states_to_prefix
@@ -58,12 +58,12 @@ def collect_item_categories(files: list[Path], schema: DataSchema) -> ItemCatego
     pairs = [("cand_item_id", "cand_category")] + [
         (schema.seq_col(k, "item_id"), schema.seq_col(k, "category")) for k in schema.sequences]
     for f in files:
-        pf = pq.ParquetFile(f)
+        pf = open_parquet(f)  # a damaged file: an InputError naming it (and the row group), not a pyarrow error
         names = set(pf.schema_arrow.names)
         for item_col, cat_col in pairs:
             if item_col not in names or cat_col not in names:
                 continue
-            table = pf.read(columns=[item_col, cat_col])
+            table = read_parquet_table(f, [item_col, cat_col], pf)
             items = pc.list_flatten(table.column(item_col)).to_numpy().astype(np.int64)
             cats = pc.list_flatten(table.column(cat_col)).to_numpy().astype(np.int64)
             ok = (items >= 0) & (items < n) & (cats >= 0) & (cats < schema.num_categories)
@@ -85,7 +85,7 @@ def catalog_items(schema: DataSchema, items_file: str | None, categories: ItemCa
     if items_file is None:
         items = np.arange(1, schema.num_items, dtype=np.int64)
         return items, categories.category[items]
-    table = pq.read_table(items_file)
+    table = read_parquet_table(items_file)
     if "item_id" not in table.column_names:
         raise ValueError(f"{items_file}: needs an item_id column")
     items = table.column("item_id").to_numpy().astype(np.int64)

@@ -13,8 +13,8 @@ CRCs of stored tensors) and uses ``torch.load(weights_only=True)``, so a file ca
 code payload is refused instead of executed. :meth:`CheckpointManager.load_latest` falls back
 to the next older checkpoint when the newest does not load or verify.
 
-Retention never deletes the checkpoint just written: it keeps that one and the newest ``keep - 1``
-checkpoints numbered *below* it. A file numbered above it cannot be this run's (a resume continues
+Retention (:func:`retention_doomed`, also used by ``recsys.dist``) never deletes the checkpoint just
+written: it keeps that one and the newest ``keep - 1`` checkpoints numbered *below* it. A file numbered above it cannot be this run's (a resume continues
 from the newest checkpoint that loads), so it is left as it is, neither counted nor deleted.
 
 A write that fails for lack of space removes its temp file and raises
@@ -64,6 +64,15 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def retention_doomed(found: list[tuple[int, Path]], current: int, keep: int) -> list[Path]:
+    """What retention deletes after the checkpoint of step ``current`` was written: of the ``(step, path)``
+    checkpoints ``found``, those below ``current`` except the newest ``keep - 1`` of them. The one just
+    written is never among them, and neither is one numbered above it (not this run's: a resume continues
+    from the newest checkpoint that loads). The one rule of ``CheckpointManager`` and ``DistCheckpointer``."""
+    older = sorted((step, path) for step, path in found if step < current)
+    return [path for _, path in older[: max(0, len(older) - (keep - 1))]]
 
 
 class CheckpointManager:
@@ -118,8 +127,7 @@ class CheckpointManager:
 
     def prune(self, current: int) -> list[Path]:
         """Keep ``step_<current>.pt`` and the newest ``keep - 1`` below it; returns what was deleted."""
-        older = [p for p in self.paths() if step_of(p) < current]
-        doomed = older[: max(0, len(older) - (self.keep - 1))]
+        doomed = retention_doomed([(step_of(p), p) for p in self.paths()], current, self.keep)
         for old in doomed:
             old.unlink(missing_ok=True)
             old.with_name(old.name + DIGEST_SUFFIX).unlink(missing_ok=True)

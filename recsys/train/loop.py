@@ -12,9 +12,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from recsys.baselines import Baseline, sparse_parameters
 from recsys.baselines import build_model as build_arch
 from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
 from recsys.data.config import DataSource
+from recsys.data.prepare import raw_inputs
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
 from recsys.model.config import ModelConfig
@@ -105,11 +107,23 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-# What a run writes into output_dir (besides the lock file): moved aside together by train.fresh_run.
-RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", TENSORBOARD_DIR, "report.json")
+DIST_CHECKPOINT_DIR = "dist_checkpoints"  # recsys.dist's sharded (DCP) checkpoints
+# What a run writes into output_dir (besides the lock file), single-process or distributed: moved aside
+# together by train.fresh_run.
+RUN_OUTPUTS = ("checkpoints", DIST_CHECKPOINT_DIR, "train_log.jsonl", TENSORBOARD_DIR, "report.json")
 # What a resume reads from a checkpoint (a model-only checkpoint, e.g. from recsys.dist, lacks some).
 RESUME_KEYS = ("model", "opt_sparse", "opt_dense", "sched", "popularity", "step", "epoch", "batch_in_epoch",
                "train_time", "samples", "requests")
+
+
+class CheckpointStore(Protocol):
+    """A directory of checkpoints (``CheckpointManager``, ``recsys.dist``'s ``DistCheckpointer``)."""
+
+    dir: Path
+
+    def paths(self) -> list[Path]: ...
+
+    def load_latest(self, required: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]] | None: ...
 
 
 def train_inputs(cfg: RunConfig) -> list[tuple[str, str | None]]:
@@ -117,11 +131,7 @@ def train_inputs(cfg: RunConfig) -> list[tuple[str, str | None]]:
     d = cfg.data
     named: list[tuple[str, str | None]] = ([("data.path", d.path)] if d.source == DataSource.parquet
                                            else [("data.root", d.root)])
-    if d.source == DataSource.ml100k:
-        named.append(("data.ml100k.raw_dir", d.ml100k.raw_dir))
-    if d.source == DataSource.eventlog:  # your own log, its side tables, the dataset whose maps it uses
-        named += [(f"data.eventlog.{k}", v) for k, v in d.eventlog.input_files().items()]
-        named.append(("data.eventlog.id_maps_from", d.eventlog.id_maps_from))
+    named += raw_inputs(d)  # ml-100k raw dir; your own log, its side tables, the dataset whose maps it uses
     named.append(("model.item_embedding.sid_path", cfg.model.item_embedding.sid_path))
     return named
 
@@ -134,6 +144,11 @@ def check_same_run(path: Path, state: dict[str, Any], cfg: RunConfig) -> None:
     config is compared key by key; keys only one side knows are not compared.
     """
     stored = state.get("config")
+    if isinstance(stored, str):  # older recsys.dist checkpoints stored it as JSON text
+        try:
+            stored = json.loads(stored)
+        except json.JSONDecodeError:
+            stored = None
     if not isinstance(stored, dict):
         raise InputError(f"checkpoint {path} records no run configuration, so resuming could continue another "
                          "run: use another output_dir, or train.fresh_run=true (moves it aside)")
@@ -151,37 +166,45 @@ def check_same_run(path: Path, state: dict[str, Any], cfg: RunConfig) -> None:
         print(f"[train] {path} has no config fingerprint (older version): its stored config matches key by key")
 
 
-def open_run(cfg: RunConfig, out_dir: Path, ckpts: CheckpointManager) -> tuple[Path, dict[str, Any]] | None:
+def _listing(stores: Sequence[CheckpointStore]) -> str:
+    """``step_3.pt, step_6.pt in <dir>`` per store holding checkpoints (the newest five of each)."""
+    return "; ".join(f"{', '.join(p.name for p in found[-5:])} in {s.dir}" for s in stores if (found := s.paths()))
+
+
+def open_run(cfg: RunConfig, out_dir: Path, ckpts: CheckpointStore, required: tuple[str, ...] = RESUME_KEYS,
+             others: Sequence[CheckpointStore] = ()) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from (checked against this run's config), or None for a fresh start.
 
+    ``ckpts``: the store a resume loads from (``required``: the keys it needs); ``others``: stores whose
+    checkpoints count as this directory's too (``recsys.dist``: the model-only ``checkpoints/``).
     ``train.fresh_run``: earlier outputs are moved aside, fresh start. ``train.resume=false`` into a
     directory that holds checkpoints, or a resume where none of them loads: refused (a new run would be
-    pruned against, and scored as, the old checkpoints). No checkpoint at all: fresh start.
+    pruned against, and scored as, the old checkpoints). No checkpoint at all: fresh start. One policy for
+    ``recsys.train`` and ``recsys.dist`` (there, rank 0 calls it and every rank gets its outcome).
     """
     tc = cfg.train
+    stores = [ckpts, *others]
     if tc.fresh_run:
         moved = move_aside(out_dir, RUN_OUTPUTS)
         if moved is not None:
             print(f"[train] fresh run: the earlier outputs of {out_dir} were moved to {moved}")
         return None
     if not tc.resume:
-        existing = ckpts.paths()
-        if existing:
-            names = ", ".join(p.name for p in existing[-5:])
+        if existing := _listing(stores):
             raise InputError(
-                f"output_dir={out_dir} already holds checkpoints ({names} in {ckpts.dir}) and train.resume=false: a new "
+                f"output_dir={out_dir} already holds checkpoints ({existing}) and train.resume=false: a new "
                 "run there would mix with them (retention and recsys.score pick the highest step). Resume "
                 "(train.resume=true), start a fresh run there (train.fresh_run=true moves the earlier outputs to "
                 "previous-<time>/), or use another output_dir")
         return None
-    found = ckpts.load_latest(required=RESUME_KEYS)
+    found = ckpts.load_latest(required=required)
     if found is not None:
         check_same_run(*found, cfg)
-    elif existing := ckpts.paths():  # every one was reported and skipped: do not start a run over them
+    elif existing := _listing(stores):  # every one was reported and skipped: do not start a run over them
         raise InputError(
-            f"output_dir={out_dir} holds checkpoints but none can be resumed ({', '.join(p.name for p in existing[-5:])}"
-            f" in {ckpts.dir}, each reported above); a new run there would mix with them. Remove or replace them, "
-            "start a fresh run there (train.fresh_run=true moves them to previous-<time>/), or use another output_dir")
+            f"output_dir={out_dir} holds checkpoints but none can be resumed ({existing}, each reported above); "
+            "a new run there would mix with them. Remove or replace them, start a fresh run there "
+            "(train.fresh_run=true moves them to previous-<time>/), or use another output_dir")
     return found
 
 

@@ -8,7 +8,11 @@
   Tolerance: 1e-5 relative on the loss, 2e-5 absolute on every weight -- float32 sums in a
   different order (all-to-all, reduce-scatter, all-reduce), nothing else.
 * save at step k with 2 ranks, restart from the DCP checkpoint, continue == uninterrupted run;
-  then 1 rank (table-wise) loads the 2-rank (row-wise) checkpoint: DCP reshards, weights bit-equal.
+  then 1 rank (table-wise) loads the 2-rank (row-wise) checkpoint: DCP reshards, weights bit-equal;
+  a resume under another run configuration is refused on every rank.
+* the run-directory rules of ``recsys.train`` on the real ``torchrun -m recsys.dist`` command:
+  ``train.resume=false`` into a directory with checkpoints, and a directory another process holds, are
+  refused (exit 2 on the ranks, before any training), inputs untouched.
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dist_scenario as scenario
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+from hostile_helpers import file_digests, hold_lock  # noqa: E402  (one copy of the lock holder)
+
 from recsys.model.heads import multitask_bce
+from recsys.reliability.rundir import LOCK_NAME
 from recsys.train.loop import make_optimizers
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
@@ -39,13 +48,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, nproc: int = 2) -> None:
+def torchrun(*args: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node <nproc> <args>`` (the worker script, or ``-m recsys.dist ...``)."""
+    target = list(args) if args[0] == "-m" else [str(WORKER), *args]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+           "127.0.0.1", "--master_port", str(_free_port()), *target]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def single_process_reference(steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -113,6 +125,12 @@ def test_resume_from_a_two_rank_checkpoint_continues_the_same_run(tmp_path):
     assert report["resumed_from"].endswith(f"step_{k}") and report["steps"] == n and report["world_size"] == 2
     straight_report = json.loads((tmp_path / "straight" / "report.json").read_text())
     assert report["test_auc"] == pytest.approx(straight_report["test_auc"], abs=1e-6)
+    # then a resume of "crashed" with another dense_lr: rank 0 compares the checkpoint's config, both ranks refuse
+    for rank in (0, 1):
+        refused = (tmp_path / f"refused-rank{rank}.txt").read_text()
+        assert "is of another run configuration" in refused and "train.optim.dense_lr" in refused, (rank, refused)
+        assert f"crashed/dist_checkpoints/step_{n}" in refused, refused
+    assert json.loads((tmp_path / "crashed" / "report.json").read_text()) == report  # nothing rewritten
 
     # Different world size: 1 rank (table-wise) loads the 2-rank (row-wise) checkpoint; DCP reshards the tables.
     shutil.copytree(tmp_path / "straight", tmp_path / "reshard1")
@@ -125,3 +143,39 @@ def test_resume_from_a_two_rank_checkpoint_continues_the_same_run(tmp_path):
     assert sorted(after) == sorted(before)
     for key, v in before.items():
         assert torch.equal(after[key], v), key
+
+
+def assert_refused_on_the_ranks(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Refused like an operator mistake on the ranks: each exits 2 with one ``error:`` line naming every needle,
+    and no traceback of ours (torchrun then fails too, printing its own launcher traceback). A rank still
+    printing when torchrun stops the others may go unheard, so at least one line, all alike."""
+    out = proc.stdout + proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert proc.returncode != 0 and lines and len(set(lines)) == 1, out[-4000:]
+    assert "exitcode  : 2" in proc.stderr, out[-4000:]
+    assert not [x for x in out.splitlines() if x.lstrip().startswith("File ") and "/recsys/" in x], out[-4000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_dist_cli_refuses_resume_false_over_checkpoints_and_a_locked_dir(tmp_path):
+    """Both refusals happen before the dataset is prepared or a step is trained, on rank 0, and reach every
+    rank (torchrun ends; a deadlocked rank would hit the timeout)."""
+    old = tmp_path / "old-run"
+    (old / "dist_checkpoints" / "step_4").mkdir(parents=True)
+    for name in (".metadata", "trainer.pt"):  # what marks a complete DCP checkpoint; never read here
+        (old / "dist_checkpoints" / "step_4" / name).write_bytes(b"an earlier run's checkpoint")
+    before = file_digests(old)
+    args = ["-m", "recsys.dist", "dist=gloo", "model=debug", "data=tiny", f"data.root={tmp_path / 'data'}",
+            "train.progress=false", "train.max_steps=2"]
+    locked = tmp_path / "locked"
+    with hold_lock(locked) as holder, ThreadPoolExecutor(max_workers=2) as pool:
+        resume_false = pool.submit(torchrun, *args, f"output_dir={old}", "train.resume=false", check=False)
+        in_use = pool.submit(torchrun, *args, f"output_dir={locked}", check=False)
+        resume_false, in_use = resume_false.result(), in_use.result()
+    assert_refused_on_the_ranks(resume_false, f"output_dir={old} already holds checkpoints",
+                                f"step_4 in {old / 'dist_checkpoints'}", "train.fresh_run=true")
+    assert {k: v for k, v in file_digests(old).items() if Path(k).name != LOCK_NAME} == before
+    assert_refused_on_the_ranks(in_use, f"output_dir={locked} is in use by another process (pid {holder.pid}")
+    assert sorted(p.name for p in locked.iterdir()) == [LOCK_NAME]
+    assert not (tmp_path / "data").exists()  # refused before the dataset was prepared

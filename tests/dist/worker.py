@@ -2,7 +2,9 @@
 
     torchrun ... tests/dist/worker.py match <sharding>[,<sharding>...] <steps> <out_dir>
     torchrun ... tests/dist/worker.py resume <sharding> <out_dir> <data_root> <k> <n>
-        (2 ranks: uninterrupted and crashed+resumed runs; 1 rank: resume the 2-rank checkpoint in reshard1/)
+        (2 ranks: uninterrupted and crashed+resumed runs, then a resume of "crashed" under another
+        configuration, which every rank must refuse: <out_dir>/refused-rank<r>.txt holds each rank's
+        message; 1 rank: resume the 2-rank checkpoint in reshard1/)
 
 Not collected by pytest (no ``test_`` prefix); results are written under ``out_dir`` and the
 test process compares them.
@@ -23,6 +25,7 @@ from recsys.data.batch import RequestBatch
 from recsys.dist.config import DistConfig
 from recsys.dist.sharding import describe_plan, gather_full_state
 from recsys.dist.trainer import DistTrainer
+from recsys.errors import InputError
 from recsys.train.config import RunConfig, register_configs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -80,13 +83,13 @@ def resume(sharding: str, out: Path, data_root: str, k: int, n: int) -> None:
 
     register_configs()
 
-    def cfg(name: str, max_steps: int) -> RunConfig:
+    def cfg(name: str, max_steps: int, *extra: str) -> RunConfig:
         with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             c = compose("train", overrides=[
                 "data=tiny", "model=debug", f"data.root={data_root}", f"output_dir={out / name}",
                 "train.progress=false", "train.log_every=1", "train.optim.warmup_steps=3", "data.loader.batch_size=8",
                 f"train.checkpoint_every={k}", f"train.max_steps={max_steps}", "dist=gloo",
-                f"dist.sharding={sharding}"])
+                f"dist.sharding={sharding}", *extra])
         return OmegaConf.to_object(c)
 
     if world_size_of_run() == 1:  # reshard: load the 2-rank checkpoint copied into "reshard1", no more steps
@@ -95,6 +98,12 @@ def resume(sharding: str, out: Path, data_root: str, k: int, n: int) -> None:
     train_distributed(cfg("straight", n))
     train_distributed(cfg("crashed", k))
     train_distributed(cfg("crashed", n))
+    try:  # rank 0 checks the checkpoint's run configuration; every rank must get its refusal (no deadlock)
+        train_distributed(cfg("crashed", n + 2, "train.optim.dense_lr=0.01"))
+        message = "not refused"
+    except InputError as e:
+        message = str(e)
+    (out / f"refused-rank{dist.get_rank()}.txt").write_text(message)
 
 
 def world_size_of_run() -> int:

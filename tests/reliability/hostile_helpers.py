@@ -1,5 +1,6 @@
 """Shared pieces of the hostile-input suite: run a real CLI as a subprocess, and prove that it left its
-inputs untouched (SHA-256 of every file under a tree, taken before and compared after)."""
+inputs untouched (SHA-256 of every file under a tree, taken before and compared after), and damage one data
+page of a Parquet file."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from recsys.errors import INPUT_ERROR_EXIT
 
 ROOT = Path(__file__).resolve().parents[2]
+# ``python -c LOCK_HOLDER <dir>``: holds the run-directory lock of <dir> (``lock_run_dir``), prints "locked", sleeps
+LOCK_HOLDER = ("import sys, time\nfrom recsys.reliability.rundir import lock_run_dir\n"
+               "with lock_run_dir(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n")
 
 
 def file_digests(root: Path) -> dict[str, str]:
@@ -41,3 +48,32 @@ def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert "Traceback" not in out, f"a traceback instead of a message:\n{out[-3000:]}"
     for needle in needles:
         assert needle in proc.stderr, f"message does not name {needle!r}:\n{out[-3000:]}"
+
+
+@contextmanager
+def hold_lock(directory: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds the run-directory lock of ``directory`` for the duration of the block."""
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(directory)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def chunk_bytes(f: Path, row_group: int, column: str) -> range:
+    """Byte offsets of one list column's chunk (dictionary + data pages) in row group ``row_group`` of ``f``."""
+    md = pq.ParquetFile(f).metadata
+    names = [md.schema.column(i).path for i in range(md.num_columns)]
+    chunk = md.row_group(row_group).column(names.index(f"{column}.list.element"))
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    return range(start, start + chunk.total_compressed_size)
+
+
+def flip_a_bit_in(f: Path, row_group: int, column: str) -> None:
+    """One bit of the last bytes of a column chunk's data pages (inside the page, after its header)."""
+    data = bytearray(f.read_bytes())
+    data[chunk_bytes(f, row_group, column)[-4]] ^= 0x01
+    f.write_bytes(bytes(data))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile_helpers import ROOT, assert_refused, file_digests, run_cli
+from hostile_helpers import LOCK_HOLDER, ROOT, assert_refused, file_digests, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -50,8 +50,6 @@ CONFIGS = ROOT / "configs"
 ARGS = ["model=debug", "model.attention_backend=torch", "data=tiny", "train.progress=false",
         "data.loader.batch_size=16", "train.log_every=1", "train.optim.warmup_steps=2"]
 TRAINED_STEPS = 6  # the shared run: checkpoints step_3.pt and step_6.pt
-HOLDER = ("import sys, time\nfrom recsys.reliability.rundir import lock_run_dir\n"
-          "with lock_run_dir(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n")
 
 
 def run_digests(run: Path) -> dict[str, str]:
@@ -137,7 +135,7 @@ def cli(world) -> dict[str, subprocess.CompletedProcess | dict]:
     tmp = world["tmp"]
     before = {"data": file_digests(world["data_root"]), "run": run_digests(world["run"]),
               **{name: run_digests(tmp / name) for name in ("run-resume-false", "run-other-config")}}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp / "run-locked")], cwd=ROOT,
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp / "run-locked")], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert holder.stdout.readline().strip() == "locked"
     try:
@@ -322,7 +320,7 @@ def test_a_second_process_on_a_locked_run_dir_is_refused(world, cli, tmp_path):
     with lock_run_dir(run):  # the holder was SIGKILLed: the kernel released its flock
         pass
     # recsys.score's output dir is locked the same way (in-process job, another process holding the lock)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "score")], cwd=ROOT, text=True,
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "score")], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hostile_helpers import ROOT, assert_refused, file_digests, run_cli
+from hostile_helpers import ROOT, assert_refused, chunk_bytes, file_digests, flip_a_bit_in, run_cli
 from omegaconf import OmegaConf
 
 from recsys.data.config import DataConfig, DataSource, LoaderConfig
@@ -167,22 +167,6 @@ def test_zero_byte_part_file_is_named(tiny: PreparedDataset, tmp_path: Path) -> 
     with pytest.raises(DataValidationError, match=re.escape(f"{f}: not a readable Parquet file")):
         RequestLoader([f], tiny.schema, LoaderConfig())
     assert f.stat().st_size == 0
-
-
-def chunk_bytes(f: Path, row_group: int, column: str) -> range:
-    """Byte offsets of one list column's chunk (dictionary + data pages) in row group ``row_group`` of ``f``."""
-    md = pq.ParquetFile(f).metadata
-    names = [md.schema.column(i).path for i in range(md.num_columns)]
-    chunk = md.row_group(row_group).column(names.index(f"{column}.list.element"))
-    start = chunk.dictionary_page_offset or chunk.data_page_offset
-    return range(start, start + chunk.total_compressed_size)
-
-
-def flip_a_bit_in(f: Path, row_group: int, column: str) -> None:
-    """One bit of the last bytes of a column chunk's data pages (inside the page, after its header)."""
-    data = bytearray(f.read_bytes())
-    data[chunk_bytes(f, row_group, column)[-4]] ^= 0x01
-    f.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("checksums", [True, False])
