@@ -77,8 +77,9 @@ def read_frame(src: pl.DataFrame | str | Path, separator: str | None = None, *, 
                 return pl.DataFrame(schema=pl.read_parquet_schema(path))
             return pl.read_parquet(path)
         sep = separator or ("," if path.suffix == ".csv" else "\t")
+        if header_only:  # the names only: infer_schema_length=None would scan every row even with n_rows=0
+            return pl.read_csv(path, separator=sep, quote_char='"', n_rows=0, infer_schema_length=0)
         return pl.read_csv(path, separator=sep, quote_char='"', infer_schema_length=None,
-                           n_rows=0 if header_only else None,
                            schema_overrides={c: pl.String for c in string_columns} or None)
     except (pl.exceptions.PolarsError, OSError) as e:  # ragged rows, bad encoding, not a Parquet file...
         raise InputError(f"cannot read {path} as {'Parquet' if path.suffix == '.parquet' else 'CSV/TSV'}: "

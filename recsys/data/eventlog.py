@@ -69,8 +69,6 @@ def eventlog_key(cfg: DataConfig) -> dict:
     ev = cfg.eventlog
     options = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(ev), default=str)).items()
                if k not in FILE_FIELDS}
-    for name in ("split", "duplicates", "timestamp_unit"):
-        options[name] = getattr(ev, name).value
     key: dict = {"options": options, "files": {n: file_identity(p) for n, p in ev.input_files().items()}}
     if ev.cold_items:
         key["cold_items"] = list(ev.cold_items)

@@ -336,7 +336,7 @@ def read_tables(events: pl.DataFrame | str | Path, item_features: pl.DataFrame |
     columns before any table is read in full. ``string_ids``: standard id columns read as text.
     ``header_only``: stop after the checks (the tables come back without rows)."""
     cols, key = opts.columns, f"{opts.KEY}.columns"
-    event_map = cols.mapping(("user_id", "item_id", "timestamp", "action", "kind"))
+    event_map = cols.mapping(cols.EVENT_FIELDS)
     specs = [(events, table_name(events, "event log", name), event_map),
              (item_features, None if item_features is None else table_name(item_features, "item feature table"),
               cols.mapping(("item_id", "category"))),

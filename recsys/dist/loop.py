@@ -42,13 +42,14 @@ from recsys.reliability.atomic import atomic_write_bytes
 from recsys.reliability.resume import trim_log
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
 from recsys.train.checkpoint import CheckpointManager
-from recsys.train.config import RunConfig, run_fingerprint
+from recsys.train.config import RunConfig
 from recsys.train.evaluate import metrics_report, predict
 from recsys.train.loop import (
     DIST_CHECKPOINT_DIR,
     PopularityBaseline,
     _json_default,
     build_model,
+    config_record,
     max_s_tokens,
     open_run,
     plain_config,
@@ -187,12 +188,13 @@ def _train(cfg: RunConfig, device: torch.device, rank: int, world: int, board: T
     board.open(step)  # resumed: hides rank 0's events past this checkpoint (purge_step)
     dist.barrier()
 
+    run_record = config_record(cfg)  # the config does not change during the run
+
     def checkpoint() -> None:
         ckpts.save(step, trainer.sharded_state(), {
             "sched": trainer.sched.state_dict(), "popularity": popularity.pos, "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "train_time": train_time, "samples": samples,
-            "requests": requests, "world_size": world, "plan": json.dumps(plan), "config": plain_config(cfg),
-            "config_fingerprint": run_fingerprint(plain_config(cfg)),
+            "requests": requests, "world_size": world, "plan": json.dumps(plan), **run_record,
         })
 
     def log(record: dict[str, Any]) -> None:

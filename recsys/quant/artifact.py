@@ -23,6 +23,7 @@ from recsys.quant.multi_expert import MultiExpertQuantizer
 from recsys.quant.rq_kmeans import RQKMeans
 from recsys.quant.rq_vae import RQVAE
 from recsys.reliability.atomic import atomic_write
+from recsys.train.checkpoint import load_checkpoint
 
 QUANTIZERS = {"rq_kmeans": RQKMeans, "rq_vae": RQVAE, "multi_expert": MultiExpertQuantizer}
 
@@ -64,7 +65,9 @@ class SemanticIds:
 
     @classmethod
     def load(cls, path: str | Path) -> SemanticIds:
-        return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        """Loaded like every checkpoint (``load_checkpoint``: ``weights_only``, a damaged or foreign file is a
+        ``CheckpointError`` naming it)."""
+        return cls.from_dict(load_checkpoint(path))
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.center) / self.scale

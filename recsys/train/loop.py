@@ -101,6 +101,13 @@ def plain_config(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg)))  # str-valued enums serialise as their values
 
 
+def config_record(cfg: RunConfig) -> dict[str, Any]:
+    """``config`` and its ``config_fingerprint``, as every checkpoint stores them (single-process and
+    distributed): what :func:`check_same_run` compares a resume against."""
+    config = plain_config(cfg)
+    return {"config": config, "config_fingerprint": run_fingerprint(config)}
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -269,6 +276,8 @@ def _train(cfg: RunConfig, out_dir: Path, board: TensorBoardLog) -> Path:
         log_path.unlink(missing_ok=True)  # a fresh start (or a run killed before its first checkpoint)
     board.open(step)  # resumed: hides the killed run's events past this checkpoint (purge_step)
 
+    run_record = config_record(cfg)  # the config does not change during the run
+
     def checkpoint() -> None:
         nonlocal last_saved
         last_saved = step
@@ -278,7 +287,7 @@ def _train(cfg: RunConfig, out_dir: Path, board: TensorBoardLog) -> Path:
             "nonfinite": guard.state_dict(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "train_time": train_time,
             "samples": samples, "requests": requests,
-            "config": plain_config(cfg), "config_fingerprint": run_fingerprint(plain_config(cfg)),
+            **run_record,
             "schema": schema.to_json(), "max_s_tokens": max_s_tokens(schema, cfg.model, cfg.data.loader.max_len),
             "dataset_dir": str(ds.path.resolve()),  # recsys.score opens it as is (no log hashed or re-read)
             **({"item_sid": sids.to_dict()} if sids is not None else {}),  # item -> SID + quantizer (scoring)
