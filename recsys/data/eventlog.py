@@ -21,7 +21,6 @@ checkpoints trained on it; unknown items / actions follow ``data.oov_policy`` (c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -31,24 +30,9 @@ from recsys.data.config import DataConfig, DataSource, EventLogConfig, OovPolicy
 from recsys.data.id_maps import ID_MAPS_DIR, IdMaps
 from recsys.data.ingest import IngestResult, ingest, read_tables
 from recsys.errors import InputError
+from recsys.reliability.digest import file_sha256
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-"""sha256 of files already hashed in this process, by (path, size, mtime_ns)."""
 FILE_FIELDS = ("events", "item_features", "user_features", "id_maps_from", "cold_items")
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (computed once per process per file state)."""
-    p = Path(path)
-    st = p.stat()
-    ident = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if ident not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[ident] = h.hexdigest()
-    return _DIGESTS[ident]
 
 
 def file_identity(path: str | Path) -> dict[str, int | str]:

@@ -14,7 +14,6 @@ readable (:func:`require_splits`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ from recsys.data.parquet_io import (
 from recsys.data.schema import DataSchema
 from recsys.data.stats import summarize
 from recsys.errors import InputError
+from recsys.reliability.digest import json_digest
 from recsys.reliability.rundir import check_output_dir
 
 FORMAT_VERSION = 1
@@ -101,7 +101,7 @@ def config_key(cfg: DataConfig) -> dict:
 
 
 def config_hash(cfg: DataConfig) -> str:
-    return hashlib.sha256(json.dumps(config_key(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return json_digest(config_key(cfg), 10)
 
 
 def dataset_dir(cfg: DataConfig) -> Path:

@@ -47,7 +47,6 @@ from recsys.train.evaluate import metrics_report, predict
 from recsys.train.loop import (
     DIST_CHECKPOINT_DIR,
     PopularityBaseline,
-    _json_default,
     build_model,
     config_record,
     max_s_tokens,
@@ -57,6 +56,7 @@ from recsys.train.loop import (
 )
 from recsys.train.schedule import lr_multiplier
 from recsys.train.tensorboard import TensorBoardLog
+from recsys.reliability.digest import json_default
 
 
 def init_process_group(dcfg: DistConfig) -> tuple[torch.device, bool]:
@@ -200,7 +200,7 @@ def _train(cfg: RunConfig, device: torch.device, rank: int, world: int, board: T
     def log(record: dict[str, Any]) -> None:
         if main:
             with open(log_path, "a") as f:
-                f.write(json.dumps(record, default=_json_default) + "\n")
+                f.write(json.dumps(record, default=json_default) + "\n")
             board.write(record)
 
     done = bool(tc.max_steps) and step >= tc.max_steps
@@ -295,4 +295,4 @@ def _evaluate_and_report(cfg: RunConfig, ds: Any, schema: DataSchema, full: dict
                                           cfg.model.ffn_mult * cfg.model.d_model),
         "tasks": list(schema.tasks), "data": ds.summary, "device": str(device), "config": plain_config(cfg),
     }
-    atomic_write_bytes(out_dir / "report.json", json.dumps(report, indent=2, default=_json_default).encode())
+    atomic_write_bytes(out_dir / "report.json", json.dumps(report, indent=2, default=json_default).encode())

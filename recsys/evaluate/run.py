@@ -33,6 +33,7 @@ from recsys.evaluate.catalog import catalog_ranks
 from recsys.evaluate.config import EvaluateConfig, RelevantItems
 from recsys.evaluate.load import load_any_model
 from recsys.evaluate.plots import bucket_figure, calibration_figure, roc_figure, save, training_figure
+from recsys.reliability.digest import json_default
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
 from recsys.serving.catalog import collect_item_categories
 from recsys.serving.config import CatalogTarget
@@ -50,12 +51,6 @@ def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "train_log.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 def eval_config_dict(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -202,7 +197,7 @@ def _report(cfg: EvaluateConfig, opened: OpenedEvaluation) -> Path:
             "relevant items (recsys/evaluate/catalog.py)")
     metrics["plots"] = plots
     metrics["eval_config"] = eval_config_dict(cfg)
-    (out / "curves.json").write_text(json.dumps(curves, default=_json_default))
+    (out / "curves.json").write_text(json.dumps(curves, default=json_default))
     path = out / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2, default=_json_default))
+    path.write_text(json.dumps(metrics, indent=2, default=json_default))
     return path

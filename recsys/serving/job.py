@@ -52,6 +52,7 @@ from recsys.longseq.cache import LongMemoryCache
 from recsys.model.config import Backend, ModelConfig
 from recsys.model.ranker import OneTransRanker
 from recsys.reliability.atomic import atomic_write_bytes
+from recsys.reliability.digest import json_default
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
 from recsys.serving.cache import UserKVCache
 from recsys.serving.catalog import (
@@ -522,16 +523,9 @@ def _score(cfg: ScoreConfig, opened: OpenedJob, t_start: float) -> Path:
                                "request; seen items " + ("excluded" if cfg.catalog.exclude_history else "kept") +
                                f"; HR@{cfg.catalog.k}/NDCG@{cfg.catalog.k} averaged over targets; ties by item id")
     path = out_dir / "summary.json"
-    atomic_write_bytes(path, json.dumps(summary, indent=2, default=_json_default).encode())
+    atomic_write_bytes(path, json.dumps(summary, indent=2, default=json_default).encode())
     return path
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 __all__ = ["load_ranker", "resolve_checkpoint", "run_scoring"]

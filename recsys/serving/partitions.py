@@ -19,7 +19,6 @@ no ``_job.json`` was not written by a scoring job and is refused whatever ``over
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 from recsys.data.loader import ReadUnit, row_group_units
 from recsys.errors import InputError
 from recsys.reliability.atomic import atomic_write, atomic_write_bytes
+from recsys.reliability.digest import json_digest
 
 JOB_FILE = "_job.json"
 PART_PREFIX = "part-"
@@ -87,10 +87,6 @@ def finished(directory: Path, parts: list[Partition]) -> set[int]:
     return {p.index for p in parts if (directory / p.name).is_file()}
 
 
-def fingerprint(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def prepare_output(directory: Path, job: dict[str, Any], parts: list[Partition], overwrite: bool) -> None:
     """Create ``directory`` / check it belongs to this job; write ``_job.json`` (fingerprint + plan).
 
@@ -102,7 +98,7 @@ def prepare_output(directory: Path, job: dict[str, Any], parts: list[Partition],
     """
     directory.mkdir(parents=True, exist_ok=True)
     remove_temp_files(directory)
-    fp = fingerprint(job)
+    fp = json_digest(job)
     job_path = directory / JOB_FILE
     if not job_path.is_file():
         foreign = sorted(p.name for p in directory.glob(f"{PART_PREFIX}*.parquet"))

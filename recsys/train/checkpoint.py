@@ -23,7 +23,6 @@ A write that fails for lack of space removes its temp file and raises
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -35,6 +34,7 @@ import torch
 
 from recsys.errors import InputError
 from recsys.reliability.atomic import atomic_write_bytes, fsync_dir, space_error, temp_path
+from recsys.reliability.digest import file_sha256
 from recsys.reliability.faults import fault_point
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -56,14 +56,6 @@ def step_of(path: Path) -> int:
     if m is None:
         raise ValueError(f"{path} is not named step_<N>.pt")
     return int(m.group(1))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def retention_doomed(found: list[tuple[int, Path]], current: int, keep: int) -> list[Path]:

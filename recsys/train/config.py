@@ -9,8 +9,6 @@ checkpoint (everything that changes the trained weights), :func:`run_fingerprint
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -21,6 +19,7 @@ from recsys.data.config import DataConfig
 from recsys.dist.config import DistConfig
 from recsys.errors import InputError
 from recsys.model.config import ModelConfig
+from recsys.reliability.digest import json_digest
 
 
 class DenseOptimizer(str, Enum):
@@ -175,7 +174,7 @@ def run_identity(plain: dict[str, Any]) -> dict[str, Any]:
 
 def run_fingerprint(plain: dict[str, Any]) -> str:
     """16 hex digits of SHA-256 over :func:`run_identity` (stored in checkpoints as ``config_fingerprint``)."""
-    return hashlib.sha256(json.dumps(run_identity(plain), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(run_identity(plain))
 
 
 def identity_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

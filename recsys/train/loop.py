@@ -35,6 +35,7 @@ from recsys.model.pyramid import flops_report
 from recsys.model.ranker import OneTransRanker
 from recsys.quant.ranker import install_sids, with_resolved_sids
 from recsys.reliability.atomic import atomic_write_bytes
+from recsys.reliability.digest import json_default
 from recsys.reliability.guards import NonFiniteGuard, grads_finite
 from recsys.reliability.resume import trim_log
 from recsys.reliability.rng import capture_rng, restore_rng
@@ -106,12 +107,6 @@ def config_record(cfg: RunConfig) -> dict[str, Any]:
     distributed): what :func:`check_same_run` compares a resume against."""
     config = plain_config(cfg)
     return {"config": config, "config_fingerprint": run_fingerprint(config)}
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 DIST_CHECKPOINT_DIR = "dist_checkpoints"  # recsys.dist's sharded (DCP) checkpoints
@@ -295,7 +290,7 @@ def _train(cfg: RunConfig, out_dir: Path, board: TensorBoardLog) -> Path:
 
     def log(record: dict[str, Any]) -> None:
         with open(log_path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.write(json.dumps(record, default=json_default) + "\n")
         board.write(record)
 
     def validate() -> dict[str, Any]:
@@ -389,5 +384,5 @@ def _train(cfg: RunConfig, out_dir: Path, board: TensorBoardLog) -> Path:
         "config": plain_config(cfg),
     }
     report_path = out_dir / "report.json"
-    atomic_write_bytes(report_path, json.dumps(report, indent=2, default=_json_default).encode())
+    atomic_write_bytes(report_path, json.dumps(report, indent=2, default=json_default).encode())
     return report_path

@@ -20,6 +20,7 @@ from recsys.data.config import DataConfig
 from recsys.data.id_maps import IdMaps
 from recsys.data.prepare import prepare_dataset
 from recsys.errors import InputError
+from recsys.reliability import digest
 
 MAPPING = {"eventlog.columns.user_id": "userId", "eventlog.columns.item_id": "movieId",
            "eventlog.columns.timestamp": "ts", "eventlog.columns.category": "genre",
@@ -89,7 +90,7 @@ def test_unknown_column_is_refused_before_the_files_are_hashed(tmp_path: Path):
         prepare_dataset(cfg, progress=False)
     assert "data.eventlog.columns.item_id=itemId" in str(info.value) and str(log) in str(info.value)
     assert "'movieId'" in str(info.value)  # the file's own columns are listed
-    assert not any(k[0] == str(log.resolve()) for k in eventlog._DIGESTS)  # refused before any hashing
+    assert not any(k[0] == str(log.resolve()) for k in digest._FILE_DIGESTS)  # refused before any hashing
     cfg = config(tmp_path / "data", log, **{"eventlog.label_column": "stars"})
     with pytest.raises(InputError, match="no label column 'stars'"):
         prepare_dataset(cfg, progress=False)
