@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.compare.config import CompareConfig, register_configs
-from recsys.errors import exit_on_input_error
+from recsys.reliability.entry import exit_on_input_error
 
 register_configs()
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from recsys.data.config import DataConfig, DataSource
 from recsys.data.loader import RequestLoader
 from recsys.data.prepare import PreparedDataset, as_data_config, prepare_dataset
-from recsys.errors import exit_on_input_error
+from recsys.reliability.entry import exit_on_input_error
 
 
 @dataclass

@@ -16,7 +16,7 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.errors import exit_on_input_error
+from recsys.reliability.entry import exit_on_input_error
 from recsys.train.config import RunConfig, register_configs
 
 register_configs()

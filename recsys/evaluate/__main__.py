@@ -9,8 +9,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.errors import exit_on_input_error
 from recsys.evaluate.config import EvaluateConfig, register_configs
+from recsys.reliability.entry import exit_on_input_error
 
 register_configs()
 

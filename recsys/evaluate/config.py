@@ -8,7 +8,7 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from recsys.serving.config import ScoreDevice
+from recsys.reliability.device import Device
 
 
 class RelevantItems(str, Enum):
@@ -69,7 +69,7 @@ class EvaluateConfig:
     """An item is *cold* when it was a candidate in at most this many training requests."""
     calibration_bins: int = 10
     """Equal-width predicted-probability bins of the calibration curve."""
-    device: ScoreDevice = ScoreDevice.auto
+    device: Device = Device.auto
     """auto = cuda when available."""
     catalog: CatalogEvalConfig = field(default_factory=CatalogEvalConfig)
     """Full-catalog ranking."""
@@ -80,7 +80,7 @@ class EvaluateConfig:
     """tqdm progress bars."""
 
     def __post_init__(self) -> None:
-        self.device = ScoreDevice(self.device)
+        self.device = Device(self.device)
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")
         if self.batch_size < 1 or self.n_buckets < 1 or self.calibration_bins < 2 or self.cold_max_count < 0:

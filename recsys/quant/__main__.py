@@ -15,8 +15,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.errors import exit_on_input_error
 from recsys.quant.config import QuantConfig, register_configs
+from recsys.reliability.entry import exit_on_input_error
 
 register_configs()
 

@@ -5,7 +5,7 @@ Why struct mode does not catch them: Hydra applies an *append* override (``+trai
 ``OmegaConf.to_object`` builds the dataclass from its declared fields and ``setattr``s every other key
 on the instance as a plain attribute. Nothing reads ``cfg.train.foo``: the setting is silently
 dropped and the run exits 0. :func:`check_known_keys` walks the composed config and names every key
-of a structured node that its dataclass does not declare. ``recsys.errors.exit_on_input_error`` runs
+of a structured node that its dataclass does not declare. ``recsys.reliability.entry.exit_on_input_error`` runs
 it before every entry point's body, so all of ``python -m recsys.*`` are strict the same way.
 """
 

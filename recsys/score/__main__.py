@@ -13,7 +13,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.errors import exit_on_input_error
+from recsys.reliability.entry import exit_on_input_error
 from recsys.serving.config import ScoreConfig, register_configs
 
 register_configs()

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from recsys.data.config import OovPolicy
 from recsys.errors import InputError
+from recsys.reliability.device import Device
 
 
 class ScoreMode(str, Enum):
@@ -33,12 +34,6 @@ class CatalogTarget(str, Enum):
     """Every listed candidate, whatever its label (leave-one-out next-item data such as ml-100k)."""
     positives = "positives"
     """Only candidates whose label of the ranking task is 1."""
-
-
-class ScoreDevice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 @dataclass
@@ -120,7 +115,7 @@ class ScoreConfig:
     allow_max_len_change: bool = False
     """Opt-in to score with a ``max_len`` *below* the trained one on purpose (e.g. a latency study); a
     value above it is always refused (the model's pyramid was sized for the trained length)."""
-    device: ScoreDevice = ScoreDevice.auto
+    device: Device = Device.auto
     """auto = cuda when available."""
     num_threads: int = 0
     """torch intra-op CPU threads (0 = torch's default). Small models on a busy machine run faster on 1."""
@@ -145,7 +140,7 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         self.mode = ScoreMode(self.mode)
-        self.device = ScoreDevice(self.device)
+        self.device = Device(self.device)
         if self.num_threads < 0:
             raise InputError(f"num_threads must be >= 0, got {self.num_threads}")
         for name in ("rows_per_partition", "batch_size", "candidate_chunk"):

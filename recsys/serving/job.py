@@ -52,6 +52,7 @@ from recsys.longseq.cache import LongMemoryCache
 from recsys.model.config import Backend, ModelConfig
 from recsys.model.ranker import OneTransRanker
 from recsys.reliability.atomic import atomic_write_bytes
+from recsys.reliability.device import resolve_device
 from recsys.reliability.digest import json_default
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
 from recsys.serving.cache import UserKVCache
@@ -62,7 +63,7 @@ from recsys.serving.catalog import (
     target_ranks,
     top_k,
 )
-from recsys.serving.config import CatalogTarget, ScoreConfig, ScoreDevice, ScoreMode
+from recsys.serving.config import CatalogTarget, ScoreConfig, ScoreMode
 from recsys.serving.partitions import (
     PART_PREFIX,
     Partition,
@@ -231,14 +232,6 @@ def scoring_max_len(cfg: ScoreConfig, ckpt_config: dict[str, Any], ckpt: Path) -
                          "scores would silently differ from training's truncation; drop max_len to use the trained "
                          "value, or set allow_max_len_change=true to score shorter histories on purpose")
     return cfg.max_len
-
-
-def resolve_device(choice: ScoreDevice) -> torch.device:
-    if choice == ScoreDevice.cuda and not torch.cuda.is_available():
-        raise InputError("device=cuda but no CUDA device is available")
-    if choice == ScoreDevice.auto:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice.value)
 
 
 class PartitionReader:

@@ -19,6 +19,7 @@ from recsys.data.config import DataConfig
 from recsys.dist.config import DistConfig
 from recsys.errors import InputError
 from recsys.model.config import ModelConfig
+from recsys.reliability.device import Device
 from recsys.reliability.digest import json_digest
 
 
@@ -35,12 +36,6 @@ class SparseOptimizer(str, Enum):
 class LrDecay(str, Enum):
     constant = "constant"
     cosine = "cosine"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 @dataclass

@@ -35,6 +35,7 @@ from recsys.model.pyramid import flops_report
 from recsys.model.ranker import OneTransRanker
 from recsys.quant.ranker import install_sids, with_resolved_sids
 from recsys.reliability.atomic import atomic_write_bytes
+from recsys.reliability.device import resolve_device
 from recsys.reliability.digest import json_default
 from recsys.reliability.guards import NonFiniteGuard, grads_finite
 from recsys.reliability.resume import trim_log
@@ -73,15 +74,6 @@ def make_optimizers(model: torch.nn.Module, cfg: OptimConfig) -> tuple[torch.opt
     else:
         opt_dense = torch.optim.RMSprop(dense, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
     return opt_sparse, opt_dense
-
-
-def resolve_device(name: str) -> torch.device:
-    name = str(getattr(name, "value", name))
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 class PopularityBaseline:
@@ -230,7 +222,7 @@ def _train(cfg: RunConfig, out_dir: Path, board: TensorBoardLog) -> Path:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed)  # all three are saved in checkpoints and restored on resume (recsys.reliability.rng)
-    device = resolve_device(tc.device)
+    device = resolve_device(tc.device, "train.device")
     # all three splits: it trains on train, validates on valid, reports on test: an empty one is refused before any step
     ds: PreparedDataset = prepare_dataset(cfg.data, progress=tc.progress, need=("train", "valid", "test"))
     schema = ds.schema

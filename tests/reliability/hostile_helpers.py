@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from recsys.errors import INPUT_ERROR_EXIT
+from recsys.reliability.entry import INPUT_ERROR_EXIT
 
 ROOT = Path(__file__).resolve().parents[2]
 # ``python -c LOCK_HOLDER <dir>``: holds the run-directory lock of <dir> (``lock_run_dir``), prints "locked", sleeps

@@ -1,0 +1,1 @@
+"""Candidate retrieval: embedding retrieval (faiss), generative retrieval over semantic IDs."""
