@@ -233,3 +233,22 @@ def test_refusals_name_the_shapes():
     stepper = CachedStepper(dec, prefix, 3)
     with pytest.raises(InputError, match="do not extend the cached ones"):  # beams re-selected, cache not told
         constrained_beam_search(trie, stepper, r, 3)
+
+
+def test_a_few_teacher_forcing_steps_make_beam_search_retrieve_the_targets():
+    """Training and decoding agree end to end: after fitting ``sid_nll`` on one batch, the constrained
+    search's best item is each request's target. The two empty-history requests share one prior, so
+    they get the same target."""
+    _, dec, prefix = make("linear_final0")  # the ranker's prefix fixed: the decoder alone learns
+    codes = catalog(13, seed=13)
+    trie = SidTrie(codes, vocab_size=VOCAB)
+    items = trie.leaf_item[torch.randperm(13, generator=torch.Generator().manual_seed(7))[:len(HIST)]]
+    items[4] = items[1]
+    opt = torch.optim.Adam(dec.parameters(), lr=1e-2)
+    for _ in range(20):
+        loss = sid_nll(dec, prefix, codes[items])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    res = sid_beam_search(dec, prefix, trie, 3)
+    assert torch.equal(res.item_ids[:, 0], items)
