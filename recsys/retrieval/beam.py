@@ -7,9 +7,15 @@ the next code after each beam's prefix. Row ``r * W + w`` is beam ``w`` of reque
 runs the ``W`` beams of a request as that request's candidates against its shared, cached user prefix:
 ``cand_offsets = arange(R + 1) * W`` for ``candidate_prefix_attention``). The decoder always sees
 ``R*W`` rows of real catalog prefixes: a slot with no live beam (step 0, where only the root exists,
-or a catalog with fewer than ``W`` prefixes at a level) carries the prefix of the first item in SID
-order and is ignored. Codes the trie does not allow after a prefix get ``-inf`` (the constraint), so
-does a code the decoder gives ``-inf``: such items are treated as impossible.
+or a catalog with fewer than ``W`` prefixes at a level) is a filler, ignored: at step 0 it is the
+root, later it extends slot 0's previous prefix by that prefix's smallest child code. Codes the trie
+does not allow after a prefix get ``-inf`` (the constraint), so does a code the decoder gives
+``-inf``: such items are treated as impossible.
+
+A decoder with an incremental cache (``recsys.retrieval.sid_decoder``) passes ``on_select``: after
+every step but the last it is called with ``parent [R*W]`` int64, row ``i`` of the next call's prefixes
+being row ``parent[i]`` of this call's prefixes plus one code (fillers included: a filler's parent is
+slot 0 of its request), so the caller gathers its per-beam cache with it.
 
 Per step: ``score[r, w] + logp[r*W + w, c]`` over valid ``(w, c)``, top ``W`` of the ``W * V`` kept.
 Beams are distinct trie nodes, so the finished results are distinct items.
@@ -36,6 +42,7 @@ from recsys.errors import InputError
 from recsys.retrieval.sid_trie import SidTrie
 
 StepFn = Callable[[torch.Tensor], torch.Tensor]
+SelectFn = Callable[[torch.Tensor], None]
 NEG_INF = float("-inf")
 
 
@@ -68,8 +75,9 @@ def _step_scores(trie: SidTrie, t: int, step_logprobs: StepFn, prefix: torch.Ten
 
 
 def constrained_beam_search(trie: SidTrie, step_logprobs: StepFn, num_requests: int,
-                            beam_width: int) -> BeamResult:
-    """Top-``beam_width`` items per request by summed code log-probability, every one in ``trie``."""
+                            beam_width: int, on_select: SelectFn | None = None) -> BeamResult:
+    """Top-``beam_width`` items per request by summed code log-probability, every one in ``trie``.
+    ``on_select(parent [R*W])``: see the module docstring (beam re-selection, for a decoder's cache)."""
     if beam_width < 1 or num_requests < 0:
         raise InputError(f"beam search needs beam_width >= 1 and num_requests >= 0, got {beam_width}, "
                          f"{num_requests}")
@@ -88,16 +96,18 @@ def constrained_beam_search(trie: SidTrie, step_logprobs: StepFn, num_requests: 
             bound = torch.maximum(bound, top[:, w])
         top, idx = top[:, :w], idx[:, :w]
         live = top > NEG_INF
-        beam, code = idx // v, idx % v  # [R, W] source beam and chosen code
+        # [R, W] source beam and chosen code. Fillers (dead slots) extend slot 0 by its smallest child,
+        # so every row is a real prefix whose parent row is known (slot 0's node is always real).
+        smallest = trie.child_code[t][trie.child_start[t][nodes[:, 0]]]  # [R]
+        beam = torch.where(live, idx // v, 0)
+        code = torch.where(live, idx % v, smallest.unsqueeze(1))
         child = trie.child(t, nodes.gather(1, beam), code)
-        if bool((child[live] < 0).any()):
+        if bool((child < 0).any()):
             raise RuntimeError(f"beam search kept a prefix outside the trie at step {t}")  # a bug, not an input
         prefix = torch.cat([prefix.gather(1, beam.unsqueeze(2).expand(-1, -1, t)), code.unsqueeze(2)], 2)
-        # Empty slots carry the first item's prefix (node 0 of every level: SIDs are sorted) so the
-        # decoder always reads real codes.
-        prefix = torch.where(live.unsqueeze(2), prefix, trie.sorted_codes[0, : t + 1])
-        nodes = torch.where(live, child, 0)
-        scores = top
+        nodes, scores = child, top
+        if on_select is not None and t + 1 < trie.depth:
+            on_select((beam + torch.arange(r).unsqueeze(1) * w).reshape(-1))
     live = scores > NEG_INF
     item_ids = torch.where(live, trie.leaf_item[nodes], -1)
     codes = torch.where(live.unsqueeze(2), prefix, -1)

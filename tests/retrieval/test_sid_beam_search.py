@@ -228,3 +228,26 @@ def test_beam_search_refusals():
         constrained_beam_search(trie, lambda p: torch.full((p.shape[0], 3), float("nan")), 1, 2)
     with pytest.raises(InputError, match="beam_width"):
         constrained_beam_search(trie, lambda p: torch.zeros(p.shape[0], 3), 1, 0)
+
+
+@pytest.mark.parametrize("name", list(CATALOGS))
+@pytest.mark.parametrize("w", [1, 5, 50])
+def test_on_select_names_the_parent_row_of_every_prefix(name, w):
+    """Every row of a call (fillers included) is its parent row of the previous call plus one code, the
+    parent in the same request: what a decoder's per-beam cache relies on."""
+    codes = CATALOGS[name]
+    trie, items = SidTrie(codes), items_of(codes)
+    dec = TableDecoder(items, 3, trie.vocab_size, w, seed=w)
+    calls, parents = [], []
+
+    def step(prefix_codes):
+        calls.append(prefix_codes.clone())
+        return dec(prefix_codes)
+
+    plain = constrained_beam_search(trie, dec, 3, w)
+    res = constrained_beam_search(trie, step, 3, w, on_select=parents.append)
+    assert torch.equal(res.item_ids, plain.item_ids)  # the hook changes nothing in the search
+    assert len(parents) == trie.depth - 1
+    for t, parent in enumerate(parents):
+        assert parent.shape == (3 * w,) and torch.equal(parent // w, torch.arange(3 * w) // w)
+        assert torch.equal(calls[t + 1][:, :t], calls[t][parent])
