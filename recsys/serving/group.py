@@ -46,9 +46,10 @@ class JobGroup:
             dist.barrier()
 
     def device(self, device: torch.device) -> torch.device:
-        """This rank's device: ``cuda`` -> ``cuda:<LOCAL_RANK>`` under torchrun, else ``device`` as is."""
+        """This rank's device: ``cuda`` -> ``cuda:<LOCAL_RANK mod #GPUs>`` under torchrun (more ranks than GPUs
+        share them), else ``device`` as is."""
         if self.distributed and device.type == "cuda" and device.index is None:
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count()))
         return device
 
 

@@ -75,6 +75,9 @@ class OpenedJob:
     max_len: int
     inputs: ScoreInputs
     out_dir: Path
+    scorer: CachedScorer
+    """This process's scorer and its caches (reset per partition when ``cache.reset_per_partition``)."""
+    mode: ScoringMode
 
 
 @dataclass
@@ -115,14 +118,21 @@ def run_scoring(cfg: ScoreConfig) -> Path:
 
 
 def open_job(cfg: ScoreConfig, group: JobGroup) -> OpenedJob:
-    """Resolve and check everything (checkpoint, model, ``max_len``, inputs, output directory); writes nothing."""
+    """Resolve and check everything (checkpoint, model, ``max_len``, inputs, output directory, the mode's
+    settings: a bad ``catalog.rank_task`` or ``items_file`` is refused here); writes nothing."""
     device = group.device(resolve_device(cfg.device))
     ckpt = resolve_checkpoint(cfg.checkpoint)
     model, schema, ckpt_config = load_ranker(ckpt, device, cfg.attention_backend, cfg.item_content)
     max_len = scoring_max_len(cfg, ckpt_config, ckpt)
     inputs = resolve_inputs(cfg, ckpt_config)
     out_dir = check_output_dir(cfg.output_dir, job_inputs(cfg, ckpt, inputs.dataset_dirs))
-    return OpenedJob(device, ckpt, model, schema, ckpt_config, max_len, inputs, out_dir)
+    cache = UserKVCache(cfg.cache.max_bytes) if cfg.cache.enabled else None
+    memory_cache = None  # model.long_seq.memory: keep per-user VQ memory states beside the KV cache
+    if cache is not None and model.tokenizer.long is not None and model.tokenizer.long.memory is not None:
+        memory_cache = LongMemoryCache()
+    scorer = CachedScorer(model, cache, cfg.candidate_chunk, memory_cache=memory_cache)
+    mode = build_mode(ModeContext(cfg, scorer, schema, inputs, device))
+    return OpenedJob(device, ckpt, model, schema, ckpt_config, max_len, inputs, out_dir, scorer, mode)
 
 
 def _run(cfg: ScoreConfig, group: JobGroup) -> Path:
@@ -137,10 +147,10 @@ def _run(cfg: ScoreConfig, group: JobGroup) -> Path:
 
         plan = group.on_rank0(prepare)
         opened = mine[0] if mine else open_job(cfg, group)  # the other ranks: rank 0 built any dataset
-        mode, run = score_partitions(cfg, opened, plan.todo[group.rank::group.world], group.rank)
+        run = score_partitions(cfg, opened, plan.todo[group.rank::group.world], group.rank)
         runs = group.gather(run)
         group.barrier()  # every partition of this run is on disk
-        return group.on_rank0(lambda: write_summary(cfg, opened, plan, mode, runs, t_start))
+        return group.on_rank0(lambda: write_summary(cfg, opened, plan, runs, t_start))
 
 
 def job_record(cfg: ScoreConfig, opened: OpenedJob) -> dict[str, Any]:
@@ -170,18 +180,12 @@ def plan_job(cfg: ScoreConfig, opened: OpenedJob) -> JobPlan:
     return JobPlan(parts, len(done), todo[:cfg.max_partitions] if cfg.max_partitions else todo)
 
 
-def score_partitions(cfg: ScoreConfig, opened: OpenedJob, parts: list[Partition], rank: int = 0
-                     ) -> tuple[ScoringMode, RankRun]:
-    """Score and write ``parts`` (this rank's share); returns the mode (its summary entries) and the counters."""
-    model, schema, device = opened.model, opened.schema, opened.device
+def score_partitions(cfg: ScoreConfig, opened: OpenedJob, parts: list[Partition], rank: int = 0) -> RankRun:
+    """Score and write ``parts`` (this rank's share) with ``opened.mode``; returns this rank's counters."""
+    schema, device, mode = opened.schema, opened.device, opened.mode
+    cache, memory_cache = opened.scorer.cache, opened.scorer.memory_cache
     long_max_len = int(opened.ckpt_config["data"]["loader"].get("long_max_len") or 0)  # model.long_seq
     long_max_len = max(long_max_len, opened.max_len) if long_max_len else 0
-    cache = UserKVCache(cfg.cache.max_bytes) if cfg.cache.enabled else None
-    memory_cache = None  # model.long_seq.memory: keep per-user VQ memory states beside the KV cache
-    if cache is not None and model.tokenizer.long is not None and model.tokenizer.long.memory is not None:
-        memory_cache = LongMemoryCache()
-    scorer = CachedScorer(model, cache, cfg.candidate_chunk, memory_cache=memory_cache)
-    mode = build_mode(ModeContext(cfg, scorer, schema, opened.inputs, device))
     reader, run = PartitionReader(schema), RankRun()
     t_loop = time.perf_counter()
     bar = tqdm(total=sum(p.num_rows for p in parts), disable=not cfg.progress, desc=f"score[{rank}]", unit="req",
@@ -209,13 +213,12 @@ def score_partitions(cfg: ScoreConfig, opened: OpenedJob, parts: list[Partition]
     bar.close()
     run.loop_time_s = time.perf_counter() - t_loop
     run.cache = asdict(cache.stats) if cache is not None else None
-    return mode, run
+    return run
 
 
-def write_summary(cfg: ScoreConfig, opened: OpenedJob, plan: JobPlan, mode: ScoringMode, runs: list[RankRun],
-                  t_start: float) -> Path:
+def write_summary(cfg: ScoreConfig, opened: OpenedJob, plan: JobPlan, runs: list[RankRun], t_start: float) -> Path:
     """Rank 0, after every rank's partitions are on disk: ``summary.json``, metrics over every partition file."""
-    out_dir, parts = opened.out_dir, plan.parts
+    out_dir, parts, mode = opened.out_dir, plan.parts, opened.mode
     n_req, n_cand = sum(r.requests for r in runs), sum(r.candidates for r in runs)
     loop_time = max(r.loop_time_s for r in runs)  # wall time: the ranks run side by side
     score_time = sum(r.score_time_s for r in runs)  # model time, all ranks (throughput: per rank, summed)

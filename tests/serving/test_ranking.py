@@ -123,3 +123,11 @@ def test_job_and_evaluate_catalog_ranks_equal_one_by_one_scores(trained, task, t
         [Path(f) for f in summary["category_files"]], schema)), kinds, CatalogTarget(target), exclude, 37,
                                  torch.device("cpu"), rank_task=t)
     assert ranks.tolist() == want_ranks and len(want_ranks) > 0
+
+
+def test_a_bad_rank_task_is_refused_before_the_output_dir_exists(trained):
+    tmp, ckpt = trained
+    out = tmp / "bad-rank-task"
+    with pytest.raises(InputError, match="catalog.rank_task='nope'"):
+        run_scoring(score_config(ckpt, out, mode="catalog", **{"catalog.rank_task": "nope"}))
+    assert not out.exists()
