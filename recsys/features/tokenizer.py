@@ -43,7 +43,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
 from recsys.embeddings.tables import FeatureEmbeddings
-from recsys.features.jagged import keep_last, lengths_to_offsets
+from recsys.data.jagged import keep_last, lengths_to_offsets
 from recsys.longseq.features import LongSequenceFeatures
 from recsys.longseq.memory import MemoryState
 from recsys.model.config import ModelConfig

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.features.jagged import lengths_to_offsets
+from recsys.data.jagged import lengths_to_offsets
 from recsys.longseq.config import LongSeqConfig, SearchMode
 from recsys.longseq.memory import MemoryState, VQMemory
 from recsys.longseq.search import hard_search, soft_search, target_attention

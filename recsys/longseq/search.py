@@ -19,13 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from recsys.features.jagged import lengths_to_offsets
-
-
-def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Concatenation of ``arange(starts[i], starts[i] + counts[i])`` over i (int64)."""
-    offs = lengths_to_offsets(counts)
-    return torch.arange(int(offs[-1]), device=starts.device) + torch.repeat_interleave(starts - offs[:-1], counts)
+from recsys.data.jagged import lengths_to_offsets, ranges
 
 
 def hard_search(ev_category: torch.Tensor, ev_ts: torch.Tensor, ev_offsets: torch.Tensor, cand_category: torch.Tensor,
@@ -45,7 +39,7 @@ def hard_search(ev_category: torch.Tensor, ev_ts: torch.Tensor, ev_offsets: torc
     lo = torch.searchsorted(sorted_key, cand_key, right=False)
     hi = torch.searchsorted(sorted_key, cand_key, right=True)
     n = (hi - lo).clamp(max=k)
-    return order[_ranges(lo, n)], lengths_to_offsets(n)
+    return order[ranges(lo, n)[0]], lengths_to_offsets(n)
 
 
 def soft_search(cand_keys: torch.Tensor, ev_keys: torch.Tensor, ev_offsets: torch.Tensor, cand_offsets: torch.Tensor,

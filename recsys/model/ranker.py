@@ -23,7 +23,7 @@ from kernels.candidate_prefix_attention import candidate_prefix_attention
 from kernels.jagged_causal_attention import jagged_causal_attention
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
-from recsys.features.jagged import keep_last, lengths_to_offsets, positions_in_sequence
+from recsys.data.jagged import keep_last, lengths_to_offsets, positions_in_sequence
 from recsys.features.tokenizer import TokenizedBatch, UnifiedTokenizer
 from recsys.model.block import OneTransBlock
 from recsys.model.config import ModelConfig

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from recsys.features.jagged import keep_last
+from recsys.data.jagged import keep_last
 from recsys.model.config import ModelConfig, PyramidConfig
 from recsys.model.pyramid import UNBOUNDED, PyramidSchedule, flops_report
 from recsys.model.ranker import OneTransRanker
