@@ -30,7 +30,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys.data.schema import DataSchema
-from recsys.model.config import ItemEmbeddingConfig, ItemEmbeddingMode, SidCombine
+from recsys.embeddings.config import ItemEmbeddingConfig, ItemEmbeddingMode, SidCombine
 
 SEQ_ID_FIELDS = ("item_id", "category", "action", "time_gap")
 CAND_ID_FIELDS = ("item_id", "category")

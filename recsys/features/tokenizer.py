@@ -46,7 +46,7 @@ from recsys.embeddings.tables import FeatureEmbeddings
 from recsys.data.jagged import keep_last, lengths_to_offsets
 from recsys.longseq.features import LongSequenceFeatures
 from recsys.longseq.memory import MemoryState
-from recsys.model.config import ModelConfig
+from recsys.features.config import TokenizerConfig
 
 
 @dataclass
@@ -83,7 +83,7 @@ def signed_log1p(x: torch.Tensor) -> torch.Tensor:
 
 
 class UnifiedTokenizer(nn.Module):
-    def __init__(self, schema: DataSchema, cfg: ModelConfig) -> None:
+    def __init__(self, schema: DataSchema, cfg: TokenizerConfig) -> None:
         super().__init__()
         self.kinds = list(schema.sequences)
         self.n_dense = len(schema.dense)
