@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from recsys.data.id_features import TIME_GAP_BUCKETS
 from recsys.embeddings.config import ItemEmbeddingConfig
 from recsys.longseq.config import LongSeqConfig
 
@@ -36,9 +37,9 @@ class TokenizerConfig:
     """NS tokens per candidate for auto-split (group-wise uses one token per feature group)."""
     emb_dim: int = 32
     """Width of every torchrec embedding table."""
-    time_gap_buckets: int = 32
+    time_gap_buckets: int = TIME_GAP_BUCKETS
     """log2 buckets of time gaps (between events of a kind, and request time - newest event); bucket 0 is
-    reserved."""
+    reserved. Bucketing runs in the loader (``RequestLoader(time_gap_buckets=...)`` must match)."""
     seq_merge: SeqMerge = SeqMerge.time_interleaved
     """How several behaviour sequences become one S-token sequence."""
     ns_tokenizer: NsTokenizer = NsTokenizer.auto_split
