@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from recsys.baselines import SASRecModel
 from recsys.data.batch import RequestBatch
+from recsys.data.jagged import offsets_from_lengths
 from recsys.model.ranker import OneTransRanker
 from recsys.serving.catalog import score_catalog, target_ranks, with_candidates
 from recsys.serving.config import CatalogTarget
@@ -65,7 +66,7 @@ def history_items(batch: RequestBatch, kinds: list[str]) -> list[np.ndarray]:
     per_kind = []
     for k in kinds:
         jt = seq[f"{k}.item_id"]
-        off = np.concatenate([[0], np.cumsum(jt.lengths().cpu().numpy())])
+        off = offsets_from_lengths(jt.lengths().cpu().numpy())
         vals = jt.values().cpu().numpy()
         per_kind.append([vals[off[b]:off[b + 1]] for b in range(batch.num_requests)])
     return [np.concatenate([p[b] for p in per_kind]) for b in range(batch.num_requests)]

@@ -44,6 +44,7 @@ from recsys.data.collate import collate
 from recsys.data.config import DataSource
 from recsys.data.eventlog import new_log_config
 from recsys.data.id_maps import IdMaps, with_raw_ids
+from recsys.data.jagged import offsets_from_lengths
 from recsys.data.prepare import PreparedDataset, as_data_config, prepare_dataset
 from recsys.data.schema import DataSchema
 from recsys.data.validate import validate_table
@@ -295,7 +296,7 @@ class CatalogRanker:
         labels = batch.labels[:, self.rank_t].cpu().numpy()
         co = batch.cand_offsets.cpu().tolist()
         seq = batch.seq.to_dict()
-        hist_off = {k: np.concatenate([[0], np.cumsum(seq[f"{k}.item_id"].lengths().cpu().numpy())]) for k in kinds}
+        hist_off = {k: offsets_from_lengths(seq[f"{k}.item_id"].lengths().cpu().numpy()) for k in kinds}
         hist_items = {k: seq[f"{k}.item_id"].values().cpu().numpy() for k in kinds}
         out: dict[str, list] = {k: [] for k in ("request_id", "user_id", "item_id", "rank", "is_target")}
         scores_out: list[np.ndarray] = []
