@@ -24,8 +24,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from kernels.jagged_causal_attention import jagged_causal_attention
 from recsys.data.batch import RequestBatch
+from recsys.data.jagged import keep_last, positions_in_sequence
 from recsys.embeddings.tables import FeatureEmbeddings
-from recsys.features.jagged import keep_last, positions_in_sequence
 from recsys.model.ranker import OneTransRanker
 
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from recsys.data.jagged import lengths_to_offsets, positions_in_sequence
 from recsys.errors import InputError
-from recsys.features.jagged import lengths_to_offsets, positions_in_sequence
 
 
 def lexsort_rows(codes: torch.Tensor) -> torch.Tensor:

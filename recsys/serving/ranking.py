@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from recsys.data.batch import RequestBatch
+from recsys.data.jagged import offsets_from_lengths
 from recsys.serving.config import CatalogTarget
 
 
@@ -78,7 +79,7 @@ def history_items(batch: RequestBatch, kinds: list[str]) -> list[np.ndarray]:
     per_kind = []
     for k in kinds:
         jt = seq[f"{k}.item_id"]
-        off = np.concatenate([[0], np.cumsum(jt.lengths().cpu().numpy())])
+        off = offsets_from_lengths(jt.lengths().cpu().numpy())
         vals = jt.values().cpu().numpy().astype(np.int64)
         per_kind.append([vals[off[b]:off[b + 1]] for b in range(batch.num_requests)])
     out = []

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from kernels.jagged_causal_attention import jagged_causal_attention
-from recsys.features.jagged import lengths_to_offsets
+from recsys.data.jagged import lengths_to_offsets
 from recsys.model.pyramid import UNBOUNDED, PyramidSchedule
 from recsys.model.ranker import OneTransRanker, PrefixKV
 

@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
+from recsys.data.jagged import lengths_to_offsets
 from recsys.errors import InputError
-from recsys.features.jagged import lengths_to_offsets
 from recsys.model.config import ModelConfig, PyramidConfig
 from recsys.model.ranker import OneTransRanker, PrefixKV
 from recsys.quant.artifact import SemanticIds
