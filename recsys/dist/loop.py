@@ -35,6 +35,7 @@ from recsys.data.schema import DataSchema
 from recsys.dist.checkpoint import DistCheckpointer
 from recsys.dist.config import Backend, DistConfig
 from recsys.dist.coordination import on_rank0
+from recsys.dist.meta_init import build_meta_model
 from recsys.dist.sharding import describe_plan, gather_full_state
 from recsys.dist.trainer import DistTrainer
 from recsys.model.pyramid import flops_report
@@ -154,7 +155,7 @@ def _train(cfg: RunConfig, device: torch.device, rank: int, world: int, board: T
 
     torch.manual_seed(tc.seed)  # same seed on every rank: same initial weights everywhere
     random.seed(tc.seed)
-    model = build_model(schema, cfg.model, cfg.data.loader.max_len)
+    model = build_meta_model(schema, cfg.model, max_s_tokens(schema, cfg.model, cfg.data.loader.max_len))
     trainer = DistTrainer(model, oc, cfg.dist, device, lambda s: lr_multiplier(
         s, oc.warmup_steps, total, oc.lr_decay.value, oc.min_lr_ratio), list(tc.task_weights) or None, tc.bf16)
     if tc.eval_every and main:

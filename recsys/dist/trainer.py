@@ -28,7 +28,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from recsys.data.batch import RequestBatch
 from recsys.dist.checkpoint import DistCheckpointer
 from recsys.dist.config import DistConfig
-from recsys.dist.sharding import fuse_sparse_optimizer, shard_model
+from recsys.dist.sharding import shard_ranker
 from recsys.model.heads import multitask_bce
 from recsys.model.ranker import OneTransRanker
 from recsys.train.config import DenseOptimizer, OptimConfig
@@ -55,8 +55,9 @@ def _dense_factory(oc: OptimConfig) -> Callable[[list[nn.Parameter]], torch.opti
 class DistTrainer:
     """Owns the sharded model and its optimizers; :meth:`step` is one synchronous training step.
 
-    ``model``: the full plain ranker, built with the same seed on every rank (its weights become
-    the initial shards). ``lr_lambda``: dense learning-rate multiplier per step (warm-up/decay).
+    ``model``: the ranker, built with the same seed on every rank: tables on meta
+    (``recsys.dist.meta_init.build_meta_model``: only this rank's shards are ever allocated) or a full
+    plain model (its weights are copied into the shards); see ``recsys.dist.sharding.shard_ranker``. ``lr_lambda``: dense learning-rate multiplier per step (warm-up/decay).
     """
 
     def __init__(self, model: OneTransRanker, oc: OptimConfig, dcfg: DistConfig, device: torch.device,
@@ -66,9 +67,7 @@ class DistTrainer:
             raise RuntimeError("DistTrainer needs an initialised process group (run under torchrun)")
         self.world_size = dist.get_world_size()
         self.device, self.oc, self.task_weights, self.bf16 = device, oc, task_weights, bf16
-        emb = model.tokenizer.embeddings
-        fuse_sparse_optimizer(emb, oc.sparse, oc.sparse_lr, dcfg.fused_eps)
-        self.model, self.plan = shard_model(model, emb, dcfg.sharding, device)
+        self.model, self.plan = shard_ranker(model, dcfg, device, oc.sparse, oc.sparse_lr)
         dense = dict(in_backward_optimizer_filter(self.model.named_parameters(), include=False))
         self.dense_params = list(dense.values())
         self.dense_opt = KeyedOptimizerWrapper(dense, _dense_factory(oc))

@@ -32,6 +32,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from recsys.data.id_features import CAND_ID_FIELDS, RECENCY_KEY, SEQ_ID_FIELDS, keyed_jagged
 from recsys.data.schema import DataSchema
 from recsys.embeddings.config import ItemEmbeddingConfig, ItemEmbeddingMode, SidCombine
+from recsys.embeddings.seeded_init import builds_tables, seeded_init, table_device
 
 _HASH_MULT = 2654435761  # Knuth's multiplicative hash constant (golden ratio * 2^32)
 
@@ -39,10 +40,6 @@ _HASH_MULT = 2654435761  # Knuth's multiplicative hash constant (golden ratio * 
 def hash_ids(ids: torch.Tensor, buckets: int) -> torch.Tensor:
     """``ids [N]`` int64 -> ``((ids * 2654435761) mod 2^32) mod buckets`` (spreads consecutive ids)."""
     return (ids * _HASH_MULT) % (1 << 32) % buckets
-
-
-def _zeros(w: torch.Tensor) -> torch.Tensor:
-    return torch.nn.init.zeros_(w)
 
 
 class FeatureEmbeddings(nn.Module):
@@ -56,6 +53,7 @@ class FeatureEmbeddings(nn.Module):
     ``pooled(kjt)`` takes the user/context sparse KJT and returns ``[B, n_sparse * E]``.
     """
 
+    @builds_tables  # initial values: recsys/embeddings/seeded_init.py (same on CPU, meta + DMP shards)
     def __init__(self, schema: DataSchema, emb_dim: int, time_gap_buckets: int,
                  item: ItemEmbeddingConfig | None = None) -> None:
         super().__init__()
@@ -72,11 +70,11 @@ class FeatureEmbeddings(nn.Module):
             if fld == "time_gap":
                 feats.append(RECENCY_KEY)  # request_ts - newest event, same log2 buckets
             # Table names avoid clashing with nn.Module attributes (a table named `items` breaks torchrec).
-            init = _zeros if fld == "item_id" and item.mode == ItemEmbeddingMode.both else None
-            tables.append(EmbeddingConfig(name=f"{fld}_table", num_embeddings=sizes[fld],
-                                          embedding_dim=emb_dim, feature_names=feats, init_fn=init))
+            zeros = fld == "item_id" and item.mode == ItemEmbeddingMode.both
+            tables.append(EmbeddingConfig(name=f"{fld}_table", num_embeddings=sizes[fld], embedding_dim=emb_dim,
+                                          feature_names=feats, init_fn=seeded_init(f"{fld}_table", sizes[fld], zeros)))
         self.emb_dim = emb_dim
-        self.seq_tables = EmbeddingCollection(tables=tables, device=torch.device("cpu"))
+        self.seq_tables = EmbeddingCollection(tables=tables, device=table_device())
         self.sid_tables = None
         if item.mode != ItemEmbeddingMode.id:
             m, k = item.sid_columns, item.sid_codebook_size
@@ -90,7 +88,7 @@ class FeatureEmbeddings(nn.Module):
             self.sid_columns, self.sid_codebook_size = m, k
             self.sid_tables = EmbeddingCollection(tables=[EmbeddingConfig(
                 name="sid_table", num_embeddings=m * (k + 1), embedding_dim=emb_dim // m if self.sid_concat else emb_dim,
-                feature_names=["item.sid"])], device=torch.device("cpu"))
+                feature_names=["item.sid"], init_fn=seeded_init("sid_table", m * (k + 1)))], device=table_device())
             self.register_buffer("item_sid", torch.full((schema.num_items, m), -1, dtype=torch.int64))
         self.sparse_names = [f.name for f in schema.sparse]
         self.sparse_tables = None
@@ -98,8 +96,9 @@ class FeatureEmbeddings(nn.Module):
             self.sparse_tables = EmbeddingBagCollection(
                 tables=[EmbeddingBagConfig(name=f"{f.name}_table", num_embeddings=f.num_embeddings,
                                            embedding_dim=emb_dim, feature_names=[f.name],
-                                           pooling=PoolingType.SUM) for f in schema.sparse],
-                device=torch.device("cpu"))
+                                           pooling=PoolingType.SUM, init_fn=seeded_init(f"{f.name}_table", f.num_embeddings))
+                        for f in schema.sparse],
+                device=table_device())
 
     @property
     def pooled_dim(self) -> int:

@@ -2,6 +2,8 @@
 
     torchrun ... tests/dist/worker.py match <sharding>[,<sharding>...] <steps> <out_dir>
     torchrun ... tests/dist/worker.py resume <sharding> <out_dir> <data_root> <k> <n>
+    torchrun ... tests/dist/worker.py meta <sharding>[,<sharding>...] <steps> <out_dir>
+        (tables built on meta vs the full plain model, on dist_scenario.META_SCHEMA)
         (2 ranks: uninterrupted and crashed+resumed runs, then a resume of "crashed" under another
         configuration, which every rank must refuse: <out_dir>/refused-rank<r>.txt holds each rank's
         message; 1 rank: resume the 2-rank checkpoint in reshard1/)
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
@@ -77,6 +80,40 @@ def match_one(sharding: str, steps: int, out: Path) -> None:
         torch.save({"losses": losses, "state": full, "plan": describe_plan(trainer.plan)}, out / f"dist_{sharding}.pt")
 
 
+def meta(shardings: str, steps: int, out: Path) -> None:
+    """For each sharding, twice (tables built on meta, then the full plain model): every rank writes its
+    initial local shards (``<path>_<sharding>_init_rank<r>.pt``: ``{key: [(offsets, tensor)]}``, the
+    replicated tensors under offsets ``None``); rank 0 writes losses + gathered final weights
+    (``<path>_<sharding>.pt``)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for sharding in shardings.split(","):
+        for path in ("meta", "plain"):
+            model = scenario.build_meta() if path == "meta" else scenario.build(scenario.META_SCHEMA)
+            trainer = DistTrainer(model, scenario.optim_config(), DistConfig(backend="gloo", sharding=sharding),
+                                  torch.device("cpu"), scenario.lr_lambda)
+            torch.save(local_shards(trainer.model.state_dict()), out / f"{path}_{sharding}_init_rank{rank}.pt")
+            losses = []
+            for t in range(steps):
+                g = scenario.global_batch(t, scenario.META_SCHEMA)
+                per = g.num_requests // world
+                losses.append(trainer.step(take_requests(g, rank * per, (rank + 1) * per)).loss)
+            full = gather_full_state(trainer.model)
+            if rank == 0:
+                torch.save({"losses": losses, "state": full, "plan": describe_plan(trainer.plan)},
+                           out / f"{path}_{sharding}.pt")
+
+
+def local_shards(state: dict) -> dict[str, list[tuple[list[int] | None, torch.Tensor]]]:
+    """This rank's pieces of a sharded ``state_dict``: ``(shard offsets, values)`` per local shard."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            out[key] = [(list(s.metadata.shard_offsets), s.tensor.detach().clone()) for s in value.local_shards()]
+        else:
+            out[key] = [(None, value.detach().clone())]
+    return out
+
+
 def resume(sharding: str, out: Path, data_root: str, k: int, n: int) -> None:
     """Uninterrupted n-step run, and a run stopped at step k then resumed to n (fresh model + DCP load)."""
     from recsys.dist.loop import train_distributed
@@ -116,6 +153,8 @@ if __name__ == "__main__":
     try:
         if sys.argv[1] == "match":
             match(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+        elif sys.argv[1] == "meta":
+            meta(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
         elif sys.argv[1] == "resume":
             resume(sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
         else:
