@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: config modules import this enum without paying for torch
+    import torch
 
 
 class AttentionBackend(str, Enum):

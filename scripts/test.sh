@@ -11,5 +11,7 @@ bash scripts/setup.sh
 # One pytest worker per core (pytest-xdist), whole files per worker so module-scoped fixtures (a trained
 # checkpoint, a prepared dataset) are built once; one OpenMP thread per worker, since workers x threads
 # above the core count makes every parallel op wait for a descheduled thread. RECSYS_TEST_WORKERS=0 runs in one process.
+# --no-loadscope-reorder: files go out in collection order, which tests/conftest.py sorts slowest first.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 -n "${RECSYS_TEST_WORKERS:-$(nproc)}" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 -n "${RECSYS_TEST_WORKERS:-$(nproc)}" \
+  --dist loadfile --no-loadscope-reorder "$@"

@@ -14,16 +14,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
-from tqdm import tqdm
+from omegaconf import DictConfig, OmegaConf
 
 from recsys.data.config import DataConfig, DataSource
-from recsys.data.loader import RequestLoader
-from recsys.data.prepare import PreparedDataset, as_data_config, prepare_dataset
 from recsys.reliability.entry import exit_on_input_error
+
+if TYPE_CHECKING:
+    from recsys.data.prepare import PreparedDataset
 
 
 @dataclass
@@ -67,6 +68,8 @@ def _print_summary(prepared: PreparedDataset) -> None:
 
 def run(cfg: PrepareConfig) -> dict:
     """Prepares the dataset, optionally times one loader pass; returns the numbers printed."""
+    from recsys.data.prepare import prepare_dataset  # heavy imports (torch, polars) after config validation
+
     t0 = time.perf_counter()
     # a log encoded with stored id maps holds test rows only (rows for a trained model to score)
     split = "test" if cfg.data.source == DataSource.eventlog and cfg.data.eventlog.id_maps_from else "train"
@@ -75,6 +78,10 @@ def run(cfg: PrepareConfig) -> dict:
     _print_summary(prepared)
     out = {"prepare_s": round(prepare_s, 3), "path": str(prepared.path)}
     if cfg.loader_pass:
+        from tqdm import tqdm
+
+        from recsys.data.loader import RequestLoader  # torchrec: only for the loader pass
+
         loader = RequestLoader(prepared.splits[split], prepared.schema, cfg.data.loader)
         n_req = n_cand = 0
         t1 = time.perf_counter()
@@ -93,7 +100,7 @@ def run(cfg: PrepareConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
 @exit_on_input_error
 def main(cfg: DictConfig) -> None:
-    run(PrepareConfig(data=as_data_config(cfg.data), progress=cfg.progress, loader_pass=cfg.loader_pass))
+    run(OmegaConf.to_object(cfg))  # a PrepareConfig (prepare_schema): runs every __post_init__ validation
 
 
 if __name__ == "__main__":

@@ -15,10 +15,39 @@ The job: ``job.py`` (driver), ``load.py`` (checkpoint -> model), ``inputs.py``, 
 ``group.py`` (torchrun's ranks).
 """
 
-from recsys.serving.cache import CacheStats, UserKVCache
-from recsys.serving.events import merged_events
-from recsys.serving.scorer import CachedScorer, score_in_chunks
-from recsys.serving.state import UserKVState, empty_state, extend_states, states_to_prefix
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Submodule of every public name, imported on first access (PEP 562): an entry point that imports
+# this package's config module refuses a bad config before paying for torch / torchrec.
+_EXPORTS = {
+    "CacheStats": "cache",
+    "UserKVCache": "cache",
+    "merged_events": "events",
+    "CachedScorer": "scorer",
+    "score_in_chunks": "scorer",
+    "UserKVState": "state",
+    "empty_state": "state",
+    "extend_states": "state",
+    "states_to_prefix": "state",
+}
+
+if TYPE_CHECKING:  # static analysers see the eager imports
+    from recsys.serving.cache import CacheStats, UserKVCache
+    from recsys.serving.events import merged_events
+    from recsys.serving.scorer import CachedScorer, score_in_chunks
+    from recsys.serving.state import UserKVState, empty_state, extend_states, states_to_prefix
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
 
 __all__ = [
     "CacheStats",

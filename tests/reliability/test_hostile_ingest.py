@@ -6,14 +6,17 @@ input file is ever modified. Plus: one heavy user's ingest allocates O(events), 
 
 There is no command for an arbitrary CSV event log (``recsys.data`` ingests ml-100k's atomic files only), so
 the CSV cases (quoting, string ids) run through the API; the command-line runs cover duplicates, ids read as
-floats, timestamps in milliseconds and a non-numeric label in the ml-100k files.
+floats, timestamps in milliseconds and a non-numeric label in the ml-100k files; those three runs are
+independent, so one module fixture launches them together and each test asserts on its own run.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -378,14 +381,37 @@ def prepare_cli(tmp_path: Path, raw: Path):
                    f"hydra.run.dir={tmp_path / 'hydra'}")
 
 
-def test_cli_drops_duplicate_ratings_and_merges_float_printed_ids(tmp_path):
-    def edit(lines):
-        user, item, rating, ts = lines[1].split("\t")
-        return [lines[0], f"{user}\t{item}.0\t{rating}\t{ts}", *lines[2:], lines[5], lines[9]]
+def _duplicates_and_float_ids(lines: list[str]) -> list[str]:
+    user, item, rating, ts = lines[1].split("\t")
+    return [lines[0], f"{user}\t{item}.0\t{rating}\t{ts}", *lines[2:], lines[5], lines[9]]
 
-    raw = hostile_ml100k(tmp_path, edit)
-    before = file_digests(raw)
-    proc = prepare_cli(tmp_path, raw)
+
+HOSTILE = {
+    "milliseconds": (lambda lines: [lines[0]] + ["\t".join(ln.split("\t")[:3] + [ln.split("\t")[3] + "000"])
+                                                 for ln in lines[1:]],
+                     ["'timestamp'", "row 0", "880000400000", "not a plausible event time in seconds", "milliseconds"]),
+    "label-yes": (lambda lines: lines[:4] + ["\t".join(lines[4].split("\t")[:2] + ["yes"] + lines[4].split("\t")[3:])]
+                  + lines[5:], ["'rating'", "row 3", "'yes' is not a number"]),
+}
+"""Refused ml-100k edits: name -> (edit of the lines of ml-100k.inter, needles of the error)."""
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, dict[str, str],
+                                                                       subprocess.CompletedProcess]]:
+    """The command on the accepted copy (``ok``) and on each of :data:`HOSTILE`, together:
+    name -> (work dir, raw dir, raw digests before, result)."""
+    edits = {"ok": _duplicates_and_float_ids, **{name: edit for name, (edit, _) in HOSTILE.items()}}
+    work = {name: tmp_path_factory.mktemp(f"ml100k-{name}") for name in edits}
+    raw = {name: hostile_ml100k(work[name], edit) for name, edit in edits.items()}
+    before = {name: file_digests(raw[name]) for name in edits}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(prepare_cli, work[name], raw[name]) for name in edits}
+        return {name: (work[name], raw[name], before[name], f.result()) for name, f in futures.items()}
+
+
+def test_cli_drops_duplicate_ratings_and_merges_float_printed_ids(cli):
+    tmp_path, raw, before, proc = cli["ok"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert file_digests(raw) == before
     summary = json.loads(next((tmp_path / "data").glob("ml100k-*/summary.json")).read_text())
@@ -394,17 +420,10 @@ def test_cli_drops_duplicate_ratings_and_merges_float_printed_ids(tmp_path):
     assert summary["num_items_table"] == 13 and summary["timestamp_unit"] == "s"  # as the clean fixture
 
 
-@pytest.mark.parametrize("edit,needles", [
-    (lambda lines: [lines[0]] + ["\t".join(ln.split("\t")[:3] + [ln.split("\t")[3] + "000"]) for ln in lines[1:]],
-     ["'timestamp'", "row 0", "880000400000", "not a plausible event time in seconds", "milliseconds"]),
-    (lambda lines: lines[:4] + ["\t".join(lines[4].split("\t")[:2] + ["yes"] + lines[4].split("\t")[3:])] + lines[5:],
-     ["'rating'", "row 3", "'yes' is not a number"]),
-], ids=["milliseconds", "label-yes"])
-def test_cli_refuses_hostile_ml100k_files_with_exit_2(tmp_path, edit, needles):
-    raw = hostile_ml100k(tmp_path, edit)
-    before = file_digests(raw)
-    proc = prepare_cli(tmp_path, raw)
-    assert_refused(proc, "ml-100k.inter", *needles)
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_cli_refuses_hostile_ml100k_files_with_exit_2(cli, name):
+    tmp_path, raw, before, proc = cli[name]
+    assert_refused(proc, "ml-100k.inter", *HOSTILE[name][1])
     assert file_digests(raw) == before
     data = tmp_path / "data"
     assert not data.exists() or not any(data.iterdir()), "a refused run left a dataset behind"

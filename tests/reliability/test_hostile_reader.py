@@ -5,14 +5,20 @@ files, a garbage or mis-structured schema.json, a codebook larger than the catal
 Every refusal is checked the way the user sees it (``python -m recsys.train|data|quant`` as a real subprocess:
 exit 2, one ``error:`` line naming the culprit, no traceback) or through the API where a subprocess adds
 nothing; every damaged dataset is a copy of one prepared ``data=tiny`` dataset, and its files are shown to be
-byte-identical after the command (SHA-256 before / after)."""
+byte-identical after the command (SHA-256 before / after). The CLI runs are independent: one module fixture
+damages their copies and launches them three at a time (each spends most of its time importing torch), and
+every test asserts on its own run."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import subprocess
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +57,96 @@ def copy_of(tiny: PreparedDataset, tmp_path: Path) -> Path:
     return dst
 
 
+def float64_parts(tiny: PreparedDataset) -> tuple[pa.Table, pa.Table, pa.Table, np.ndarray, str]:
+    """(whole train file, its first 100 rows, the rest with dense column ``name`` as float64, those float64
+    values, name): 100 % batch_size 16 != 0, so a batch spans both part files."""
+    whole = pq.read_table(tiny.splits["train"][0])
+    first, rest = whole.slice(0, 100), whole.slice(100)
+    name = tiny.schema.dense[0]
+    wide = rest.column(name).cast(pa.float64()).to_numpy() + 1e-9  # not representable in float32
+    rest = rest.set_column(rest.column_names.index(name), name, pa.array(wide, pa.float64()))
+    return whole, first, rest, wide, name
+
+
+@dataclass
+class CliRun:
+    proc: subprocess.CompletedProcess
+    seconds: float
+    """Wall time of the command."""
+    work: Path
+    """The case's own directory (output dirs, Hydra run dir)."""
+    dataset: Path | None = None
+    """The damaged copy of the tiny dataset the command read."""
+    before: dict[str, str] | None = None
+    """``file_digests(dataset)`` before the command."""
+
+
+def _damaged(tiny: PreparedDataset, work: Path, damage: Callable[[Path], None]) -> Path:
+    ds = copy_of(tiny, work)
+    damage(ds)
+    return ds
+
+
+def _cases(tiny: PreparedDataset, tmp: Path) -> dict[str, tuple[str, list[str], Path | None, dict]]:
+    """The CLI runs of this file: name -> (module, overrides, dataset copy or None, run_cli keywords)."""
+    for name in ("path_ignored", "no_train_files", "float64", "truncated", "corrupted", "garbage_schema", "quant"):
+        (tmp / name).mkdir()
+
+    def float64(ds: Path) -> None:
+        _, first, rest, _, _ = float64_parts(tiny)
+        pq.write_table(first, ds / "train" / "part-00000.parquet", row_group_size=32)
+        pq.write_table(rest, ds / "train" / "part-00001.parquet", row_group_size=32)
+
+    def truncated(ds: Path) -> None:
+        f = ds / "train" / "part-00000.parquet"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    damaged = {
+        "no_train_files": lambda ds: shutil.rmtree(ds / "train"),
+        "float64": float64,
+        "truncated": truncated,
+        "corrupted": lambda ds: flip_a_bit_in(ds / "train" / "part-00000.parquet", 1, "cand_item_id"),
+        "garbage_schema": lambda ds: (ds / "schema.json").write_bytes(b'{"sparse": [\x00\xff'),
+    }
+    ds = {name: _damaged(tiny, tmp / name, damage) for name, damage in damaged.items()}
+
+    def data(name: str, *extra: str) -> tuple[str, list[str], Path, dict]:
+        return "recsys.data", [*DATA, *parquet_args(ds[name]), *extra, f"hydra.run.dir={tmp / name / 'hydra'}"], \
+            ds[name], {}
+
+    w = tmp / "path_ignored"
+    return {
+        "path_ignored": ("recsys.train", [*TRAIN, "data.path=/nonexistent", f"data.root={w / 'data'}",
+                                          f"output_dir={w / 'run'}"], None, {}),
+        "no_train_files": ("recsys.train", [*TRAIN, *parquet_args(ds["no_train_files"]),
+                                            f"output_dir={tmp / 'no_train_files' / 'run'}"], ds["no_train_files"], {}),
+        "float64": data("float64"),
+        "truncated": data("truncated"),
+        "corrupted": data("corrupted", "data.loader.num_workers=1"),
+        "garbage_schema": data("garbage_schema"),
+        "quant": ("recsys.quant", ["data=tiny", "codebook_size=1000000", f"output_dir={tmp / 'quant' / 'q'}"], None,
+                  {"timeout": 120}),
+    }
+
+
+def _timed(module: str, args: list[str], kwargs: dict) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = run_cli(module, *args, **kwargs)
+    return proc, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def cli(tiny: PreparedDataset, tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliRun]:
+    """Every command of :func:`_cases` on its damaged copy, three at a time; digests taken before."""
+    tmp = tmp_path_factory.mktemp("hostile_reader_cli")
+    cases = _cases(tiny, tmp)
+    before = {name: file_digests(ds) for name, (_, _, ds, _) in cases.items() if ds is not None}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(_timed, module, args, kw) for name, (module, args, _, kw) in cases.items()}
+        done = {name: f.result() for name, f in futures.items()}
+    return {name: CliRun(*done[name], tmp / name, ds, before.get(name)) for name, (_, _, ds, _) in cases.items()}
+
+
 def parquet_args(path: Path) -> list[str]:
     return ["data.source=parquet", f"data.path={path}"]
 
@@ -60,12 +156,11 @@ def parquet_cfg(path: Path) -> DataConfig:
 
 
 # ---------------------------------------------------------------------------------- paths and empty splits
-def test_train_refuses_a_path_the_source_ignores(tmp_path: Path) -> None:
+def test_train_refuses_a_path_the_source_ignores(cli: dict[str, CliRun]) -> None:
     """`data.path=/nonexistent` with the default synthetic source trained on synthetic data and exited 0."""
-    out, root = tmp_path / "run", tmp_path / "data"
-    proc = run_cli("recsys.train", *TRAIN, "data.path=/nonexistent", f"data.root={root}", f"output_dir={out}")
-    assert_refused(proc, "data.path=/nonexistent", "data.source=synthetic")
-    assert not (out / "report.json").exists() and not root.exists()  # refused before any work
+    run = cli["path_ignored"]
+    assert_refused(run.proc, "data.path=/nonexistent", "data.source=synthetic")
+    assert not (run.work / "run" / "report.json").exists() and not (run.work / "data").exists()  # before any work
 
 
 def test_a_path_must_exist_and_be_read(tmp_path: Path) -> None:
@@ -82,14 +177,12 @@ def test_a_path_must_exist_and_be_read(tmp_path: Path) -> None:
         ContentConfig(source="parquet", path=str(tmp_path / "nope.parquet"))
 
 
-def test_train_refuses_a_dataset_without_train_files(tiny: PreparedDataset, tmp_path: Path) -> None:
-    ds = copy_of(tiny, tmp_path)
-    shutil.rmtree(ds / "train")
-    before = file_digests(ds)
-    proc = run_cli("recsys.train", *TRAIN, *parquet_args(ds), f"output_dir={tmp_path / 'run'}")
-    assert_refused(proc, f"dataset {ds}: split 'train' is empty", "no ")
-    assert file_digests(ds) == before
-    assert not (tmp_path / "run" / "report.json").exists()
+def test_train_refuses_a_dataset_without_train_files(cli: dict[str, CliRun]) -> None:
+    run = cli["no_train_files"]
+    assert not (run.dataset / "train").exists()
+    assert_refused(run.proc, f"dataset {run.dataset}: split 'train' is empty", "no ")
+    assert file_digests(run.dataset) == run.before
+    assert not (run.work / "run" / "report.json").exists()
 
 
 def test_empty_splits_refused_where_needed(tiny: PreparedDataset, tmp_path: Path) -> None:
@@ -109,23 +202,16 @@ def test_empty_splits_refused_where_needed(tiny: PreparedDataset, tmp_path: Path
 
 
 # ---------------------------------------------------------------------------------------------- float64
-def test_float64_dense_part_file_is_accepted_and_cast(tiny: PreparedDataset, tmp_path: Path) -> None:
+def test_float64_dense_part_file_is_accepted_and_cast(tiny: PreparedDataset, cli: dict[str, CliRun]) -> None:
     """One part file with a float64 dense column (documented as accepted) crashed the loader's concat of
     row groups from different files; it now reads, every value equal to its float32 cast."""
-    ds = copy_of(tiny, tmp_path)
-    whole = pq.read_table(ds / "train" / "part-00000.parquet")
-    first, rest = whole.slice(0, 100), whole.slice(100)  # 100 % batch_size 16 != 0: a batch spans both files
-    name = tiny.schema.dense[0]
-    wide = rest.column(name).cast(pa.float64()).to_numpy() + 1e-9  # not representable in float32
-    rest = rest.set_column(rest.column_names.index(name), name, pa.array(wide, pa.float64()))
-    pq.write_table(first, ds / "train" / "part-00000.parquet", row_group_size=32)
-    pq.write_table(rest, ds / "train" / "part-00001.parquet", row_group_size=32)
-    before = file_digests(ds)
-
-    proc = run_cli("recsys.data", *DATA, *parquet_args(ds), f"hydra.run.dir={tmp_path / 'hydra'}")
+    run, ds = cli["float64"], cli["float64"].dataset
+    whole, first, _, wide, name = float64_parts(tiny)
+    assert pq.read_schema(ds / "train" / "part-00001.parquet").field(name).type == pa.float64()
+    proc = run.proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"loader   {whole.num_rows} requests" in proc.stdout
-    assert file_digests(ds) == before
+    assert file_digests(ds) == run.before
 
     files = sorted((ds / "train").glob("*.parquet"))
     batches = list(RequestLoader(files, tiny.schema, LoaderConfig(batch_size=16)))
@@ -148,14 +234,12 @@ def test_float64_beyond_float32_range_is_refused(tiny: PreparedDataset) -> None:
 
 
 # ------------------------------------------------------------------------------------- damaged part files
-def test_truncated_part_file_is_named(tiny: PreparedDataset, tmp_path: Path) -> None:
-    ds = copy_of(tiny, tmp_path)
-    f = ds / "train" / "part-00000.parquet"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    before = file_digests(ds)
-    proc = run_cli("recsys.data", *DATA, *parquet_args(ds), f"hydra.run.dir={tmp_path / 'hydra'}")
-    assert_refused(proc, f"{f}: not a readable Parquet file", "truncated")
-    assert file_digests(ds) == before
+def test_truncated_part_file_is_named(tiny: PreparedDataset, cli: dict[str, CliRun]) -> None:
+    run = cli["truncated"]
+    f = run.dataset / "train" / "part-00000.parquet"
+    assert f.stat().st_size == tiny.splits["train"][0].stat().st_size // 2
+    assert_refused(run.proc, f"{f}: not a readable Parquet file", "truncated")
+    assert file_digests(run.dataset) == run.before
 
 
 def test_zero_byte_part_file_is_named(tiny: PreparedDataset, tmp_path: Path) -> None:
@@ -194,30 +278,25 @@ def test_no_bit_flip_in_a_page_decodes_to_wrong_values(tiny: PreparedDataset, tm
     assert (silent == 0) if checksums else (silent > 0), (silent, errors)
 
 
-def test_corrupted_page_names_file_and_row_group(tiny: PreparedDataset, tmp_path: Path) -> None:
+def test_corrupted_page_names_file_and_row_group(tiny: PreparedDataset, cli: dict[str, CliRun]) -> None:
     """A flipped bit in a data page: the page checksum catches it (it would often decode to wrong ids).
     Read in a DataLoader worker on the CLI (the refusal must not carry the worker's traceback), in the
     main process through the API."""
-    ds = copy_of(tiny, tmp_path)
-    f = ds / "train" / "part-00000.parquet"
-    flip_a_bit_in(f, 1, "cand_item_id")
-    before = file_digests(ds)
-    proc = run_cli("recsys.data", *DATA, *parquet_args(ds), "data.loader.num_workers=1",
-                   f"hydra.run.dir={tmp_path / 'hydra'}")
-    assert_refused(proc, f"{f}, row group 1: cannot be read", "checksum", "corrupted")
-    assert file_digests(ds) == before
+    run = cli["corrupted"]
+    f = run.dataset / "train" / "part-00000.parquet"
+    assert f.read_bytes() != tiny.splits["train"][0].read_bytes()
+    assert_refused(run.proc, f"{f}, row group 1: cannot be read", "checksum", "corrupted")
+    assert file_digests(run.dataset) == run.before
     with pytest.raises(DataValidationError, match=re.escape(f"{f}, row group 1: cannot be read")):
         list(RequestLoader([f], tiny.schema, LoaderConfig(batch_size=16)))
 
 
 # ------------------------------------------------------------------------------------------- schema.json
-def test_garbage_schema_json_is_named(tiny: PreparedDataset, tmp_path: Path) -> None:
-    ds = copy_of(tiny, tmp_path)
-    (ds / "schema.json").write_bytes(b'{"sparse": [\x00\xff')
-    before = file_digests(ds)
-    proc = run_cli("recsys.data", *DATA, *parquet_args(ds), f"hydra.run.dir={tmp_path / 'hydra'}")
-    assert_refused(proc, f"{ds / 'schema.json'}: ")
-    assert file_digests(ds) == before
+def test_garbage_schema_json_is_named(cli: dict[str, CliRun]) -> None:
+    run = cli["garbage_schema"]
+    assert (run.dataset / "schema.json").read_bytes() == b'{"sparse": [\x00\xff'
+    assert_refused(run.proc, f"{run.dataset / 'schema.json'}: ")
+    assert file_digests(run.dataset) == run.before
 
 
 WRONG_STRUCTURE = [
@@ -250,14 +329,12 @@ def test_garbage_summary_json_is_named(tiny: PreparedDataset, tmp_path: Path) ->
 
 
 # ----------------------------------------------------------------------------------------------- quant
-def test_quant_refuses_a_codebook_larger_than_the_catalog(tmp_path: Path) -> None:
+def test_quant_refuses_a_codebook_larger_than_the_catalog(cli: dict[str, CliRun]) -> None:
     """codebook_size=1000000 on 200 items ran for minutes with no output."""
-    t0 = time.monotonic()
-    proc = run_cli("recsys.quant", "data=tiny", "codebook_size=1000000", f"output_dir={tmp_path / 'q'}",
-                   timeout=120)
-    assert_refused(proc, "codebook_size=1000000", "200 items", "codebook_size <= 200")
-    assert time.monotonic() - t0 < 60
-    assert not (tmp_path / "q" / "sids.pt").exists()
+    run = cli["quant"]
+    assert_refused(run.proc, "codebook_size=1000000", "200 items", "codebook_size <= 200")
+    assert run.seconds < 60
+    assert not (run.work / "q" / "sids.pt").exists()
 
 
 def test_auto_codebook_never_exceeds_the_catalog() -> None:
