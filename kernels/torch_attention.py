@@ -427,10 +427,14 @@ class _PrefixGrid:
         self.visible = k_ok[:, None, None, :]  # [n, 1, 1, Lmax]: key padding only
 
     @staticmethod
-    def pad(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``rows [R, H, X]`` -> ``[n, H, M, X]``, zero where ``idx == -1``."""
-        padded = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])[idx]  # [n, M, H, X]
-        return padded.transpose(1, 2).contiguous()
+    def with_zero_row(rows: torch.Tensor) -> torch.Tensor:
+        """``rows [R, ...]`` -> ``[R + 1, ...]``: the zero row that index ``-1`` picks (once per call, not per chunk)."""
+        return torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+
+    @staticmethod
+    def pad(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``src [R + 1, H, X]`` (from :meth:`with_zero_row`) -> ``[n, H, M, X]``, zero where ``idx == -1``."""
+        return src[idx].transpose(1, 2).contiguous()  # [n, M, H, X] -> [n, H, M, X]
 
     @staticmethod
     def _unpad(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -477,10 +481,10 @@ def candidate_prefix_attention_torch_fwd(
     o_own = torch.matmul(torch.exp(s_own - lse_own[..., None]), v.float().transpose(1, 2))  # [C, H, N, Dh]
     out = o_own.transpose(1, 2).reshape(c_tot * n, h, d)  # rows [C*N, H, Dh] fp32
     lse = lse_own.transpose(1, 2).reshape(c_tot * n, h)  # [C*N, H]
-    q_rows = q.reshape(c_tot * n, h, d)
+    q_src, k_src, v_src = (_PrefixGrid.with_zero_row(x) for x in (q.reshape(c_tot * n, h, d), prefix_k, prefix_v))
     for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
         g = _PrefixGrid(seg, po, n, q.device)
-        o_pre, l_pre = attend_fwd(g.pad(q_rows, g.q_idx), g.pad(prefix_k, g.k_idx), g.pad(prefix_v, g.k_idx),
+        o_pre, l_pre = attend_fwd(g.pad(q_src, g.q_idx), g.pad(k_src, g.k_idx), g.pad(v_src, g.k_idx),
                                   scale, visible=g.visible)  # [n, H, M, Dh], [n, H, M]
         o_pre, l_pre = g.real_queries(o_pre).float(), g.real_queries(l_pre)  # [R, H, Dh], [R, H]
         l_own, o_mine = lse.index_select(0, g.q_rows), out.index_select(0, g.q_rows)
@@ -522,13 +526,15 @@ def candidate_prefix_attention_torch_bwd(
     dv = torch.matmul(p_own.transpose(-1, -2), dof).transpose(1, 2)
     dpk = torch.zeros(prefix_k.shape, dtype=torch.float32, device=q.device)  # summed over candidates
     dpv = torch.zeros(prefix_v.shape, dtype=torch.float32, device=q.device)
-    q_rows, do_rows, o_rows = (x.reshape(c_tot * n, h, d) for x in (q, dout, out))
+    q_src, do_src, o_src, k_src, v_src, l_src = (_PrefixGrid.with_zero_row(x) for x in (
+        q.reshape(c_tot * n, h, d), dout.reshape(c_tot * n, h, d), out.reshape(c_tot * n, h, d), prefix_k, prefix_v,
+        lse_rows[..., None]))
     for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
         g = _PrefixGrid(seg, po, n, q.device)
         # Padded query rows: dO = 0, q = 0, lse = 0 -> P = exp(0) = 1 stays finite and dS = 0 there.
-        lp = g.pad(lse_rows[..., None], g.q_idx)[..., 0].contiguous()  # [n, H, M]
-        dqp, dkp, dvp = attend_bwd(g.pad(do_rows, g.q_idx), g.pad(q_rows, g.q_idx), g.pad(prefix_k, g.k_idx),
-                                   g.pad(prefix_v, g.k_idx), g.pad(o_rows, g.q_idx), lp, scale, visible=g.visible)
+        lp = g.pad(l_src, g.q_idx)[..., 0].contiguous()  # [n, H, M]
+        dqp, dkp, dvp = attend_bwd(g.pad(do_src, g.q_idx), g.pad(q_src, g.q_idx), g.pad(k_src, g.k_idx),
+                                   g.pad(v_src, g.k_idx), g.pad(o_src, g.q_idx), lp, scale, visible=g.visible)
         dq.index_add_(0, g.q_rows, g.real_queries(dqp).float())
         dpk.index_add_(0, g.k_rows, g.real_keys(dkp).float())
         dpv.index_add_(0, g.k_rows, g.real_keys(dvp).float())
