@@ -427,14 +427,15 @@ class _PrefixGrid:
         self.visible = k_ok[:, None, None, :]  # [n, 1, 1, Lmax]: key padding only
 
     @staticmethod
-    def with_zero_row(rows: torch.Tensor) -> torch.Tensor:
-        """``rows [R, ...]`` -> ``[R + 1, ...]``: the zero row that index ``-1`` picks (once per call, not per chunk)."""
-        return torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+    def pad(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``rows [R, H, X]`` -> ``[n, H, M, X]``, zero where ``idx == -1``.
 
-    @staticmethod
-    def pad(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``src [R + 1, H, X]`` (from :meth:`with_zero_row`) -> ``[n, H, M, X]``, zero where ``idx == -1``."""
-        return src[idx].transpose(1, 2).contiguous()  # [n, M, H, X] -> [n, H, M, X]
+        Gathers with the padding pointed at row 0, then zeroes those slots: costs the chunk's size
+        (appending a zero row to ``rows`` instead copied the whole tensor, e.g. every request's prefix
+        for every candidate chunk of the scorer).
+        """
+        padded = rows[idx.clamp_min(0)].masked_fill_((idx < 0)[:, :, None, None], 0)  # [n, M, H, X]
+        return padded.transpose(1, 2).contiguous()
 
     @staticmethod
     def _unpad(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -481,7 +482,7 @@ def candidate_prefix_attention_torch_fwd(
     o_own = torch.matmul(torch.exp(s_own - lse_own[..., None]), v.float().transpose(1, 2))  # [C, H, N, Dh]
     out = o_own.transpose(1, 2).reshape(c_tot * n, h, d)  # rows [C*N, H, Dh] fp32
     lse = lse_own.transpose(1, 2).reshape(c_tot * n, h)  # [C*N, H]
-    q_src, k_src, v_src = (_PrefixGrid.with_zero_row(x) for x in (q.reshape(c_tot * n, h, d), prefix_k, prefix_v))
+    q_src, k_src, v_src = q.reshape(c_tot * n, h, d), prefix_k, prefix_v
     for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
         g = _PrefixGrid(seg, po, n, q.device)
         o_pre, l_pre = attend_fwd(g.pad(q_src, g.q_idx), g.pad(k_src, g.k_idx), g.pad(v_src, g.k_idx),
@@ -526,9 +527,8 @@ def candidate_prefix_attention_torch_bwd(
     dv = torch.matmul(p_own.transpose(-1, -2), dof).transpose(1, 2)
     dpk = torch.zeros(prefix_k.shape, dtype=torch.float32, device=q.device)  # summed over candidates
     dpv = torch.zeros(prefix_v.shape, dtype=torch.float32, device=q.device)
-    q_src, do_src, o_src, k_src, v_src, l_src = (_PrefixGrid.with_zero_row(x) for x in (
-        q.reshape(c_tot * n, h, d), dout.reshape(c_tot * n, h, d), out.reshape(c_tot * n, h, d), prefix_k, prefix_v,
-        lse_rows[..., None]))
+    q_src, do_src, o_src = (x.reshape(c_tot * n, h, d) for x in (q, dout, out))
+    k_src, v_src, l_src = prefix_k, prefix_v, lse_rows[..., None]
     for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
         g = _PrefixGrid(seg, po, n, q.device)
         # Padded query rows: dO = 0, q = 0, lse = 0 -> P = exp(0) = 1 stays finite and dS = 0 there.
