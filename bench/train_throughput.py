@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_throughput.py [--quick]
     .venv/bin/python bench/train_throughput.py --compare [--a-commit SHA | --a-tree DIR] [--b-...]
         [--a-override k=v ...] [--b-override k=v ...] [--a-bf16] [--b-bf16] [--shapes default long]
-        [--threads 1 2] [--rounds 5] [--batches 2] [--preset small]
+        [--threads 1 2] [--rounds 5] [--batches 2] [--preset small] [--task train|score]
 
 ``--compare``: arms A and B (default: both this working tree, no overrides; ``--a-commit`` checks
 a commit out with ``git worktree`` into a temporary directory, removed after) each run in their own
@@ -11,7 +11,8 @@ worker process (``PYTHONPATH`` = the arm's tree, so its ``recsys`` and ``kernels
 same real batches of ``bench/train_workload.py`` (``default``: the embedded dataset; ``long``: median
 300 events, one candidate per request), the ``recsys.train`` step. Rounds alternate A, B / B, A
 (interleaved, one worker runs at a time); medians per step, ``os.getloadavg()`` before and after each
-shape. JSON: ``bench/results/train_compare.json``.
+shape. ``--task score``: ``CachedScorer.score_batch`` on test batches instead (a fresh user cache
+per pass, eval mode, no grad). JSON: ``bench/results/<task>_compare.json``.
 
 For each configuration: median step time over random jagged batches with heavy-tailed
 history lengths, candidates/s, and achieved GFLOP/s, next to the fp32 matmul GFLOP/s
@@ -90,13 +91,31 @@ def batch_step(model: OneTransRanker, batch, device: str = "cpu"):
     return step
 
 
+def scoring_step(model):
+    """``CachedScorer.score_batch`` with a fresh user cache per pass (misses, then appends within the pass)."""
+    from recsys.serving.cache import UserKVCache
+    from recsys.serving.scorer import CachedScorer
+
+    model.eval()
+    state = {}
+
+    def step(batch) -> None:
+        if batch is state.get("first"):
+            state["scorer"] = CachedScorer(model, UserKVCache(512 << 20), candidate_chunk=512)
+        state["scorer"].score_batch(batch)
+    return step, state
+
+
 def worker(args) -> None:
     """One arm: build the batches and the step, then time one pass over the batches per ``run`` line."""
     from train_workload import TrainStep, load_batches, model_config
 
     torch.set_num_threads(args.threads[0])
-    schema, batches = load_batches(args.shape, args.batches)
+    schema, batches = load_batches(args.shape, args.batches, split="test" if args.task == "score" else "train")
     step = TrainStep(schema, model_config(args.preset, args.override), bf16=args.bf16)
+    if args.task == "score":
+        step, state = scoring_step(step.model)
+        state["first"] = batches[0]
     t0 = time.perf_counter()
     for b in batches:  # warm-up
         step(b)
@@ -117,7 +136,8 @@ class Arm:
     """A worker process of one arm (tree, model overrides, bf16)."""
 
     def __init__(self, tree: Path, shape: str, threads: int, args, overrides: list[str], bf16: bool) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--shape", shape, "--threads", str(threads),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--task", args.task, "--shape", shape,
+               "--threads", str(threads),
                "--batches", str(args.batches), "--preset", args.preset, *(["--bf16"] if bf16 else []),
                "--override", *overrides]
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
@@ -187,10 +207,12 @@ def compare(args) -> None:
     finally:
         for path in stack:
             subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(path)], check=False)
+            if path.parent.exists() and not any(path.parent.iterdir()):
+                path.parent.rmdir()
     arms = {name: {"tree": str(trees[name]), "commit": getattr(args, f"{name}_commit"),
                    "override": getattr(args, f"{name}_override"), "bf16": getattr(args, f"{name}_bf16")}
             for name in ("a", "b")}
-    print(write_json("train_compare", {"machine": machine(), "arms": arms, "preset": args.preset,
+    print(write_json(f"{args.task}_compare", {"machine": machine(), "task": args.task, "arms": arms, "preset": args.preset,
                                        "rounds": args.rounds, "batches": args.batches, "records": records}))
 
 
@@ -204,6 +226,8 @@ def main() -> None:
         ap.add_argument(f"--{arm}-override", nargs="*", default=[], help="model key=value overrides")
         ap.add_argument(f"--{arm}-bf16", action="store_true", help="bf16 autocast (the train.bf16 step)")
     ap.add_argument("--shapes", nargs="+", default=["default", "long"])
+    ap.add_argument("--task", choices=("train", "score"), default="train",
+                    help="compare: the recsys.train step, or CachedScorer.score_batch on test batches")
     ap.add_argument("--threads", type=int, nargs="+", default=None, help="torch threads (compare: default 1)")
     ap.add_argument("--rounds", type=int, default=5, help="compare: alternating rounds (one pass each)")
     ap.add_argument("--batches", type=int, default=2, help="compare: batches per pass")
