@@ -144,12 +144,14 @@ def table(groups: dict, steps: int, wall_ms: float) -> str:
 
 def scorer_run(schema, cfg, batches):
     import recsys.serving.scorer as scorer_mod
+    import recsys.serving.state as state_mod
     from recsys.serving.cache import UserKVCache
     from recsys.serving.scorer import CachedScorer
 
     step = TrainStep(schema, cfg)
     model = step.model.eval()
     label_model(model)
+    state_mod.jagged_causal_attention = labelled(state_mod.jagged_causal_attention, "attn S (jagged causal)")
     scorer_mod.extend_states = labelled(scorer_mod.extend_states, "stage 1 (extend states)")
     scorer_mod.states_to_prefix = labelled(scorer_mod.states_to_prefix, "prefix concat")
     scorer_mod.score_in_chunks = labelled(scorer_mod.score_in_chunks, "stage 2 (ranker glue)")
