@@ -4,7 +4,8 @@ Same math as the references in ``reference.py``, batched:
 
 - ``jagged_causal_attention_torch_{fwd,bwd}``: sequences are grouped into chunks (contiguous
   runs of sequences, or query-row blocks of one long sequence) whose transient memory stays under
-  ``_SCORE_BUDGET`` elements and whose padding at most doubles its rows; each chunk is padded with
+  ``_SCORE_BUDGET`` elements and whose padding stays near its real rows (sequences sorted longest
+  first, ``_length_sorted``); each chunk is padded with
   fbgemm ``jagged_to_padded_dense`` to the chunk's own max length (not the batch max), attended
   with one fused call, and unpadded with ``dense_to_jagged`` (plain torch indexing instead for
   non-CPU tensors or where FBGEMM is not installed: the same copies). Chunks where every sequence queries all its positions use ``is_causal``
@@ -41,8 +42,13 @@ except ImportError:  # an image without FBGEMM (the GPU one): the same copies in
 # Max transient elements per chunk (see _plan_chunks: padded rows, masks, or score matrices):
 # bounds memory independently of the batch size, the longest sequence and C.
 _SCORE_BUDGET = 1 << 23
-# Padded key rows a chunk may waste beyond doubling its real rows (small batches still group).
-_PAD_SLACK = 512
+# A chunk stops growing when its padded key rows would exceed RATIO x its real ones + SLACK (sequences
+# are visited longest first, so a chunk holds similar lengths; the slack lets short ones group). Tuned
+# on the default training batch, forward + backward (bench/profile_step.py, docs/performance.md):
+# jagged causal chunks (cost ~ rows^2) gain from tight chunks, candidate-prefix chunks (higher fixed
+# cost per chunk) from looser ones.
+_PAD_RATIO, _PAD_SLACK = 1.1, 16
+_PREFIX_PAD_RATIO, _PREFIX_PAD_SLACK = 1.5, 64
 # Use ATen's fused CPU flash kernels for CPU tensors (tests switch this off to cover the explicit path).
 _CPU_FLASH = True
 
@@ -138,8 +144,9 @@ def _plan_chunks(
     - fused flash, full causal: ``n * Lmax * H * Dh`` (one padded tensor; no mask, no scores);
     - fused flash, query subset: ``n * Qmax * Lmax`` (the additive mask);
     - explicit math: ``n * H * Qmax * Lmax`` (score matrices).
-    A chunk also stops growing when padding would more than double its key rows (skewed batches:
-    one long sequence is not padded together with many short ones). A sequence too large on its own
+    A chunk also stops growing when its padded key rows would exceed ``_PAD_RATIO`` x its real ones
+    + ``_PAD_SLACK`` (skewed batches: one long sequence is not padded together with many short ones;
+    callers sort sequences longest first so that consecutive ones are of similar length). A sequence too large on its own
     is split into query-row blocks; a row block ``[j0, j1)`` of sequence i is itself a
     bottom-right-aligned query subset over keys ``0 .. L_i - q_i + j1 - 1``.
     """
@@ -180,7 +187,7 @@ def _plan_chunks(
             continue
         new_q, new_l, new_full = max(run_q, n_q), max(run_l, n_k), run_full and full
         too_costly = cost(len(run) + 1, new_q, new_l, new_full) > budget
-        too_padded = (len(run) + 1) * new_l > 2 * (run_rows + n_k) + _PAD_SLACK
+        too_padded = (len(run) + 1) * new_l > _PAD_RATIO * (run_rows + n_k) + _PAD_SLACK
         if run and (too_costly or too_padded):
             flush()
             run, new_q, new_l, new_full, run_rows = [], n_q, n_k, full, 0
@@ -259,6 +266,40 @@ def _pad_chunk(c: _Chunk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q_offs, k_offs, qp, kp, vp
 
 
+def _rows(offs: list[int], new_offs: list[int], order: list[int], device: torch.device) -> torch.Tensor:
+    """Row ``r`` of the permuted jagged tensor is row ``rows[r]`` of the original one."""
+    lens = torch.tensor([offs[i + 1] - offs[i] for i in order], dtype=torch.int64, device=device)
+    start = torch.tensor([offs[i] for i in order], dtype=torch.int64, device=device)
+    shift = start - torch.tensor(new_offs[:-1], dtype=torch.int64, device=device)
+    return torch.arange(new_offs[-1], device=device) + torch.repeat_interleave(shift, lens)
+
+
+def _length_sorted(kv: list[int], qo: list[int], device: torch.device):
+    """Sequences longest first (stable): ``(kv', qo', k_rows, q_rows)``, the permuted offsets and the
+    original row of every permuted key / query row; ``(kv, qo, None, None)`` when already in that order.
+
+    Chunks are runs of consecutive sequences, padded to the run's longest: in batch order a heavy-tailed
+    batch pads many short sequences to a long one (~2.9x the real ``sum L_i^2`` on the default data);
+    sorted, a run holds sequences of similar length. Each sequence is attended on its own rows only,
+    so the order changes no result (one gather in, one scatter out).
+    """
+    n = len(kv) - 1
+    order = sorted(range(n), key=lambda i: kv[i] - kv[i + 1])
+    if order == list(range(n)):
+        return kv, qo, None, None
+    kv2, qo2 = [0], [0]
+    for i in order:
+        kv2.append(kv2[-1] + kv[i + 1] - kv[i])
+        qo2.append(qo2[-1] + qo[i + 1] - qo[i])
+    k_rows = _rows(kv, kv2, order, device)
+    q_rows = k_rows if qo is kv else _rows(qo, qo2, order, device)
+    return kv2, (kv2 if qo is kv else qo2), k_rows, q_rows
+
+
+def _unpermute(x: torch.Tensor, rows: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
+    return x if rows is None else torch.empty_like(x).index_copy_(dim, rows, x)
+
+
 def jagged_causal_attention_torch_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -269,7 +310,9 @@ def jagged_causal_attention_torch_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked padded attention. Returns ``out [sum q_i, H, Dh]`` and ``lse [H, sum q_i]`` (fp32)."""
     kv = kv_offsets.tolist()  # host sync: chunk plan
-    qo = kv if q_offsets is None else q_offsets.tolist()
+    kv, qo, k_rows, q_rows = _length_sorted(kv, kv if q_offsets is None else q_offsets.tolist(), q.device)
+    if k_rows is not None:
+        q, k, v = q[q_rows], k[k_rows], v[k_rows]
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     for c in _plan_chunks(kv, qo, q.shape[1], q.shape[2], _fused(q.device)):
@@ -279,7 +322,7 @@ def jagged_causal_attention_torch_fwd(
         o, l_pad = attend_fwd(qp, kp, vp, scale, **_chunk_mask(c, q.device))  # [n,H,Qmax,Dh], [n,H,Qmax]
         out[c.q_lo : c.q_hi] = _to_jagged(o, q_offs)
         lse[:, c.q_lo : c.q_hi] = _to_jagged(l_pad[..., None], q_offs)[..., 0].T
-    return out, lse
+    return _unpermute(out, q_rows), _unpermute(lse, q_rows, 1)
 
 
 def jagged_causal_attention_torch_bwd(
@@ -293,9 +336,12 @@ def jagged_causal_attention_torch_bwd(
     q_offsets: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward chunk by chunk (same chunk plan as the forward). Returns ``(dq, dk, dv)``."""
+    """Backward chunk by chunk (same sorted order and chunk plan as the forward). Returns ``(dq, dk, dv)``."""
     kv = kv_offsets.tolist()
-    qo = kv if q_offsets is None else q_offsets.tolist()
+    kv, qo, k_rows, q_rows = _length_sorted(kv, kv if q_offsets is None else q_offsets.tolist(), q.device)
+    if k_rows is not None:
+        dout, q, out, lse = dout[q_rows], q[q_rows], out[q_rows], lse[:, q_rows]
+        k, v = k[k_rows], v[k_rows]
     dq = torch.zeros_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # row blocks of one sequence add up
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -312,7 +358,7 @@ def jagged_causal_attention_torch_bwd(
         dq[c.q_lo : c.q_hi] = _to_jagged(dqp, q_offs)
         dk[c.k_lo : c.k_hi] += _to_jagged(dkp, k_offs)
         dv[c.k_lo : c.k_hi] += _to_jagged(dvp, k_offs)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return _unpermute(dq, q_rows), _unpermute(dk, k_rows).to(k.dtype), _unpermute(dv, k_rows).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,11 +371,17 @@ def _candidate_segments(po: list[int], co: list[int], n_tok: int, heads: int, bu
     A chunk is attended as one padded batch, ``[n_seg, H, max rows, max L]`` score elements, kept under
     ``budget``; a request whose candidates alone exceed it is split into several segments (each reads
     the same prefix). Requests with an empty prefix or no candidates need no prefix work at all.
+    Requests are visited longest prefix first (stable), and a chunk stops growing when its padded prefix
+    rows would exceed ``_PREFIX_PAD_RATIO`` x its real ones (+ ``_PREFIX_PAD_SLACK``), so a chunk pads to a length
+    near its own requests' (a heavy-tailed batch in request order padded every request of a chunk to the
+    chunk's longest: ~8x the real score elements on the default data; sorted: ~1.3x, 1.9x less time for
+    forward + backward, docs/performance.md). Segments write disjoint query rows: the order changes no result.
     """
     chunks: list[list[tuple[int, int, int]]] = []
     run: list[tuple[int, int, int]] = []
-    run_m = run_l = 0
-    for b in range(len(po) - 1):
+    run_m = run_l = run_rows = 0
+    order = sorted(range(len(po) - 1), key=lambda b: po[b] - po[b + 1])  # longest prefix first, stable
+    for b in order:
         length = po[b + 1] - po[b]
         if length == 0 or co[b + 1] == co[b]:
             continue
@@ -338,11 +390,13 @@ def _candidate_segments(po: list[int], co: list[int], n_tok: int, heads: int, bu
             c1 = min(co[b + 1], c0 + step)
             m = (c1 - c0) * n_tok
             new_m, new_l = max(run_m, m), max(run_l, length)
-            if run and (len(run) + 1) * heads * new_m * new_l > budget:
+            too_costly = (len(run) + 1) * heads * new_m * new_l > budget
+            too_padded = (len(run) + 1) * new_l > _PREFIX_PAD_RATIO * (run_rows + length) + _PREFIX_PAD_SLACK
+            if run and (too_costly or too_padded):
                 chunks.append(run)
-                run, new_m, new_l = [], m, length
+                run, new_m, new_l, run_rows = [], m, length, 0
             run.append((b, c0, c1))
-            run_m, run_l = new_m, new_l
+            run_m, run_l, run_rows = new_m, new_l, run_rows + length
     if run:
         chunks.append(run)
     return chunks
@@ -374,8 +428,13 @@ class _PrefixGrid:
 
     @staticmethod
     def pad(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``rows [R, H, X]`` -> ``[n, H, M, X]``, zero where ``idx == -1``."""
-        padded = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])[idx]  # [n, M, H, X]
+        """``rows [R, H, X]`` -> ``[n, H, M, X]``, zero where ``idx == -1``.
+
+        Gathers with the padding pointed at row 0, then zeroes those slots: costs the chunk's size
+        (appending a zero row to ``rows`` instead copied the whole tensor, e.g. every request's prefix
+        for every candidate chunk of the scorer).
+        """
+        padded = rows[idx.clamp_min(0)].masked_fill_((idx < 0)[:, :, None, None], 0)  # [n, M, H, X]
         return padded.transpose(1, 2).contiguous()
 
     @staticmethod
@@ -423,10 +482,10 @@ def candidate_prefix_attention_torch_fwd(
     o_own = torch.matmul(torch.exp(s_own - lse_own[..., None]), v.float().transpose(1, 2))  # [C, H, N, Dh]
     out = o_own.transpose(1, 2).reshape(c_tot * n, h, d)  # rows [C*N, H, Dh] fp32
     lse = lse_own.transpose(1, 2).reshape(c_tot * n, h)  # [C*N, H]
-    q_rows = q.reshape(c_tot * n, h, d)
+    q_src, k_src, v_src = q.reshape(c_tot * n, h, d), prefix_k, prefix_v
     for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
         g = _PrefixGrid(seg, po, n, q.device)
-        o_pre, l_pre = attend_fwd(g.pad(q_rows, g.q_idx), g.pad(prefix_k, g.k_idx), g.pad(prefix_v, g.k_idx),
+        o_pre, l_pre = attend_fwd(g.pad(q_src, g.q_idx), g.pad(k_src, g.k_idx), g.pad(v_src, g.k_idx),
                                   scale, visible=g.visible)  # [n, H, M, Dh], [n, H, M]
         o_pre, l_pre = g.real_queries(o_pre).float(), g.real_queries(l_pre)  # [R, H, Dh], [R, H]
         l_own, o_mine = lse.index_select(0, g.q_rows), out.index_select(0, g.q_rows)
@@ -468,13 +527,14 @@ def candidate_prefix_attention_torch_bwd(
     dv = torch.matmul(p_own.transpose(-1, -2), dof).transpose(1, 2)
     dpk = torch.zeros(prefix_k.shape, dtype=torch.float32, device=q.device)  # summed over candidates
     dpv = torch.zeros(prefix_v.shape, dtype=torch.float32, device=q.device)
-    q_rows, do_rows, o_rows = (x.reshape(c_tot * n, h, d) for x in (q, dout, out))
+    q_src, do_src, o_src = (x.reshape(c_tot * n, h, d) for x in (q, dout, out))
+    k_src, v_src, l_src = prefix_k, prefix_v, lse_rows[..., None]
     for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
         g = _PrefixGrid(seg, po, n, q.device)
         # Padded query rows: dO = 0, q = 0, lse = 0 -> P = exp(0) = 1 stays finite and dS = 0 there.
-        lp = g.pad(lse_rows[..., None], g.q_idx)[..., 0].contiguous()  # [n, H, M]
-        dqp, dkp, dvp = attend_bwd(g.pad(do_rows, g.q_idx), g.pad(q_rows, g.q_idx), g.pad(prefix_k, g.k_idx),
-                                   g.pad(prefix_v, g.k_idx), g.pad(o_rows, g.q_idx), lp, scale, visible=g.visible)
+        lp = g.pad(l_src, g.q_idx)[..., 0].contiguous()  # [n, H, M]
+        dqp, dkp, dvp = attend_bwd(g.pad(do_src, g.q_idx), g.pad(q_src, g.q_idx), g.pad(k_src, g.k_idx),
+                                   g.pad(v_src, g.k_idx), g.pad(o_src, g.q_idx), lp, scale, visible=g.visible)
         dq.index_add_(0, g.q_rows, g.real_queries(dqp).float())
         dpk.index_add_(0, g.k_rows, g.real_keys(dkp).float())
         dpv.index_add_(0, g.k_rows, g.real_keys(dvp).float())
