@@ -110,6 +110,9 @@ class CascadeMode:
         for name, r in zip(self.names, self.retrievers):
             ids = r.retrieve(batch, self.retrieve_k, *excl)[0].cpu().numpy()
             self.counts[f"{name}_empty_results"] += int((ids < 0).all(1).sum())
+            if r.kind == "sid":  # requests whose beams are provably the exact top-k (recsys.retrieval.beam)
+                self.counts["sid_beam_requests"] = r.stats["beam_requests"]
+                self.counts["sid_beam_certified"] = r.stats["beam_certified"]
             out.append(ids)
         return out
 

@@ -135,7 +135,10 @@ def test_cascade_rows_equal_the_slow_reference(trained, retrievers, cascade_run)
     assert m[f"recall@{K}_union"] == pytest.approx(np.mean([w[3] != "" for w in flat]))
     assert m[f"recall@{K}_sid"] == pytest.approx(np.mean(["sid" in w[3] for w in flat]))
     assert set(summary["stage_time_s"]) == {"retrieve", "rank", "write"}
-    assert summary["mode_counts"]["candidates_ranked"] == summary["candidates"]
+    counts = summary["mode_counts"]
+    assert counts["candidates_ranked"] == summary["candidates"]
+    # 4 level-1 SID prefixes <= the beam width: every beam search was exact, and certified so
+    assert counts["sid_beam_certified"] == counts["sid_beam_requests"] == summary["requests"]
 
 
 def test_written_items_are_real_and_distinct(cascade_run):
