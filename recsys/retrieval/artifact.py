@@ -94,8 +94,8 @@ def save_retriever(path: str | Path, model: TwoTowerEncoder | SidDecoder, schema
 
     Two-tower: ``model.ranker`` is the backbone. SID: ``backbone`` = the ranker whose prefix the decoder
     reads, ``codes [I, L]`` the catalog's SIDs. ``max_s_tokens``: the backbone's (sizes its pyramid).
-    An existing ``path`` is refused unless ``overwrite`` (then replaced, still atomically for readers of
-    the new name)."""
+    An existing ``path`` is refused unless ``overwrite`` and it is a retriever artifact (then replaced,
+    still atomically for readers of the new name)."""
     path = Path(path)
     if isinstance(model, TwoTowerEncoder):
         kind, backbone = "two_tower", model.ranker
@@ -114,6 +114,8 @@ def save_retriever(path: str | Path, model: TwoTowerEncoder | SidDecoder, schema
     if path.exists() and not overwrite:
         raise InputError(f"retriever artifact {path} already exists; remove it, choose another path or pass "
                          "overwrite=True")
+    if path.exists():
+        _read_meta(path)  # overwrite replaces a retriever artifact only, never another file or directory
     meta = {"format": FORMAT, "kind": kind, "fingerprint": _fingerprint(schema, dataset_dir, codes),
             "backbone_config": OmegaConf.to_container(OmegaConf.structured(backbone.cfg), enum_to_str=True),
             "max_s_tokens": int(max_s_tokens), **sizes,

@@ -184,6 +184,7 @@ class CascadeMode:
         return cols
 
     def candidates(self, batch: RequestBatch) -> int:
+        """Candidates ranked for ``batch``: the union sizes of the last ``rows`` call (the job calls it next)."""
         return self._last_candidates
 
     def metrics(self, df: pl.DataFrame) -> dict[str, Any]:

@@ -57,6 +57,7 @@ def brute_force_retrieval(retrievers: dict[str, Path], schema, catalog, batch) -
     catalog item's SID from scratch (no beam, no cache), top K, then seen items dropped (-1)."""
     items, cats = torch.as_tensor(catalog.items), torch.as_tensor(catalog.cats)
     seen = history_items(batch, list(schema.sequences))
+    assert any(h.size == 0 for h in seen), "the split should hold empty histories (the empty-history policies)"
     tt = load_retriever(retrievers["two_tower"], schema, catalog)
     with torch.no_grad():
         s = tt.model.user_vectors(batch) @ tt.model.item_vectors(items, cats).T  # [B, M]
@@ -202,6 +203,10 @@ def test_load_retriever_refusals_in_process(trained, retrievers, tmp_path):
     (garbage / "state.pt").write_bytes(b"\x00garbage")
     with pytest.raises(InputError, match="not a readable torch file"):
         load_retriever(garbage, schema, catalog)
+    with pytest.raises(InputError, match="is a file, not a retriever artifact"):  # overwrite never hits a non-artifact
+        save_retriever(tmp_path / "text", TwoTowerEncoder(ranker, 4), schema, max_s_tokens=max_s, dataset_dir=None,
+                       overwrite=True)
+    assert (tmp_path / "text").read_text() == "not an artifact"
     with pytest.raises(InputError, match="already exists"):
         save_retriever(retrievers["sid"], SidDecoder(ranker.cfg, 2, 50), schema, max_s_tokens=max_s, dataset_dir=None,
                        backbone=ranker, codes=synthetic_sids(schema.num_items))
