@@ -227,7 +227,8 @@ def score_partitions(cfg: ScoreConfig, opened: OpenedJob, parts: list[Partition]
 
 def _summed(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-key sums over ranks (this run's stage seconds and counters; all ranks' time together)."""
-    return {k: sum(d.get(k, 0) for d in per_rank) for k in (per_rank[0] if per_rank else {})}
+    keys = dict.fromkeys(k for d in per_rank for k in d)  # every rank's keys (a rank with no work may lack some)
+    return {k: sum(d.get(k, 0) for d in per_rank) for k in keys}
 
 
 def write_summary(cfg: ScoreConfig, opened: OpenedJob, plan: JobPlan, runs: list[RankRun], t_start: float) -> Path:
