@@ -11,7 +11,7 @@ Public API::
     run_scoring(ScoreConfig(...))               # python -m recsys.score (torchrun: one rank of N)
 
 The job: ``job.py`` (driver), ``load.py`` (checkpoint -> model), ``inputs.py``, ``reader.py``, ``modes.py``
-(candidates / catalog), ``ranking.py`` (the one catalog ranking, shared with recsys.evaluate), ``summary.py``,
+(candidates / catalog / cascade; ``cascade.py``: retrieve -> rank), ``ranking.py`` (the one catalog ranking, shared with recsys.evaluate), ``summary.py``,
 ``group.py`` (torchrun's ranks).
 """
 

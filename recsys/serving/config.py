@@ -25,6 +25,8 @@ class ScoreMode(str, Enum):
     """The request's own candidates (ranking / CTR scoring)."""
     catalog = "catalog"
     """Every catalog item (or a given candidate set): full-catalog ranking, top-K written."""
+    cascade = "cascade"
+    """Retrieve candidates from the catalog (two-tower and/or SID retrievers), re-rank them, top-N written."""
 
 
 class CatalogTarget(str, Enum):
@@ -83,6 +85,29 @@ class CatalogConfig:
 
 
 @dataclass
+class CascadeConfig:
+    """Retrieve -> rank (``mode=cascade``). The candidate set, categories and ranked task are ``catalog``'s
+    (``items_file``, ``category_files``, ``rank_task``; HR/NDCG cut-off ``catalog.k``)."""
+
+    retrievers: list[str] = field(default_factory=list)
+    """Retriever artifact directories (``recsys.retrieval.artifact``), at most one per kind (two_tower, sid)."""
+    retrieve_k: int = 100
+    """Candidates each retriever returns per request (at most the catalog size: a larger value is refused)."""
+    top_n: int = 10
+    """Re-ranked items written per request (at most ``retrieve_k``)."""
+    exclude_seen: bool = False
+    """Retrieve no item of the request's (loader-truncated) history. Default False: seen items may be
+    retrieved, like catalog mode's default."""
+
+    def __post_init__(self) -> None:
+        if self.retrieve_k < 1 or self.top_n < 1:
+            raise InputError(f"cascade.retrieve_k and cascade.top_n must be >= 1, got {self.retrieve_k}, {self.top_n}")
+        if self.top_n > self.retrieve_k:
+            raise InputError(f"cascade.top_n={self.top_n} exceeds cascade.retrieve_k={self.retrieve_k}: a request "
+                             "is re-ranked among at least retrieve_k candidates only; raise retrieve_k or lower top_n")
+
+
+@dataclass
 class ScoreConfig:
     """Top-level config of the batch scoring job (configs/score.yaml)."""
 
@@ -126,7 +151,9 @@ class ScoreConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Cross-request user KV cache."""
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
-    """Full-catalog mode settings."""
+    """Full-catalog mode settings (the cascade's candidate set and ranked task too)."""
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    """Retrieve -> rank mode settings."""
     overwrite: bool = False
     """When output_dir holds partitions of a *different* scoring job (other checkpoint / inputs / settings):
     delete them (True) or refuse to start (False). Never deletes files no scoring job wrote (no
@@ -152,6 +179,9 @@ class ScoreConfig:
             raise InputError(f"max_partitions and pause_after_partition_s must be >= 0, got {self.max_partitions}, "
                              f"{self.pause_after_partition_s}")
         self._check_eventlog()
+        if self.mode == ScoreMode.cascade and not self.cascade.retrievers:
+            raise InputError("mode=cascade needs cascade.retrievers=[<artifact dir>, ...] (a two_tower and/or a sid "
+                             "retriever artifact, recsys.retrieval.artifact)")
         if self.attention_backend is not None:
             from kernels.backend import AttentionBackend
 

@@ -113,7 +113,9 @@ def job_inputs(cfg: ScoreConfig, ckpt: Path, dataset_dirs: list[Path]) -> list[t
                                                   ("item_content", cfg.item_content),
                                                   ("inputs_eventlog", cfg.inputs_eventlog)]
     named += [("inputs", f) for f in cfg.inputs]
-    if cfg.mode == ScoreMode.catalog:
+    if cfg.mode == ScoreMode.cascade:
+        named += [("cascade.retrievers", r) for r in cfg.cascade.retrievers]
+    if cfg.mode != ScoreMode.candidates:
         named += [("catalog.items_file", cfg.catalog.items_file)]
         named += [("catalog.category_files", f) for f in cfg.catalog.category_files]
     return named

@@ -101,6 +101,10 @@ class RankRun:
     candidates: int = 0
     score_time_s: float = 0.0
     loop_time_s: float = 0.0
+    stage_time_s: dict[str, float] = field(default_factory=dict)
+    """The mode's stages (``ScoringMode.stage_times``) and ``write`` (partition files), seconds."""
+    counts: dict[str, int] = field(default_factory=dict)
+    """``ScoringMode.counts``."""
     cache: dict[str, int] | None = field(default=None)
     """``CacheStats`` fields (None: cache disabled)."""
 
@@ -131,7 +135,7 @@ def open_job(cfg: ScoreConfig, group: JobGroup) -> OpenedJob:
     if cache is not None and model.tokenizer.long is not None and model.tokenizer.long.memory is not None:
         memory_cache = LongMemoryCache()
     scorer = CachedScorer(model, cache, cfg.candidate_chunk, memory_cache=memory_cache)
-    mode = build_mode(ModeContext(cfg, scorer, schema, inputs, device))
+    mode = build_mode(ModeContext(cfg, scorer, schema, inputs, device, ckpt_config.get("dataset_dir")))
     return OpenedJob(device, ckpt, model, schema, ckpt_config, max_len, inputs, out_dir, scorer, mode)
 
 
@@ -160,7 +164,9 @@ def job_record(cfg: ScoreConfig, opened: OpenedJob) -> dict[str, Any]:
            "mode": cfg.mode.value, "max_len": opened.max_len, "rows_per_partition": cfg.rows_per_partition,
            "batch_size": cfg.batch_size, "candidate_chunk": cfg.candidate_chunk,
            "attention_backend": AttentionBackend(opened.model.backend).value, "device": opened.device.type,
-           "cache": asdict(cfg.cache), "catalog": asdict(cfg.catalog) if cfg.mode == ScoreMode.catalog else None}
+           "cache": asdict(cfg.cache), "catalog": asdict(cfg.catalog) if cfg.mode != ScoreMode.candidates else None}
+    if cfg.mode == ScoreMode.cascade:  # the retrievers' files and fingerprints, retrieve_k, top_n, exclusion
+        job["cascade"] = opened.mode.record  # type: ignore[attr-defined]
     if opened.inputs.id_maps is not None:  # the partitions carry raw-id columns: a part of what they hold
         job["raw_ids"] = str(opened.inputs.id_maps.path)
     return job
@@ -186,7 +192,7 @@ def score_partitions(cfg: ScoreConfig, opened: OpenedJob, parts: list[Partition]
     cache, memory_cache = opened.scorer.cache, opened.scorer.memory_cache
     long_max_len = int(opened.ckpt_config["data"]["loader"].get("long_max_len") or 0)  # model.long_seq
     long_max_len = max(long_max_len, opened.max_len) if long_max_len else 0
-    reader, run = PartitionReader(schema), RankRun()
+    reader, run, write_s = PartitionReader(schema), RankRun(), 0.0
     t_loop = time.perf_counter()
     bar = tqdm(total=sum(p.num_rows for p in parts), disable=not cfg.progress, desc=f"score[{rank}]", unit="req",
                dynamic_ncols=True, position=rank)
@@ -205,15 +211,24 @@ def score_partitions(cfg: ScoreConfig, opened: OpenedJob, parts: list[Partition]
             run.candidates += mode.candidates(batch)
             run.requests += batch.num_requests
             bar.update(batch.num_requests)
+        t0 = time.perf_counter()
         cols = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
         write_partition(opened.out_dir / part.name, pa.table(with_raw_ids(cols, opened.inputs.id_maps)))
+        write_s += time.perf_counter() - t0
         run.partitions += 1
         if cfg.pause_after_partition_s:
             time.sleep(cfg.pause_after_partition_s)
     bar.close()
     run.loop_time_s = time.perf_counter() - t_loop
+    run.stage_time_s, run.counts = {**mode.stage_times, "write": write_s}, dict(mode.counts)
     run.cache = asdict(cache.stats) if cache is not None else None
     return run
+
+
+def _summed(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-key sums over ranks (this run's stage seconds and counters; all ranks' time together)."""
+    keys = dict.fromkeys(k for d in per_rank for k in d)  # every rank's keys (a rank with no work may lack some)
+    return {k: sum(d.get(k, 0) for d in per_rank) for k in keys}
 
 
 def write_summary(cfg: ScoreConfig, opened: OpenedJob, plan: JobPlan, runs: list[RankRun], t_start: float) -> Path:
@@ -240,6 +255,7 @@ def write_summary(cfg: ScoreConfig, opened: OpenedJob, plan: JobPlan, runs: list
         "cache_reset_per_partition": cfg.cache.reset_per_partition,
         "cache_hit_rate": stats.get("hit_rate"), "cache": stats,
         "max_len": opened.max_len, "batch_size": cfg.batch_size, "candidate_chunk": cfg.candidate_chunk,
+        "stage_time_s": _summed([r.stage_time_s for r in runs]), "mode_counts": _summed([r.counts for r in runs]),
         **mode.info,
         "id_maps": str(opened.inputs.id_maps.path) if opened.inputs.id_maps is not None else None,
         "inputs_eventlog": opened.inputs.eventlog,

@@ -20,6 +20,8 @@ import torch
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
+from recsys.retrieval.artifact import load_retriever
+from recsys.serving.cascade import CascadeMode
 from recsys.serving.catalog import catalog_items, collect_item_categories, score_catalog
 from recsys.serving.config import ScoreConfig, ScoreMode
 from recsys.serving.inputs import ScoreInputs, expand_files
@@ -43,6 +45,11 @@ class ScoringMode(Protocol):
     def metrics(self, df: pl.DataFrame) -> dict[str, Any]:
         """Summary metrics over ``df``, every partition on disk."""
 
+    stage_times: dict[str, float]
+    """Seconds spent per stage by this process (``summary.json``'s ``stage_time_s``; the job adds ``write``)."""
+    counts: dict[str, int]
+    """Counters of this process (summed over ranks into ``summary.json``'s ``mode_counts``)."""
+
 
 @dataclass
 class ModeContext:
@@ -53,6 +60,8 @@ class ModeContext:
     schema: DataSchema
     inputs: ScoreInputs
     device: torch.device
+    dataset_dir: str | None = None
+    """The prepared dataset the checkpoint was trained on (None: not recorded); retrievers must match it."""
 
 
 def _sigmoid(x: torch.Tensor) -> np.ndarray:
@@ -61,6 +70,9 @@ def _sigmoid(x: torch.Tensor) -> np.ndarray:
 
 class CandidatesMode:
     """The request's own candidates: one row per candidate, input order; scores and labels of every task."""
+
+    stage_times: dict[str, float] = {}
+    counts: dict[str, int] = {}
 
     def __init__(self, ctx: ModeContext) -> None:
         self.scorer, self.tasks = ctx.scorer, list(ctx.schema.tasks)
@@ -89,28 +101,22 @@ class CatalogMode:
     """Full-catalog ranking (``recsys.serving.ranking``): the top ``catalog.top_k`` items of every request
     (``rank`` 0..K-1) plus one row per target outside the top K (its true rank; -1 outside the candidate set)."""
 
+    stage_times: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
     def __init__(self, ctx: ModeContext) -> None:
-        cfg, schema = ctx.cfg, ctx.schema
-        self.cfg, self.scorer, self.tasks, self.kinds = cfg.catalog, ctx.scorer, list(schema.tasks), list(schema.sequences)
-        task = self.cfg.rank_task or self.tasks[0]
-        if task not in self.tasks:
-            raise InputError(f"catalog.rank_task={task!r} is not among the model's tasks {self.tasks}")
-        self.rank_t = self.tasks.index(task)
-        files = ctx.inputs.files + ctx.inputs.dataset_files + expand_files(cfg.catalog.category_files)
-        cat_files = sorted(set(files))
-        cats = collect_item_categories(cat_files, schema)
-        self.catalog: Catalog = catalog_items(schema, cfg.catalog.items_file, cats)
+        self.cfg, self.scorer, self.tasks, self.kinds = ctx.cfg.catalog, ctx.scorer, list(ctx.schema.tasks), \
+            list(ctx.schema.sequences)
+        self.catalog, self.rank_t, self.info = served_catalog(ctx)
         self.items = torch.as_tensor(self.catalog.items, device=ctx.device)
         self.cats = torch.as_tensor(self.catalog.cats, device=ctx.device)
-        m, c = self.catalog.items.size, self.cfg
-        self.info = {"catalog_items": int(m), "category_files": [str(f) for f in cat_files],
-                     "category_coverage": float(cats.seen[self.catalog.items].mean()) if m else None,
-                     "category_conflicts": cats.conflicts, "rank_task": task,
-                     "seen_items_in_candidate_set": not c.exclude_history, "target": c.target.value,
-                     "protocol": (f"full-catalog ranking of {m} items (item 0, the padding id, excluded) by "
-                                  f"score_{task}; targets = {c.target.value} of each request (item 0 never one); "
-                                  "seen items " + ("excluded" if c.exclude_history else "kept") +
-                                  f"; HR@{c.k}/NDCG@{c.k} averaged over targets; ties by item id")}
+        c, m, task = self.cfg, self.catalog.items.size, self.tasks[self.rank_t]
+        self.info.update({
+            "seen_items_in_candidate_set": not c.exclude_history, "target": c.target.value,
+            "protocol": (f"full-catalog ranking of {m} items (item 0, the padding id, excluded) by "
+                         f"score_{task}; targets = {c.target.value} of each request (item 0 never one); "
+                         "seen items " + ("excluded" if c.exclude_history else "kept") +
+                         f"; HR@{c.k}/NDCG@{c.k} averaged over targets; ties by item id")})
 
     def rows(self, batch: RequestBatch) -> dict[str, np.ndarray]:
         logits = score_catalog(self.scorer, batch, self.items, self.cats)  # [B, M, T]
@@ -124,6 +130,47 @@ class CatalogMode:
 
     def metrics(self, df: pl.DataFrame) -> dict[str, Any]:
         return catalog_metrics(df, self.cfg.k)
+
+
+def served_catalog(ctx: ModeContext) -> tuple[Catalog, int, dict[str, Any]]:
+    """The candidate set of catalog and cascade modes (``catalog.items_file``, categories from the inputs,
+    the checkpoint's dataset and ``catalog.category_files``), the ranked task's index, summary entries."""
+    cfg, schema, tasks = ctx.cfg, ctx.schema, list(ctx.schema.tasks)
+    task = cfg.catalog.rank_task or tasks[0]
+    if task not in tasks:
+        raise InputError(f"catalog.rank_task={task!r} is not among the model's tasks {tasks}")
+    files = ctx.inputs.files + ctx.inputs.dataset_files + expand_files(cfg.catalog.category_files)
+    cat_files = sorted(set(files))
+    cats = collect_item_categories(cat_files, schema)
+    catalog = catalog_items(schema, cfg.catalog.items_file, cats)
+    m = catalog.items.size
+    info = {"catalog_items": int(m), "category_files": [str(f) for f in cat_files],
+            "category_coverage": float(cats.seen[catalog.items].mean()) if m else None,
+            "category_conflicts": cats.conflicts, "rank_task": task}
+    return catalog, tasks.index(task), info
+
+
+def cascade_mode(ctx: ModeContext) -> CascadeMode:
+    """``mode=cascade``: the served catalog, every retriever of ``cascade.retrievers`` loaded for it."""
+    cfg = ctx.cfg.cascade
+    catalog, rank_t, info = served_catalog(ctx)
+    if len(set(cfg.retrievers)) != len(cfg.retrievers):
+        raise InputError(f"cascade.retrievers lists one artifact twice: {list(cfg.retrievers)}")
+    retrievers = [load_retriever(p, ctx.schema, catalog, ctx.device, ctx.dataset_dir) for p in cfg.retrievers]
+    mode = CascadeMode(ctx.scorer, list(ctx.schema.tasks), list(ctx.schema.sequences), catalog, retrievers, rank_t,
+                       cfg.retrieve_k, cfg.top_n, cfg.exclude_seen, ctx.cfg.catalog.k)
+    task = info["rank_task"]
+    info.update({
+        "retrievers": [{"kind": r.kind, "path": str(r.path), "fingerprint": r.fingerprint} for r in retrievers],
+        "retrieve_k": cfg.retrieve_k, "top_n": cfg.top_n, "exclude_seen": cfg.exclude_seen, "target": "positives",
+        "protocol": (f"retrieve {cfg.retrieve_k} of {catalog.items.size} items per retriever "
+                     f"({'+'.join(mode.names)}; history " + ("excluded" if cfg.exclude_seen else "allowed") +
+                     f"), union re-ranked by score_{task}, top {cfg.top_n} written; targets = the request's "
+                     f"candidates labelled 1 on {task} (catalog.target=positives); recall@{cfg.retrieve_k} per "
+                     f"retriever and of the union over targets; HR@{ctx.cfg.catalog.k}/NDCG@{ctx.cfg.catalog.k} "
+                     "of the cascade over targets (a target no retriever found is a miss); ties by item id")})
+    mode.info = info
+    return mode
 
 
 def catalog_rows(batch: RequestBatch, logits: torch.Tensor, ranked: list[RankedRequest], catalog: Catalog,
@@ -162,6 +209,7 @@ def catalog_rows(batch: RequestBatch, logits: torch.Tensor, ranked: list[RankedR
 MODES: dict[ScoreMode, Callable[[ModeContext], ScoringMode]] = {
     ScoreMode.candidates: CandidatesMode,
     ScoreMode.catalog: CatalogMode,
+    ScoreMode.cascade: cascade_mode,
 }
 
 
@@ -170,4 +218,4 @@ def build_mode(ctx: ModeContext) -> ScoringMode:
     return MODES[ctx.cfg.mode](ctx)
 
 
-__all__ = ["MODES", "CandidatesMode", "CatalogMode", "ModeContext", "ScoringMode", "build_mode", "catalog_rows"]
+__all__ = ["MODES", "CandidatesMode", "CascadeMode", "CatalogMode", "ModeContext", "ScoringMode", "build_mode", "cascade_mode", "catalog_rows", "served_catalog"]

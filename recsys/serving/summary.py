@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from recsys.serving.cache import CacheStats
@@ -46,6 +47,24 @@ def catalog_metrics(df: pl.DataFrame, k: int) -> dict[str, Any]:
     return finite({"output_rows": df.height, f"hr@{k}": hr, f"ndcg@{k}": ndcg, "targets": inside.height,
                    "targets_outside_candidate_set": targets.height - inside.height,
                    "requests_ranked": df["request_id"].n_unique()})
+
+
+def cascade_metrics(df: pl.DataFrame, names: list[str], retrieve_k: int, k: int) -> dict[str, Any]:
+    """Over the target rows of cascade output: recall@``retrieve_k`` of each retriever and of the union
+    (fraction of targets it retrieved, averaged over targets), HR@k / NDCG@k of the re-ranked union
+    (a target no retriever found, rank -1, is a miss)."""
+    targets = df.filter(pl.col("is_target"))
+    found = targets["retrieved_by"].to_list()
+    out: dict[str, Any] = {"output_rows": df.height, "targets": targets.height,
+                           "requests_ranked": df["request_id"].n_unique()}
+    for name in names:
+        out[f"recall@{retrieve_k}_{name}"] = (float(np.mean([name in f.split("+") for f in found]))
+                                              if found else None)
+    out[f"recall@{retrieve_k}_union"] = float(np.mean([f != "" for f in found])) if found else None
+    rank = targets["rank"].to_numpy()
+    hr, ndcg = hr_ndcg_at_k(np.where(rank < 0, np.iinfo(np.int64).max // 2, rank), k)
+    out.update({f"hr@{k}": hr, f"ndcg@{k}": ndcg})
+    return finite(out)
 
 
 def finite(d: dict[str, Any]) -> dict[str, Any]:

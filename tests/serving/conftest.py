@@ -14,7 +14,7 @@ import pytest
 from recsys.testing import torch_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from job_fixtures import make_checkpoint, score_config, tiny_data_config  # noqa: E402
+from job_fixtures import make_checkpoint, make_retrievers, score_config, tiny_data_config  # noqa: E402
 
 from recsys.serving.job import run_scoring  # noqa: E402
 
@@ -41,4 +41,31 @@ def baseline(trained):
     out = tmp / "uninterrupted"
     with torch_threads(1):
         summary = json.loads(run_scoring(score_config(ckpt.parent.parent, out)).read_text())
+    return out, summary
+
+
+CASCADE = {"cascade.retrieve_k": 8, "cascade.top_n": 5, "cascade.exclude_seen": "true"}
+"""The cascade tests' settings: several candidates per retriever, fewer written, history excluded."""
+
+
+def cascade_overrides(retrievers: dict[str, Path]) -> dict[str, str]:
+    """``score_config`` keywords of a cascade run over both retrievers."""
+    return {"mode": "cascade", "cascade.retrievers": f"['{retrievers['two_tower']}','{retrievers['sid']}']",
+            **CASCADE}
+
+
+@pytest.fixture(scope="session")
+def retrievers(trained):
+    """Random two-tower and SID retriever artifacts for the ``trained`` checkpoint."""
+    tmp, ckpt = trained
+    return make_retrievers(tmp / "retrievers", ckpt)
+
+
+@pytest.fixture(scope="session")
+def cascade_run(trained, retrievers):
+    """One uninterrupted in-process cascade run (output dir, summary)."""
+    tmp, ckpt = trained
+    out = tmp / "cascade"
+    with torch_threads(1):
+        summary = json.loads(run_scoring(score_config(ckpt, out, **cascade_overrides(retrievers))).read_text())
     return out, summary

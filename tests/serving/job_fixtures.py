@@ -58,3 +58,38 @@ def score_config(ckpt: Path, out: Path, **kw) -> ScoreConfig:
 def read_output(out: Path) -> pl.DataFrame:
     """Every partition of a scoring output, in partition order."""
     return pl.read_parquet(sorted(out.glob("part-*.parquet")))
+
+
+SID_FIRST_LEVEL = 4
+"""Synthetic SIDs of the cascade tests: item i -> (i % 4, i // 4). Four level-1 prefixes only, so a beam of
+width >= 4 keeps them all and its last step sees every item: the beam search is exact, and brute-force
+enumeration of every item's SID is its reference."""
+
+
+def synthetic_sids(num_items: int) -> torch.Tensor:
+    """``[num_items, 2]`` codes, row 0 (the padding id) ``-1``."""
+    i = torch.arange(num_items)
+    codes = torch.stack([i % SID_FIRST_LEVEL, i // SID_FIRST_LEVEL], 1)
+    codes[0] = -1
+    return codes
+
+
+def make_retrievers(out_dir: Path, ckpt: Path, seed: int = 1) -> dict[str, Path]:
+    """Randomly initialised two-tower and SID retriever artifacts on the checkpoint's ranker (its own copy)."""
+    from recsys.retrieval.artifact import save_retriever
+    from recsys.retrieval.encoder import TwoTowerEncoder
+    from recsys.retrieval.sid_decoder import SidDecoder
+    from recsys.serving.load import load_ranker
+    from recsys.train.checkpoint import load_checkpoint
+
+    ranker, schema, config = load_ranker(ckpt, torch.device("cpu"))
+    max_s = int(load_checkpoint(ckpt)["max_s_tokens"])
+    torch.manual_seed(seed)
+    tower = TwoTowerEncoder(ranker, 8)
+    with torch.no_grad():  # a non-zero empty-history vector, so empty histories retrieve something distinct
+        tower.empty_history.normal_()
+    codes = synthetic_sids(schema.num_items)
+    decoder = SidDecoder(ranker.cfg, 2, int(codes.max()) + 1)
+    kw = {"max_s_tokens": max_s, "dataset_dir": config.get("dataset_dir")}
+    return {"two_tower": save_retriever(out_dir / "two_tower", tower, schema, **kw),
+            "sid": save_retriever(out_dir / "sid", decoder, schema, backbone=ranker, codes=codes, **kw)}

@@ -1,0 +1,266 @@
+"""``mode=cascade``: retrieve (two-tower + SID) -> union -> re-rank, against a slow reference; rows are real,
+distinct catalog items; kill + rerun writes every row once; the retriever artifact's refusals through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import CASCADE, cascade_overrides
+from job_fixtures import (
+    SETTINGS,
+    make_checkpoint,
+    make_retrievers,
+    read_output,
+    synthetic_sids,
+    tiny_data_config,
+)
+from test_job import launch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+from hostile_helpers import assert_refused, run_cli  # noqa: E402  (the CLI harness of the hostile-input suite)
+
+from recsys.data.collate import collate
+from recsys.errors import InputError
+from recsys.retrieval.artifact import load_retriever, save_retriever
+from recsys.retrieval.encoder import TwoTowerEncoder
+from recsys.retrieval.sid_decoder import SidDecoder, user_prefix
+from recsys.serving.cascade import union_candidates
+from recsys.serving.catalog import catalog_items, collect_item_categories, with_candidates
+from recsys.serving.load import load_ranker
+from recsys.serving.partitions import plan_partitions
+from recsys.serving.ranking import history_items
+from recsys.serving.reader import PartitionReader
+from recsys.train.checkpoint import load_checkpoint
+
+CPU = torch.device("cpu")
+K, TOP_N = CASCADE["cascade.retrieve_k"], CASCADE["cascade.top_n"]
+
+
+def scored_requests(summary: dict, schema) -> pa.Table:
+    files = [Path(f) for f in summary["inputs"]]
+    reader = PartitionReader(schema)
+    return pa.concat_tables([reader.read(p) for p in plan_partitions(files, 10**9)])
+
+
+def brute_force_retrieval(retrievers: dict[str, Path], schema, catalog, batch) -> list[np.ndarray]:
+    """Per retriever ``[B, K]``: two-tower by ``topk(U @ I.T)`` with seen items at -inf; SID by scoring every
+    catalog item's SID from scratch (no beam, no cache), top K, then seen items dropped (-1)."""
+    items, cats = torch.as_tensor(catalog.items), torch.as_tensor(catalog.cats)
+    seen = history_items(batch, list(schema.sequences))
+    assert any(h.size == 0 for h in seen), "the split should hold empty histories (the empty-history policies)"
+    tt = load_retriever(retrievers["two_tower"], schema, catalog)
+    with torch.no_grad():
+        s = tt.model.user_vectors(batch) @ tt.model.item_vectors(items, cats).T  # [B, M]
+    for b, h in enumerate(seen):
+        s[b, torch.as_tensor(catalog.positions(h))] = float("-inf")
+    two_tower = items[s.topk(K, dim=1).indices].numpy()
+    sid = load_retriever(retrievers["sid"], schema, catalog)
+    b, m = batch.num_requests, items.numel()
+    codes = synthetic_sids(schema.num_items)[items].repeat(b, 1)  # [B*M, 2]
+    with torch.no_grad():
+        logp = sid.model(user_prefix(sid.backbone, batch), codes[:, :1], torch.arange(b + 1) * m)  # [B*M, 2, V]
+    total = logp.gather(2, codes.unsqueeze(2)).squeeze(2).sum(1).view(b, m)
+    best = items[total.topk(K, dim=1).indices].numpy()
+    best = np.where([np.isin(best[i], seen[i]) for i in range(b)], -1, best)
+    return [two_tower, best]
+
+
+def reference_rows(ckpt: Path, retrievers: dict[str, Path], summary: dict) -> dict[int, list[tuple]]:
+    """request_id -> [(item, rank, is_target, retrieved_by, score_click, score_like)], the slow way: brute-force
+    retrieval, union, every candidate scored alone by the plain (uncached) ranker, Python sort."""
+    model, schema, _ = load_ranker(ckpt, CPU)
+    table = scored_requests(summary, schema)
+    batch = collate(table, schema, summary["max_len"])
+    cats = collect_item_categories([Path(f) for f in summary["category_files"]], schema)
+    catalog = catalog_items(schema, None, cats)
+    retrieved = brute_force_retrieval(retrievers, schema, catalog, batch)
+    names = ["two_tower", "sid"]
+    out = {}
+    for b in range(batch.num_requests):
+        one = collate(table.slice(b, 1), schema, summary["max_len"])
+        found = {}
+        for j, r in enumerate(retrieved):
+            for item in r[b][r[b] >= 0]:
+                found.setdefault(int(item), set()).add(names[j])
+        scores = {}
+        with torch.no_grad():
+            for item in found:
+                sub = with_candidates(one, torch.tensor([item]), torch.tensor([int(cats.category[item])]))
+                scores[item] = torch.sigmoid(model(sub)[0]).tolist()
+        order = sorted(found, key=lambda i: (-scores[i][0], i))
+        cand = one.cand["item_id"].values().numpy()
+        labels = one.labels[:, 0].numpy()
+        targets = sorted({int(i) for i, y in zip(cand, labels) if y > 0.5 and i > 0})
+        rows = [(i, r, i in targets, "+".join(n for n in names if n in found[i]), *scores[i])
+                for r, i in enumerate(order[:TOP_N])]
+        for t in targets:
+            if t not in order[:TOP_N]:
+                rank = order.index(t) if t in found else -1
+                by = "+".join(n for n in names if n in found.get(t, ()))
+                rows.append((t, rank, True, by, *(scores[t] if t in found else (float("nan"),) * 2)))
+        out[int(one.request_id[0])] = rows
+    return out
+
+
+def test_cascade_rows_equal_the_slow_reference(trained, retrievers, cascade_run):
+    tmp, ckpt = trained
+    out, summary = cascade_run
+    assert summary["complete"] and summary["partitions_total"] >= 4
+    got = read_output(out)
+    want = reference_rows(ckpt, retrievers, summary)
+    assert set(got["request_id"].unique().to_list()) == set(want)
+    by_request = {}
+    for r in got.iter_rows(named=True):
+        by_request.setdefault(r["request_id"], []).append(r)
+    n_both = 0
+    for rid, rows in want.items():
+        mine = by_request[rid]
+        assert [(r["item_id"], r["rank"], r["is_target"], r["retrieved_by"]) for r in mine] == \
+            [w[:4] for w in rows], rid
+        s = np.array([(r["score_click"], r["score_like"]) for r in mine], dtype=np.float64)
+        np.testing.assert_allclose(s, np.array([w[4:] for w in rows]), rtol=1e-5, atol=1e-6, equal_nan=True)
+        n_both += sum(w[3] == "two_tower+sid" for w in rows)
+    m = summary["metrics"]
+    assert m["targets"] == sum(w[2] for rows in want.values() for w in rows)
+    flat = [w for rows in want.values() for w in rows if w[2]]
+    assert m[f"recall@{K}_union"] == pytest.approx(np.mean([w[3] != "" for w in flat]))
+    assert m[f"recall@{K}_sid"] == pytest.approx(np.mean(["sid" in w[3] for w in flat]))
+    assert set(summary["stage_time_s"]) == {"retrieve", "rank", "write"}
+    counts = summary["mode_counts"]
+    assert counts["candidates_ranked"] == summary["candidates"]
+    # 4 level-1 SID prefixes <= the beam width: every beam search was exact, and certified so
+    assert counts["sid_beam_certified"] == counts["sid_beam_requests"] == summary["requests"]
+
+
+def test_written_items_are_real_and_distinct(cascade_run):
+    out, summary = cascade_run
+    df = read_output(out)
+    assert df["item_id"].min() >= 1 and df["item_id"].max() < summary["catalog_items"] + 1
+    assert df.select("request_id", "item_id").is_duplicated().sum() == 0
+    top = df.filter(df["rank"] >= 0)
+    assert (top.group_by("request_id").len()["len"] >= TOP_N).all()  # the top N, plus targets ranked lower
+    assert (df.filter(df["rank"] < 0)["retrieved_by"] == "").all()  # rank -1: no retriever found it
+
+
+def test_union_keeps_provenance_and_a_request_with_no_valid_beam():
+    a = np.array([[5, 3, -1], [-1, -1, -1]])  # request 1: no valid result (e.g. every beam excluded)
+    b = np.array([[3, 9, 7], [-1, -1, -1]])
+    ids, bits = union_candidates([a, b])
+    assert ids[0].tolist() == [3, 5, 7, 9] and bits[0].tolist() == [3, 1, 2, 2]
+    assert ids[1].size == 0 and bits[1].size == 0
+
+
+def test_kill_then_rerun_writes_every_row_once(trained, retrievers, cascade_run):
+    tmp, ckpt = trained
+    base, summary = cascade_run
+    out = tmp / "cascade_killed"
+    extra = [f"{k}={v}" for k, v in cascade_overrides(retrievers).items()]
+    proc = launch(ckpt, out, *extra, "pause_after_partition_s=1.0")
+    deadline = time.time() + 180
+    while not (out / "part-00000.parquet").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no partition written in time"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("part-*.parquet")))
+    assert 1 <= done < summary["partitions_total"]
+    proc = launch(ckpt, out, *extra)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    resumed = json.loads(Path(stdout.strip().splitlines()[-1]).read_text())
+    assert resumed["complete"] and resumed["partitions_skipped"] == done
+    assert read_output(out).equals(read_output(base))  # every row once, bit-identical
+    assert resumed["metrics"] == pytest.approx(summary["metrics"])
+
+
+def test_load_retriever_refusals_in_process(trained, retrievers, tmp_path):
+    tmp, ckpt = trained
+    _, schema, _ = load_ranker(ckpt, CPU)
+    catalog = catalog_items(schema, None, collect_item_categories([], schema))
+    (tmp_path / "text").write_text("not an artifact")
+    for bad, needle in [(tmp_path / "text", "is a file"), (tmp_path / "missing", "does not exist")]:
+        with pytest.raises(InputError, match=needle):
+            load_retriever(bad, schema, catalog)
+    ranker, max_s = load_ranker(ckpt, CPU)[0], int(load_checkpoint(ckpt)["max_s_tokens"])
+    tower = save_retriever(tmp_path / "tower", TwoTowerEncoder(ranker, 4), schema, max_s_tokens=max_s,
+                           dataset_dir=tmp_path / "trained_on")
+    assert load_retriever(tower, schema, catalog, dataset_dir=tmp_path / "trained_on").index is not None
+    with pytest.raises(InputError, match="built for another schema or catalog.*served_on"):
+        load_retriever(tower, schema, catalog, dataset_dir=tmp_path / "served_on")  # another dataset dir
+    garbage = tmp_path / "garbage"
+    shutil.copytree(retrievers["sid"], garbage)
+    (garbage / "state.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(InputError, match="not a readable torch file"):
+        load_retriever(garbage, schema, catalog)
+    with pytest.raises(InputError, match="is a file, not a retriever artifact"):  # overwrite never hits a non-artifact
+        save_retriever(tmp_path / "text", TwoTowerEncoder(ranker, 4), schema, max_s_tokens=max_s, dataset_dir=None,
+                       overwrite=True)
+    assert (tmp_path / "text").read_text() == "not an artifact"
+    with pytest.raises(InputError, match="already exists"):
+        save_retriever(retrievers["sid"], SidDecoder(ranker.cfg, 2, 50), schema, max_s_tokens=max_s, dataset_dir=None,
+                       backbone=ranker, codes=synthetic_sids(schema.num_items))
+
+
+@pytest.fixture(scope="module")
+def hostile(trained, retrievers):
+    """Artifacts the CLI must refuse: one built for another dataset (other item count), one whose code table
+    leaves an item without a SID, and a text file."""
+    tmp, ckpt = trained
+    root = tmp / "hostile_retrievers"
+    data = tiny_data_config(root / "data")
+    data.synthetic.num_items = 150
+    other = make_retrievers(root / "other", make_checkpoint(root / "run", data))
+    ranker, schema, _ = load_ranker(ckpt, CPU)
+    codes = synthetic_sids(schema.num_items)
+    codes[7] = -1
+    torch.manual_seed(0)
+    no_sid = save_retriever(root / "no_sid", SidDecoder(ranker.cfg, 2, int(codes.max()) + 1), schema,
+                            max_s_tokens=int(load_checkpoint(ckpt)["max_s_tokens"]), dataset_dir=None,
+                            backbone=ranker, codes=codes)
+    text = root / "retriever.txt"
+    text.write_text("two_tower\n")
+    return {"other": other["two_tower"], "no_sid": no_sid, "text": text}
+
+
+def cli(ckpt: Path, out: Path, retr: list[Path], *extra: str):
+    return run_cli("recsys.score", f"checkpoint={ckpt}", f"output_dir={out}", *SETTINGS, "mode=cascade",
+                   "cascade.retrievers=[" + ",".join(f"'{p}'" for p in retr) + "]", *extra)
+
+
+@pytest.mark.parametrize("case", ["retrieve_k", "top_n", "other_schema", "no_sid", "text"])
+def test_cli_refusals(trained, retrievers, hostile, case):
+    tmp, ckpt = trained
+    out = tmp / f"refused_{case}"
+    both = [retrievers["two_tower"], retrievers["sid"]]
+    if case == "retrieve_k":
+        proc = cli(ckpt, out, both, "cascade.retrieve_k=500", "cascade.top_n=5")
+        m = load_ranker(ckpt, CPU)[1].num_items - 1  # every id but the padding id 0
+        assert_refused(proc, "cascade.retrieve_k=500", f"catalog's {m} items")
+    elif case == "top_n":
+        proc = cli(ckpt, out, both, "cascade.retrieve_k=4", "cascade.top_n=6")
+        assert_refused(proc, "cascade.top_n=6", "cascade.retrieve_k=4")
+    elif case == "other_schema":
+        proc = cli(ckpt, out, [hostile["other"]])
+        built = json.loads((hostile["other"] / "retriever.json").read_text())["fingerprint"]["num_items"]
+        here = load_ranker(ckpt, CPU)[1].num_items
+        assert built != here
+        assert_refused(proc, str(hostile["other"]), "another schema or catalog", f"'num_items': {built}",
+                       f"'num_items': {here}")
+    elif case == "no_sid":
+        proc = cli(ckpt, out, [hostile["no_sid"]])
+        assert_refused(proc, str(hostile["no_sid"]), "1 catalog item(s) have no semantic ID", "[7]")
+    else:
+        proc = cli(ckpt, out, [hostile["text"]])
+        assert_refused(proc, str(hostile["text"]), "not a retriever artifact directory")
+    assert not out.exists()  # refused before the output directory is touched
