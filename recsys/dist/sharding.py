@@ -23,9 +23,8 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.optim import Adagrad, RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from recsys.dist.config import Sharding
+from recsys.dist.config import Sharding, SparseOptimizer
 from recsys.embeddings.tables import FeatureEmbeddings
-from recsys.train.config import SparseOptimizer
 
 PLANNER_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value)
 

@@ -9,10 +9,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from recsys.baselines import build_model
+from recsys.baselines.factory import build_model
 from recsys.data.schema import DataSchema
 from recsys.model.config import ModelConfig
-from recsys.train.checkpoint import load_checkpoint, load_model_state
+from recsys.reliability.checkpoint import load_checkpoint, load_model_state
 
 
 def load_any_model(path: Path, device: torch.device) -> tuple[nn.Module, DataSchema, dict[str, Any]]:

@@ -33,6 +33,7 @@ from recsys.evaluate.catalog import catalog_ranks
 from recsys.evaluate.config import EvaluateConfig, RelevantItems
 from recsys.evaluate.load import load_any_model
 from recsys.evaluate.plots import bucket_figure, calibration_figure, roc_figure, save, training_figure
+from recsys.model.metrics import hr_ndcg_at_k
 from recsys.reliability.device import resolve_device
 from recsys.reliability.digest import json_default
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
@@ -40,7 +41,6 @@ from recsys.serving.catalog import collect_item_categories
 from recsys.serving.config import CatalogTarget
 from recsys.serving.job import resolve_checkpoint
 from recsys.train.evaluate import metrics_report, predict
-from recsys.train.metrics import hr_ndcg_at_k
 
 
 def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -50,8 +50,10 @@ from recsys.data.validate import validate_table
 from recsys.errors import InputError
 from recsys.longseq.cache import LongMemoryCache
 from recsys.model.config import Backend, ModelConfig
+from recsys.model.metrics import auc, gauc, hr_ndcg_at_k, logloss
 from recsys.model.ranker import OneTransRanker
 from recsys.reliability.atomic import atomic_write_bytes
+from recsys.reliability.checkpoint import CheckpointManager, load_checkpoint, load_model_state, require_keys
 from recsys.reliability.device import resolve_device
 from recsys.reliability.digest import json_default
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
@@ -73,8 +75,6 @@ from recsys.serving.partitions import (
     write_partition,
 )
 from recsys.serving.scorer import CachedScorer
-from recsys.train.checkpoint import CheckpointManager, load_checkpoint, load_model_state, require_keys
-from recsys.train.metrics import auc, gauc, hr_ndcg_at_k, logloss
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
+from recsys.baselines.factory import build_model, max_s_tokens
 from recsys.data.batch import RequestBatch
+from recsys.dist.config import OptimConfig
+from recsys.dist.schedule import lr_multiplier
 from recsys.model.config import ModelConfig
 from recsys.model.ranker import OneTransRanker
 from recsys.testing import random_request_batch, tiny_schema
-from recsys.train.config import OptimConfig
-from recsys.train.loop import build_model
-from recsys.train.schedule import lr_multiplier
 
 SCHEMA = tiny_schema()
 MAX_LEN = 12
@@ -29,7 +29,8 @@ def model_config() -> ModelConfig:
 
 def build() -> OneTransRanker:
     torch.manual_seed(0)
-    return build_model(SCHEMA, model_config(), MAX_LEN)
+    cfg = model_config()
+    return build_model(SCHEMA, cfg, max_s_tokens(SCHEMA, cfg, MAX_LEN))
 
 
 def optim_config() -> OptimConfig:
