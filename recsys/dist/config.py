@@ -14,6 +14,9 @@ from recsys.errors import InputError
 
 
 class Backend(str, Enum):
+    """torch.distributed process-group backend of a run (``dist.backend``). Not the same thing as
+    ``recsys.model.config.Backend``, which names an attention kernel (``model.attention_backend``)."""
+
     none = "none"
     """Single process (``python -m recsys.train``)."""
     gloo = "gloo"

@@ -253,18 +253,30 @@ def init_process_group(dcfg: DistConfig) -> tuple[torch.device, bool]:
     return device, created
 
 
-def check_model_supported(arch: Any, backend: Backend) -> None:
-    """Refuse, before any work, a model N ranks cannot shard (the baselines keep their own torchrec tables)."""
-    arch_model = str(getattr(arch, "value", arch))
-    if Backend(backend) != Backend.none and arch_model != "onetrans":
-        raise InputError(f"model.arch={arch_model} with dist={Backend(backend).value}: distributed training shards "
-                         "the OneTrans ranker's tables only; train the baselines in one process "
-                         "(python -m recsys.train model=... dist=none)")
+def check_model_supported(model_cfg: Any, backend: Backend) -> None:
+    """Refuse, before any work, a model N ranks cannot shard correctly: the baselines keep their own torchrec
+    tables, and the semantic-ID table (``item_embedding.mode=sid|both``) is not among the tables
+    ``recsys.dist.sharding.plan_sharding`` constrains (the planner could make it data-parallel, which the
+    fused optimizer gets wrong: see ``recsys.dist.config.Sharding``)."""
+    if Backend(backend) == Backend.none:
+        return
+    where = f"dist={Backend(backend).value}"
+    arch = str(getattr(model_cfg.arch, "value", model_cfg.arch))
+    if arch != "onetrans":
+        raise InputError(f"model.arch={arch} with {where}: distributed training shards the OneTrans ranker's "
+                         "tables only; train the baselines in one process (python -m recsys.train model=... "
+                         "dist=none)")
+    mode = str(getattr(model_cfg.item_embedding.mode, "value", model_cfg.item_embedding.mode))
+    if mode != "id":
+        raise InputError(f"model.item_embedding.mode={mode} with {where}: the semantic-ID table is not sharded "
+                         "under a checked plan yet; train SID models in one process (dist=none), or use "
+                         "model.item_embedding.mode=id")
 
 
-def make_strategy(dcfg: DistConfig, arch: Any, device_choice: Any) -> SingleProcess:
-    """:class:`SingleProcess` for ``dist=none`` (``train.device`` resolved), else :class:`Distributed`."""
-    check_model_supported(arch, dcfg.backend)
+def make_strategy(dcfg: DistConfig, model_cfg: Any, device_choice: Any) -> SingleProcess:
+    """:class:`SingleProcess` for ``dist=none`` (``train.device`` resolved), else :class:`Distributed`
+    (a model it cannot shard is refused first: :func:`check_model_supported`)."""
+    check_model_supported(model_cfg, dcfg.backend)
     if Backend(dcfg.backend) == Backend.none:
         return SingleProcess(resolve_device(device_choice, "train.device"))
     return Distributed(dcfg)

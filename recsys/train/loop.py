@@ -56,7 +56,7 @@ def train(cfg: RunConfig) -> Path:
 
     Returns the report path (on every rank; rank 0 writes it).
     """
-    par = make_strategy(cfg.dist, cfg.model.arch, cfg.train.device)  # a baseline under N ranks: refused
+    par = make_strategy(cfg.dist, cfg.model, cfg.train.device)  # a model N ranks cannot shard: refused
     try:
         out = par.gather_objects(cfg.output_dir)[0]  # ${now:...} resolves per process: rank 0's name wins
         cfg, sids = with_resolved_sids(replace(cfg, output_dir=out))  # item_embedding=sid/both: sizes + codes

@@ -2,7 +2,7 @@
 
 * 2 ranks on halves of the same global batches == 1 process on the whole batches (losses and
   final weights), for row-wise and table-wise tables. Why they must agree: see the gradient
-  bookkeeping in recsys/dist/trainer.py. The reference is the single-process training math of
+  bookkeeping in recsys/dist/wrap.py. The reference is the single-process training math of
   ``recsys.train`` (torchrec ``RowWiseAdagrad`` stepped after backward, AdamW, clipping, the
   same LR schedule); the distributed side uses FBGEMM's fused row-wise Adagrad in backward.
   Tolerance: 1e-5 relative on the loss, 2e-5 absolute on every weight -- float32 sums in a
@@ -13,6 +13,10 @@
 * the run-directory rules of ``recsys.train`` on the real ``torchrun -m recsys.dist`` command:
   ``train.resume=false`` into a directory with checkpoints, and a directory another process holds, are
   refused (exit 2 on the ranks, before any training), inputs untouched.
+* real ``torchrun -m recsys.train`` ranks SIGKILLed between checkpoints, then resumed: bit-exact;
+* a NaN loss on one rank skips the step on both and moves no weight, table or optimizer state; a
+  non-finite gradient (finite loss) stops both ranks before the dense step;
+* a baseline or a semantic-ID model under N ranks is refused before any work.
 """
 
 from __future__ import annotations
@@ -249,5 +253,11 @@ def test_a_baseline_under_n_ranks_is_refused_before_any_work(tmp_path):
         cfg = OmegaConf.to_object(compose("train", overrides=[
             "model=dlrm", "data=tiny", "dist=gloo", f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}"]))
     with pytest.raises(InputError, match=r"model.arch=dlrm with dist=gloo: distributed training shards the OneTrans"):
+        train(cfg)
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=[
+            "model=debug", "model.item_embedding.mode=sid", f"model.item_embedding.sid_path={tmp_path / 'sids.pt'}",
+            "data=tiny", "dist=gloo", f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}"]))
+    with pytest.raises(InputError, match=r"model.item_embedding.mode=sid with dist=gloo: the semantic-ID table"):
         train(cfg)
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
