@@ -14,8 +14,6 @@ default 1) it reaches the named point. Points:
 
 Value faults (:func:`fault_now`: true the ``n``-th time, nothing killed), for the non-finite guard:
 
-``train.nonfinite_loss``
-    the ``n``-th training step of this process computes a NaN loss.
 ``train.nonfinite_grad``
     the ``n``-th training step keeps a finite loss, but its gradients become Inf / NaN.
 
@@ -30,8 +28,7 @@ import signal
 from typing import IO
 
 ENV = "RECSYS_FAULT"
-POINTS = ("checkpoint.mid_write", "checkpoint.before_rename", "train.after_step", "train.nonfinite_loss",
-          "train.nonfinite_grad")
+POINTS = ("checkpoint.mid_write", "checkpoint.before_rename", "train.after_step", "train.nonfinite_grad")
 _hits: dict[str, int] = {}
 
 

@@ -70,8 +70,6 @@ class Trainer:
         loss, per_task = multitask_bce(logits, batch.labels, self.task_weights)
         if isinstance(self.model, Baseline) and (aux := self.model.auxiliary_loss()) is not None:
             loss = loss + aux  # e.g. SASRec's next-item softmax (one process only); per_task stays the task BCE
-        if fault_now("train.nonfinite_loss"):
-            loss = loss * float("nan")
         loss = loss * share
         stats = self.par.sum_(torch.cat([loss.detach().reshape(1).float(), per_task.detach().float() * share]))
         return loss, stats, counts, logits
