@@ -5,10 +5,19 @@ pooled ``EmbeddingBagCollection``) are sharded by torchrec's planner (table-wise
 per ``dist.sharding``); everything else (tokenizer projections, blocks, heads) is replicated
 and wrapped in DDP by DMP (gradients averaged). The sparse optimizer runs fused inside the
 tables' backward (``apply_optimizer_in_backward`` -> FBGEMM ``EXACT_ROWWISE_ADAGRAD``).
+
+Two ways in, same initial weights (``shard_ranker`` picks by where the tables are):
+
+* tables on ``meta`` (``build_sharded_ranker`` / ``recsys.dist.meta_init.build_meta_model``): DMP
+  allocates and initialises only this rank's shards (``shard_meta_model``); per-rank table memory is
+  the shard, never the whole table;
+* tables on CPU (a full plain model, e.g. one whose weights were changed): ``shard_model`` copies
+  its full state into the shards (peak: the whole tables twice plus the shard, on every rank).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +32,11 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.optim import Adagrad, RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from recsys.dist.config import Sharding, SparseOptimizer
+from recsys.data.schema import DataSchema
+from recsys.dist.config import DistConfig, Sharding, SparseOptimizer
+from recsys.dist.meta_init import build_meta_model, meta_tensors
 from recsys.embeddings.tables import FeatureEmbeddings
+from recsys.model.config import ModelConfig
 
 PLANNER_TYPES = (ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value, ShardingType.COLUMN_WISE.value)
 
@@ -93,6 +105,71 @@ def shard_model(model: nn.Module, emb: FeatureEmbeddings, sharding: Sharding, de
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders())
     load_full_state(dmp, full)
     return dmp, plan
+
+
+def shard_meta_model(model: nn.Module, emb: FeatureEmbeddings, sharding: Sharding, device: torch.device
+                     ) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Wrap ``model`` (tables on meta, fused optimizer attached) in DMP, materialising only this rank's shards.
+
+    Each sharded module runs its tables' ``init_fn`` (``SeededTableInit``) on its ``ShardedTensor``s:
+    every local shard gets the rows/columns the plain model's full table has there. A collective.
+    """
+    inits = table_inits(emb)
+    plan = plan_sharding(model, emb, sharding, device)
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(),
+                                   init_data_parallel=True, init_parameters=True)
+    left = meta_tensors(dmp)
+    if left:
+        raise RuntimeError(f"still on meta after sharding (not a sharded table?): {left[:10]}")
+    init_local_shards(dmp, inits)
+    return dmp, plan
+
+
+def table_inits(emb: FeatureEmbeddings) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """``{table name: init_fn}`` of every torchrec table of ``emb``."""
+    configs = list(emb.seq_tables.embedding_configs())
+    if emb.sid_tables is not None:
+        configs += emb.sid_tables.embedding_configs()
+    if emb.sparse_tables is not None:
+        configs += emb.sparse_tables.embedding_bag_configs()
+    return {c.name: c.init_fn for c in configs}
+
+
+@torch.no_grad()
+def init_local_shards(dmp: DistributedModelParallel, inits: dict[str, Callable[[torch.Tensor], Any]]) -> None:
+    """Runs each table's ``init_fn`` on its sharded weight (``...<table>.weight`` of ``dmp.state_dict()``).
+
+    Why not torchrec's own ``reset_parameters``: the sharded modules hand ``init_fn`` the bare local
+    shard, without its offsets; the ``ShardedTensor`` of the ``state_dict`` carries them (its local
+    shards are views of the FBGEMM weights). Local, no collective.
+    """
+    for key, value in dmp.state_dict().items():
+        parts = key.split(".")
+        if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in inits:
+            inits[parts[-2]](value)
+
+
+def shard_ranker(model: nn.Module, dcfg: DistConfig, device: torch.device, sparse: SparseOptimizer,
+                 sparse_lr: float) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Fused sparse optimizer (``sparse``, ``sparse_lr``, ``dcfg.fused_eps``) + plan + DMP for the ranker.
+
+    Tables on meta -> :func:`shard_meta_model`; on CPU -> :func:`shard_model` (full weights copied).
+    A collective: every rank calls it with the same-seed model.
+    """
+    emb = model.tokenizer.embeddings
+    fuse_sparse_optimizer(emb, sparse, sparse_lr, dcfg.fused_eps)
+    if meta_tensors(emb):
+        return shard_meta_model(model, emb, dcfg.sharding, device)
+    return shard_model(model, emb, dcfg.sharding, device)
+
+
+def build_sharded_ranker(schema: DataSchema, model_cfg: ModelConfig, max_s_tokens: int, dcfg: DistConfig,
+                         device: torch.device, sparse: SparseOptimizer, sparse_lr: float
+                         ) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """The sharded ranker straight from its config: tables built on meta, only this rank's shards
+    allocated. Seed first (``torch.manual_seed``, same on every rank): the initial weights then equal
+    those of ``build_model`` under the same seed. A collective."""
+    return shard_ranker(build_meta_model(schema, model_cfg, max_s_tokens), dcfg, device, sparse, sparse_lr)
 
 
 def _copy_into(dst: Any, src: torch.Tensor, key: str) -> None:

@@ -4,6 +4,7 @@
 the same methods, so the trainer (``recsys.train.loop`` / ``recsys.train.step``) has one code path:
 
 * ``decide(fn)``: a decision one process takes for all (lock, resume choice), refusals included;
+* ``instantiate(build)``: the model to wrap (N ranks: its tables on meta, no whole table on any rank);
 * ``wrap(model, oc, lr_lambda)``: the module to train and its :class:`Optimizers`. One process: the
   model as is, torchrec ``RowWiseAdagrad`` / ``Adagrad`` stepped after backward. N ranks: the tables
   sharded by ``DistributedModelParallel`` with the sparse optimizer fused into their backward,
@@ -91,6 +92,10 @@ class SingleProcess:
     def gather_objects(self, obj: Any) -> list[Any]:
         return [obj]
 
+    def instantiate(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """The model :meth:`wrap` takes: ``build()`` (call it seeded: same seed on every rank)."""
+        return build()
+
     def wrap(self, model: nn.Module, oc: OptimConfig, lr_lambda: Callable[[int], float]
              ) -> tuple[nn.Module, Optimizers]:
         model = model.to(self.device)
@@ -171,6 +176,13 @@ class Distributed(SingleProcess):
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def instantiate(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """``build()`` with its torchrec tables on meta: :meth:`wrap` then allocates and initialises only this
+        rank's shards (``recsys.dist.meta_init``); dense weights and table values as in the plain model."""
+        from recsys.dist.meta_init import on_meta
+
+        return on_meta(build)
 
     def wrap(self, model: nn.Module, oc: OptimConfig, lr_lambda: Callable[[int], float]
              ) -> tuple[nn.Module, Optimizers]:

@@ -27,16 +27,16 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from recsys.dist.checkpoint import DistCheckpointer
 from recsys.dist.config import DistConfig, OptimConfig
 from recsys.dist.optim import dense_optimizer
-from recsys.dist.sharding import describe_plan, fuse_sparse_optimizer, shard_model
+from recsys.dist.sharding import describe_plan, shard_ranker
 
 
 def wrap_sharded(model: nn.Module, oc: OptimConfig, dcfg: DistConfig, device: torch.device
                  ) -> tuple[DistributedModelParallel, KeyedOptimizerWrapper, list[nn.Parameter], dict[str, Any]]:
-    """(DMP module, dense optimizer, dense parameters, described plan) of the plain ranker ``model``
-    (built with the same seed on every rank: its weights become the initial shards)."""
-    emb = model.tokenizer.embeddings
-    fuse_sparse_optimizer(emb, oc.sparse, oc.sparse_lr, dcfg.fused_eps)
-    dmp, plan = shard_model(model, emb, dcfg.sharding, device)
+    """(DMP module, dense optimizer, dense parameters, described plan) of the ranker ``model``, built with the
+    same seed on every rank: tables on meta (``recsys.dist.meta_init``: only this rank's shards are ever
+    allocated, each initialised as the plain model's table there) or a full plain model (its weights are
+    copied into the shards); see ``recsys.dist.sharding.shard_ranker``. A collective."""
+    dmp, plan = shard_ranker(model, dcfg, device, oc.sparse, oc.sparse_lr)
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters(), include=False))
     dense_opt = KeyedOptimizerWrapper(dense, lambda params: dense_optimizer(params, oc))
     return dmp, dense_opt, list(dense.values()), describe_plan(plan)

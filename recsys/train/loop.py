@@ -125,7 +125,7 @@ class Run:
                   f"data.row_group_size (now {cfg.data.row_group_size}) so each rank gets many row groups")
         seed_everything(tc.seed)
         oc = tc.optim
-        module, opt = par.wrap(self.build(), oc, lambda s: lr_multiplier(
+        module, opt = par.wrap(par.instantiate(self.build), oc, lambda s: lr_multiplier(
             s, oc.warmup_steps, self.total, oc.lr_decay.value, oc.min_lr_ratio))
         self.trainer = Trainer(module, par, opt, list(tc.task_weights) or None, tc.bf16, oc.clip_grad_norm)
         self.store = par.store(self.out_dir, tc.keep_checkpoints)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from omegaconf import OmegaConf
 
 from recsys.baselines.factory import build_model, max_s_tokens
 from recsys.data.batch import RequestBatch
+from recsys.data.schema import DataSchema
 from recsys.dist.config import OptimConfig
+from recsys.dist.meta_init import build_meta_model
 from recsys.dist.schedule import lr_multiplier
 from recsys.model.config import ModelConfig
 from recsys.model.ranker import OneTransRanker
 from recsys.testing import random_request_batch, tiny_schema
 
 SCHEMA = tiny_schema()
+# tests/dist/test_meta_init.py: an item table of a few thousand rows (odd: unequal row-wise shards; several
+# seeded init blocks per shard, shard boundary inside a block)
+META_SCHEMA = replace(SCHEMA, num_items=9001)
 MAX_LEN = 12
 WARMUP, TOTAL = 2, 6
 # Per request (global batch of 6 = 3 per rank): histories with empty, length-1 and long ones;
@@ -27,10 +34,16 @@ def model_config() -> ModelConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), debug))
 
 
-def build() -> OneTransRanker:
+def build(schema: DataSchema = SCHEMA) -> OneTransRanker:
     torch.manual_seed(0)
     cfg = model_config()
-    return build_model(SCHEMA, cfg, max_s_tokens(SCHEMA, cfg, MAX_LEN))
+    return build_model(schema, cfg, max_s_tokens(schema, cfg, MAX_LEN))
+
+
+def build_meta(schema: DataSchema = META_SCHEMA) -> OneTransRanker:
+    """``build(schema)`` with the tables on meta (same seed: same dense weights, same table init)."""
+    torch.manual_seed(0)
+    return build_meta_model(schema, model_config(), max_s_tokens(schema, model_config(), MAX_LEN))
 
 
 def optim_config() -> OptimConfig:
@@ -41,7 +54,7 @@ def lr_lambda(step: int) -> float:
     return lr_multiplier(step, WARMUP, TOTAL, "cosine", 0.1)
 
 
-def global_batch(t: int) -> RequestBatch:
+def global_batch(t: int, schema: DataSchema = SCHEMA) -> RequestBatch:
     rot = t % len(CANDIDATES)  # vary which request lands on which rank from step to step
-    return random_request_batch(SCHEMA, HISTORIES[rot:] + HISTORIES[:rot], CANDIDATES[rot:] + CANDIDATES[:rot],
+    return random_request_batch(schema, HISTORIES[rot:] + HISTORIES[:rot], CANDIDATES[rot:] + CANDIDATES[:rot],
                                 seed=100 + t)

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 from hostile_helpers import file_digests, hold_lock  # noqa: E402  (one copy of the lock holder)
 
+from recsys.data.schema import DataSchema
 from recsys.dist.optim import make_optimizers
 from recsys.model.heads import multitask_bce
 from recsys.reliability.checkpoint import CheckpointManager, load_checkpoint
@@ -70,16 +71,17 @@ def torchrun(*args: str, nproc: int = 2, check: bool = True, fault: str | None =
     return proc
 
 
-def single_process_reference(steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def single_process_reference(steps: int, schema: DataSchema = scenario.SCHEMA
+                             ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """What one process does on the whole global batches (the recsys.train step)."""
-    model = scenario.build()
+    model = scenario.build(schema)
     oc = scenario.optim_config()
     opt_sparse, opt_dense = make_optimizers(model, oc)
     dense = [p for g in opt_dense.param_groups for p in g["params"]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt_dense, scenario.lr_lambda)
     losses = []
     for t in range(steps):
-        g = scenario.global_batch(t)
+        g = scenario.global_batch(t, schema)
         loss, _ = multitask_bce(model(g), g.labels)
         opt_sparse.zero_grad(set_to_none=True)
         opt_dense.zero_grad(set_to_none=True)

@@ -9,6 +9,8 @@
         (2 ranks: uninterrupted and crashed+resumed runs, then a resume of "crashed" under another
         configuration, which every rank must refuse: <out_dir>/refused-rank<r>.txt holds each rank's
         message; 1 rank: resume the 2-rank checkpoint in reshard1/)
+    torchrun ... tests/dist/worker.py meta <sharding>[,<sharding>...] <steps> <out_dir>
+        (tables built on meta vs the full plain model, on dist_scenario.META_SCHEMA)
 
 Not collected by pytest (no ``test_`` prefix); results are written under ``out_dir`` and the
 test process compares them.
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
@@ -32,6 +35,7 @@ from recsys.dist.sharding import gather_full_state
 from recsys.dist.strategy import Distributed
 from recsys.dist.wrap import sharded_state
 from recsys.errors import InputError
+from recsys.model.ranker import OneTransRanker
 from recsys.reliability.faults import ENV
 from recsys.train.config import RunConfig, register_configs
 from recsys.train.loop import train
@@ -71,11 +75,14 @@ def match(shardings: str, steps: int, out: Path) -> None:
         match_one(sharding, steps, out)
 
 
-def sharded_trainer(sharding: str) -> tuple[Distributed, Trainer]:
-    """The production pieces: the Distributed strategy wraps the scenario's model, the one step function."""
+def sharded_trainer(sharding: str, model: OneTransRanker | None = None) -> tuple[Distributed, Trainer]:
+    """The production pieces: the Distributed strategy wraps ``model`` (default: the scenario's model, its
+    tables on meta as the trainer builds it), the one step function."""
     par = Distributed(DistConfig(backend="gloo", sharding=sharding))
     oc = scenario.optim_config()
-    module, opt = par.wrap(scenario.build(), oc, scenario.lr_lambda)
+    if model is None:
+        model = par.instantiate(scenario.build)
+    module, opt = par.wrap(model, oc, scenario.lr_lambda)
     return par, Trainer(module, par, opt, clip_grad_norm=oc.clip_grad_norm)
 
 
@@ -135,6 +142,34 @@ def nonfinite(out: Path) -> None:
     torch.save(found, out / f"nonfinite-rank{par.rank}.pt")
 
 
+def meta(shardings: str, steps: int, out: Path) -> None:
+    """For each sharding, twice (tables built on meta, then the full plain model): every rank writes its
+    initial local shards (``<path>_<sharding>_init_rank<r>.pt``: ``{key: [(offsets, tensor)]}``, the
+    replicated tensors under offsets ``None``); rank 0 writes losses + gathered final weights
+    (``<path>_<sharding>.pt``)."""
+    for sharding in shardings.split(","):
+        for path in ("meta", "plain"):
+            model = scenario.build_meta() if path == "meta" else scenario.build(scenario.META_SCHEMA)
+            par, trainer = sharded_trainer(sharding, model)
+            torch.save(local_shards(trainer.model.state_dict()), out / f"{path}_{sharding}_init_rank{par.rank}.pt")
+            losses = [trainer.step(my_part(scenario.global_batch(t, scenario.META_SCHEMA))).loss
+                      for t in range(steps)]
+            full = gather_full_state(trainer.model)
+            if par.rank == 0:
+                torch.save({"losses": losses, "state": full, "plan": par.plan}, out / f"{path}_{sharding}.pt")
+
+
+def local_shards(state: dict) -> dict[str, list[tuple[list[int] | None, torch.Tensor]]]:
+    """This rank's pieces of a sharded ``state_dict``: ``(shard offsets, values)`` per local shard."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            out[key] = [(list(s.metadata.shard_offsets), s.tensor.detach().clone()) for s in value.local_shards()]
+        else:
+            out[key] = [(None, value.detach().clone())]
+    return out
+
+
 def resume(sharding: str, out: Path, data_root: str, k: int, n: int) -> None:
     """Uninterrupted n-step run, and a run stopped at step k then resumed to n (fresh model + DCP load)."""
     register_configs()
@@ -174,6 +209,8 @@ if __name__ == "__main__":
             match(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
         elif sys.argv[1] == "nonfinite":
             nonfinite(Path(sys.argv[2]))
+        elif sys.argv[1] == "meta":
+            meta(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
         elif sys.argv[1] == "resume":
             resume(sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
         else:
