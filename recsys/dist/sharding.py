@@ -1,8 +1,8 @@
 """Shard the ranker's torchrec tables with ``DistributedModelParallel``; fused sparse optimizer.
 
-Layout: the two torchrec modules of ``FeatureEmbeddings`` (sequence ``EmbeddingCollection``,
-pooled ``EmbeddingBagCollection``) are sharded by torchrec's planner (table-wise, row-wise, ...
-per ``dist.sharding``); everything else (tokenizer projections, blocks, heads) is replicated
+Layout: the torchrec modules of ``FeatureEmbeddings`` (sequence ``EmbeddingCollection``, the
+semantic-ID ``EmbeddingCollection`` of ``item_embedding.mode=sid|both``, pooled
+``EmbeddingBagCollection``) are sharded by torchrec's planner (table-wise, row-wise, ... per ``dist.sharding``); everything else (tokenizer projections, blocks, heads) is replicated
 and wrapped in DDP by DMP (gradients averaged). The sparse optimizer runs fused inside the
 tables' backward (``apply_optimizer_in_backward`` -> FBGEMM ``EXACT_ROWWISE_ADAGRAD``).
 
@@ -62,10 +62,8 @@ def sharders() -> list[ModuleSharder[nn.Module]]:
 
 
 def table_names(emb: FeatureEmbeddings) -> list[str]:
-    names = [c.name for c in emb.seq_tables.embedding_configs()]
-    if emb.sparse_tables is not None:
-        names += [c.name for c in emb.sparse_tables.embedding_bag_configs()]
-    return names
+    """Every torchrec table of ``emb`` (sequence, semantic-ID, pooled): each one constrained by the plan."""
+    return list(table_inits(emb))
 
 
 def fuse_sparse_optimizer(emb: FeatureEmbeddings, kind: SparseOptimizer, lr: float, eps: float) -> None:

@@ -266,10 +266,8 @@ def init_process_group(dcfg: DistConfig) -> tuple[torch.device, bool]:
 
 
 def check_model_supported(model_cfg: Any, backend: Backend) -> None:
-    """Refuse, before any work, a model N ranks cannot shard correctly: the baselines keep their own torchrec
-    tables, and the semantic-ID table (``item_embedding.mode=sid|both``) is not among the tables
-    ``recsys.dist.sharding.plan_sharding`` constrains (the planner could make it data-parallel, which the
-    fused optimizer gets wrong: see ``recsys.dist.config.Sharding``)."""
+    """Refuse, before any work, a model N ranks cannot shard: the baselines keep their own torchrec tables.
+    (Semantic-ID models are sharded: their ``sid_table`` is constrained by the plan like every other table.)"""
     if Backend(backend) == Backend.none:
         return
     where = f"dist={Backend(backend).value}"
@@ -278,11 +276,6 @@ def check_model_supported(model_cfg: Any, backend: Backend) -> None:
         raise InputError(f"model.arch={arch} with {where}: distributed training shards the OneTrans ranker's "
                          "tables only; train the baselines in one process (python -m recsys.train model=... "
                          "dist=none)")
-    mode = str(getattr(model_cfg.item_embedding.mode, "value", model_cfg.item_embedding.mode))
-    if mode != "id":
-        raise InputError(f"model.item_embedding.mode={mode} with {where}: the semantic-ID table is not sharded "
-                         "under a checked plan yet; train SID models in one process (dist=none), or use "
-                         "model.item_embedding.mode=id")
 
 
 def make_strategy(dcfg: DistConfig, model_cfg: Any, device_choice: Any) -> SingleProcess:

@@ -46,6 +46,23 @@ def build_meta(schema: DataSchema = META_SCHEMA) -> OneTransRanker:
     return build_meta_model(schema, model_config(), max_s_tokens(schema, model_config(), MAX_LEN))
 
 
+SID_COLUMNS, SID_CODES = 2, 5
+
+
+def build_sid() -> OneTransRanker:
+    """``build()`` with semantic-ID items (``item_embedding.mode=both``: the id table, zero at start, plus the
+    ``sid_table`` of ``SID_COLUMNS x (SID_CODES + 1)`` rows) and fixed codes, some items without a SID (-1)."""
+    torch.manual_seed(0)
+    cfg = model_config()
+    cfg = replace(cfg, item_embedding=replace(cfg.item_embedding, mode="both", sid_columns=SID_COLUMNS,
+                                              sid_codebook_size=SID_CODES))
+    model = build_model(SCHEMA, cfg, max_s_tokens(SCHEMA, cfg, MAX_LEN))
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(-1, SID_CODES, (SCHEMA.num_items, SID_COLUMNS), generator=g)
+    model.tokenizer.embeddings.set_item_sids(codes)
+    return model
+
+
 def optim_config() -> OptimConfig:
     return OptimConfig(dense_lr=3e-3, sparse_lr=0.05, clip_grad_norm=1.0, warmup_steps=WARMUP)
 

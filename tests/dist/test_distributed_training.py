@@ -16,7 +16,8 @@
 * real ``torchrun -m recsys.train`` ranks SIGKILLed between checkpoints, then resumed: bit-exact;
 * a NaN loss on one rank skips the step on both and moves no weight, table or optimizer state; a
   non-finite gradient (finite loss) stops both ranks before the dense step;
-* a baseline or a semantic-ID model under N ranks is refused before any work.
+* semantic-ID items (the ``sid_table`` sharded too): 2 ranks == 1 process;
+* a baseline under N ranks is refused before any work.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import dist_scenario as scenario
 import pytest
@@ -71,10 +74,11 @@ def torchrun(*args: str, nproc: int = 2, check: bool = True, fault: str | None =
     return proc
 
 
-def single_process_reference(steps: int, schema: DataSchema = scenario.SCHEMA
+def single_process_reference(steps: int, schema: DataSchema = scenario.SCHEMA, build: Callable[[], Any] | None = None
                              ) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """What one process does on the whole global batches (the recsys.train step)."""
-    model = scenario.build(schema)
+    """What one process does on the whole global batches (the recsys.train step); ``build``: the model
+    (default ``scenario.build(schema)``)."""
+    model = build() if build is not None else scenario.build(schema)
     oc = scenario.optim_config()
     opt_sparse, opt_dense = make_optimizers(model, oc)
     dense = [p for g in opt_dense.param_groups for p in g["params"]]
@@ -118,6 +122,25 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, referenc
         for k, v in ref_state.items():
             if "embeddings" in k:  # the run really moved the tables (rows of both ranks' lookups)
                 assert not torch.equal(v, init[k]), k
+            torch.testing.assert_close(got["state"][k], v, rtol=0, atol=2e-5, msg=f"{sharding}: {k}")
+
+
+def test_two_ranks_match_one_process_with_semantic_id_items(tmp_path):
+    """``item_embedding.mode=both``: the ``sid_table`` is sharded under the checked plan like every other table
+    (built on meta, fused optimizer), and 2 ranks equal one process, tables and SID table included."""
+    shardings = ("row_wise", "table_wise")
+    torchrun("match", ",".join(shardings), str(STEPS), str(tmp_path), "sid")
+    ref_losses, ref_state = single_process_reference(STEPS, build=scenario.build_sid)
+    init = scenario.build_sid().state_dict()
+    sid_key = next(k for k in ref_state if k.endswith("sid_table.weight"))
+    assert not torch.equal(ref_state[sid_key], init[sid_key])  # the reference moved the SID table
+    for sharding in shardings:
+        got = torch.load(tmp_path / f"sid_{sharding}.pt", weights_only=True)
+        plan = got["plan"]
+        assert plan["sid_table"]["sharding"] == sharding and {t["sharding"] for t in plan.values()} == {sharding}
+        assert got["losses"] == pytest.approx(ref_losses, rel=1e-5), sharding
+        assert sorted(got["state"]) == sorted(ref_state)
+        for k, v in ref_state.items():
             torch.testing.assert_close(got["state"][k], v, rtol=0, atol=2e-5, msg=f"{sharding}: {k}")
 
 
@@ -255,11 +278,5 @@ def test_a_baseline_under_n_ranks_is_refused_before_any_work(tmp_path):
         cfg = OmegaConf.to_object(compose("train", overrides=[
             "model=dlrm", "data=tiny", "dist=gloo", f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}"]))
     with pytest.raises(InputError, match=r"model.arch=dlrm with dist=gloo: distributed training shards the OneTrans"):
-        train(cfg)
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("train", overrides=[
-            "model=debug", "model.item_embedding.mode=sid", f"model.item_embedding.sid_path={tmp_path / 'sids.pt'}",
-            "data=tiny", "dist=gloo", f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}"]))
-    with pytest.raises(InputError, match=r"model.item_embedding.mode=sid with dist=gloo: the semantic-ID table"):
         train(cfg)
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()

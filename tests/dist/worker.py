@@ -1,6 +1,7 @@
 """Scenarios run by tests/dist/test_dist.py under ``torchrun --nproc_per_node W`` (gloo, CPU).
 
-    torchrun ... tests/dist/worker.py match <sharding>[,<sharding>...] <steps> <out_dir>
+    torchrun ... tests/dist/worker.py match <sharding>[,<sharding>...] <steps> <out_dir> [sid]
+        (sid: the semantic-ID model of dist_scenario.build_sid)
     torchrun ... tests/dist/worker.py nonfinite <out_dir>
         (a NaN loss on one rank: the step is skipped on both, no weight, table or optimizer state moves;
         then a finite loss with Inf gradients on one rank: both stop before the dense step;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,20 +70,22 @@ def take_requests(b: RequestBatch, lo: int, hi: int) -> RequestBatch:
         true_prob=None if b.true_prob is None else b.true_prob[c0:c1])
 
 
-def match(shardings: str, steps: int, out: Path) -> None:
+def match(shardings: str, steps: int, out: Path, model: str = "id") -> None:
     """For each comma-separated sharding type: train on this rank's half of each global batch;
-    rank 0 writes losses + gathered weights to ``dist_<sharding>.pt``."""
+    rank 0 writes losses + gathered weights to ``dist_<sharding>.pt`` (``model=sid``: ``sid_<sharding>.pt``)."""
+    build = scenario.build_sid if model == "sid" else scenario.build
     for sharding in shardings.split(","):
-        match_one(sharding, steps, out)
+        match_one(sharding, steps, out, build, "sid" if model == "sid" else "dist")
 
 
-def sharded_trainer(sharding: str, model: OneTransRanker | None = None) -> tuple[Distributed, Trainer]:
-    """The production pieces: the Distributed strategy wraps ``model`` (default: the scenario's model, its
+def sharded_trainer(sharding: str, model: OneTransRanker | None = None,
+                    build: Callable[[], OneTransRanker] = scenario.build) -> tuple[Distributed, Trainer]:
+    """The production pieces: the Distributed strategy wraps ``model`` (default: ``build``'s model, its
     tables on meta as the trainer builds it), the one step function."""
     par = Distributed(DistConfig(backend="gloo", sharding=sharding))
     oc = scenario.optim_config()
     if model is None:
-        model = par.instantiate(scenario.build)
+        model = par.instantiate(build)
     module, opt = par.wrap(model, oc, scenario.lr_lambda)
     return par, Trainer(module, par, opt, clip_grad_norm=oc.clip_grad_norm)
 
@@ -92,12 +96,12 @@ def my_part(g: RequestBatch) -> RequestBatch:
     return take_requests(g, rank * per, (rank + 1) * per)
 
 
-def match_one(sharding: str, steps: int, out: Path) -> None:
-    par, trainer = sharded_trainer(sharding)
+def match_one(sharding: str, steps: int, out: Path, build: Callable[[], OneTransRanker], name: str) -> None:
+    par, trainer = sharded_trainer(sharding, build=build)
     losses = [trainer.step(my_part(scenario.global_batch(t))).loss for t in range(steps)]
     full = gather_full_state(trainer.model)
     if par.rank == 0:
-        torch.save({"losses": losses, "state": full, "plan": par.plan}, out / f"dist_{sharding}.pt")
+        torch.save({"losses": losses, "state": full, "plan": par.plan}, out / f"{name}_{sharding}.pt")
 
 
 def local_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -206,7 +210,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
         if sys.argv[1] == "match":
-            match(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+            match(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:6])
         elif sys.argv[1] == "nonfinite":
             nonfinite(Path(sys.argv[2]))
         elif sys.argv[1] == "meta":
