@@ -61,7 +61,7 @@ def proc_status_mib(field: str) -> float:
 
 
 def _build(path: str, rows: int, dim: int) -> tuple[Any, float]:
-    from recsys.baselines import build_model
+    from recsys.baselines.factory import build_model
     from recsys.dist.config import DistConfig
     from recsys.dist.sharding import build_sharded_ranker, shard_ranker
     from recsys.model.config import ModelConfig

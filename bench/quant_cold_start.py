@@ -38,13 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS  # noqa: E402
 from recsys.data import RequestLoader, prepare_dataset  # noqa: E402
 from recsys.data.synthetic import cold_item_mask, make_world  # noqa: E402
+from recsys.model.metrics import auc  # noqa: E402
 from recsys.quant.config import register_configs as register_quant  # noqa: E402
 from recsys.quant.run import quantize  # noqa: E402
 from recsys.serving.job import load_ranker, resolve_checkpoint  # noqa: E402
 from recsys.train.config import register_configs as register_train  # noqa: E402
 from recsys.train.evaluate import predict  # noqa: E402
 from recsys.train.loop import train  # noqa: E402
-from recsys.train.metrics import auc  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

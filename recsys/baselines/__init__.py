@@ -1,48 +1,14 @@
-"""Comparison baselines (issue 10) and the model factory every entry point uses.
+"""Comparison baselines: popularity, DLRM-, DIN- and SASRec-style models (``model.arch``).
 
-``build_model(schema, cfg, max_s_tokens)`` builds ``cfg.arch``: the OneTrans ranker or a
-baseline; ``sparse_parameters(model)`` returns its torchrec table weights (the sparse
-optimizer's share). Every model maps a ``RequestBatch`` to logits ``[sum C_b, T]``.
+The factory that builds any of them (or the OneTrans ranker) is ``recsys.baselines.factory.build_model``.
 """
 
 from __future__ import annotations
-
-from torch import nn
 
 from recsys.baselines.common import Baseline
 from recsys.baselines.din import DINModel
 from recsys.baselines.dlrm import DLRMModel
 from recsys.baselines.popularity import PopularityModel
 from recsys.baselines.sasrec import SASRecModel
-from recsys.data.schema import DataSchema
-from recsys.model.config import Arch, ModelConfig
-from recsys.model.ranker import OneTransRanker
 
-
-def build_model(schema: DataSchema, cfg: ModelConfig, max_s_tokens: int) -> nn.Module:
-    """The model named by ``cfg.arch``. ``max_s_tokens``: longest S sequence the loader can give."""
-    arch = Arch(cfg.arch)
-    if arch == Arch.onetrans:
-        return OneTransRanker(schema, cfg, max_s_tokens)
-    if arch == Arch.popularity:
-        return PopularityModel(schema, cfg)
-    if arch == Arch.dlrm:
-        return DLRMModel(schema, cfg)
-    if arch == Arch.din:
-        return DINModel(schema, cfg)
-    if arch == Arch.sasrec:
-        return SASRecModel(schema, cfg, max_s_tokens)
-    raise ValueError(f"unknown model.arch {arch!r}")
-
-
-def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Embedding-table weights of any model ``build_model`` makes."""
-    if isinstance(model, OneTransRanker):
-        return list(model.tokenizer.embeddings.parameters())
-    if isinstance(model, Baseline):
-        return model.sparse_parameters()
-    raise TypeError(f"no sparse-parameter rule for {type(model).__name__}")
-
-
-__all__ = ["Baseline", "DINModel", "DLRMModel", "PopularityModel", "SASRecModel", "build_model",
-           "sparse_parameters"]
+__all__ = ["Baseline", "DINModel", "DLRMModel", "PopularityModel", "SASRecModel"]

@@ -1,5 +1,6 @@
-"""Distributed training on torchrec: sharded tables (DistributedModelParallel), data-parallel dense.
+"""The distributed pieces of training: sharded tables (torchrec DistributedModelParallel), fused sparse
+optimizer, data-parallel dense, DCP checkpoints, rank-0 decisions (``recsys.dist.strategy``).
 
-``python -m recsys.dist`` / ``torchrun --nproc_per_node N -m recsys.dist dist=gloo ...``;
-see docs/distributed.md.
+The loop is ``recsys.train``'s: ``torchrun --nproc_per_node N -m recsys.train dist=gloo ...``
+(``-m recsys.dist`` is an alias); see docs/distributed.md.
 """

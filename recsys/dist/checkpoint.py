@@ -7,7 +7,7 @@ world size, sharding plan). Written to ``.step_<N>.tmp`` and renamed by rank 0 a
 finished, so a crash mid-save leaves the previous checkpoints as they were. All ranks must see the
 same directory (a shared file system when multi-node).
 
-Retention is single-process training's (``recsys.train.checkpoint.retention_doomed``): the checkpoint just
+Retention is single-process training's (``recsys.reliability.checkpoint.retention_doomed``): the checkpoint just
 written and the newest ``keep - 1`` below it are kept; one numbered above it is not this run's and is left
 alone. :meth:`DistCheckpointer.load_latest` reads ``trainer.pt`` of the newest checkpoint that loads
 (``load_checkpoint``: ``weights_only``, a damaged file reported and skipped), for the resume checks rank 0
@@ -25,20 +25,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from recsys.train.checkpoint import load_checkpoint, require_keys, retention_doomed
+from recsys.reliability.checkpoint import load_checkpoint, require_keys, retention_doomed, step_of
 
 _NAME = re.compile(r"^step_(\d+)$")
 
 
 TRAINER_STATE = "trainer.pt"
-
-
-def step_of_dir(path: Path) -> int:
-    """N of ``step_<N>/``."""
-    m = _NAME.match(path.name)
-    if m is None:
-        raise ValueError(f"{path} is not named step_<N>")
-    return int(m.group(1))
 
 
 class DistCheckpointer:
@@ -88,7 +80,7 @@ class DistCheckpointer:
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in retention_doomed([(step_of_dir(p), p) for p in self.paths()], step, self.keep):
+            for old in retention_doomed([(step_of(p), p) for p in self.paths()], step, self.keep):
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
         return final

@@ -1,6 +1,8 @@
-"""The ``dist`` config group (``configs/dist/{none,gloo,nccl}.yaml``): how a run is distributed.
+"""The ``dist`` config group (``configs/dist/{none,gloo,nccl}.yaml``): how a run is distributed, and the
+optimizer settings (``train.optim``) that one process and N ranks both apply.
 
-Kept free of torch imports: ``recsys.train.config`` embeds it in ``RunConfig``.
+Kept free of torch imports: ``recsys.train.config`` embeds both in ``RunConfig`` (validated before the
+heavy imports).
 """
 
 from __future__ import annotations
@@ -8,10 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from recsys.errors import InputError
+
 
 class Backend(str, Enum):
+    """torch.distributed process-group backend of a run (``dist.backend``). Not the same thing as
+    ``recsys.model.config.Backend``, which names an attention kernel (``model.attention_backend``)."""
+
     none = "none"
-    """Single process (the plain ``recsys.train`` loop)."""
+    """Single process (``python -m recsys.train``)."""
     gloo = "gloo"
     """CPU processes (torchrun); tables sharded by torchrec, dense parts data-parallel."""
     nccl = "nccl"
@@ -47,6 +54,52 @@ class DistConfig:
         self.backend = Backend(self.backend)
         self.sharding = Sharding(self.sharding)
         if self.fused_eps <= 0:
-            raise ValueError(f"dist.fused_eps must be > 0, got {self.fused_eps}")
+            raise InputError(f"dist.fused_eps must be > 0, got {self.fused_eps}")
         if self.keep_checkpoints < 1:
-            raise ValueError(f"dist.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+            raise InputError(f"dist.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+class DenseOptimizer(str, Enum):
+    adamw = "adamw"
+    rmsprop = "rmsprop"
+
+
+class SparseOptimizer(str, Enum):
+    adagrad = "adagrad"
+    rowwise_adagrad = "rowwise_adagrad"
+
+
+class LrDecay(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+@dataclass
+class OptimConfig:
+    dense: DenseOptimizer = DenseOptimizer.adamw
+    """Optimizer of every non-embedding parameter."""
+    dense_lr: float = 1e-3
+    """Learning rate of the dense optimizer."""
+    weight_decay: float = 0.0
+    """AdamW / RMSProp weight decay (dense only)."""
+    sparse: SparseOptimizer = SparseOptimizer.rowwise_adagrad
+    """Optimizer of the embedding tables (torchrec's row-wise Adagrad keeps one accumulator per row)."""
+    sparse_lr: float = 0.05
+    """Learning rate of the sparse optimizer."""
+    clip_grad_norm: float = 1.0
+    """Max global grad norm of the dense parameters (0 disables clipping)."""
+    warmup_steps: int = 50
+    """Linear warm-up of the dense learning rate."""
+    lr_decay: LrDecay = LrDecay.constant
+    """After warm-up: constant, or cosine decay to ``min_lr_ratio`` x dense_lr at the last step."""
+    min_lr_ratio: float = 0.1
+    """Final dense learning rate / dense_lr for cosine decay."""
+
+    def __post_init__(self) -> None:
+        self.dense = DenseOptimizer(self.dense)
+        self.sparse = SparseOptimizer(self.sparse)
+        self.lr_decay = LrDecay(self.lr_decay)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise InputError(f"train.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dense_lr <= 0 or self.sparse_lr <= 0:
+            raise InputError(f"train.optim.dense_lr and sparse_lr must be > 0, got {self.dense_lr}, {self.sparse_lr}")

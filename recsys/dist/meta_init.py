@@ -12,10 +12,12 @@ same ``torch.manual_seed`` gives the same initial model, whichever device the ta
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from recsys.baselines import build_model
+from recsys.baselines.factory import build_model
 from recsys.data.schema import DataSchema
 from recsys.embeddings.seeded_init import tables_on
 from recsys.model.config import ModelConfig
@@ -26,8 +28,13 @@ META = torch.device("meta")
 def build_meta_model(schema: DataSchema, model_cfg: ModelConfig, max_s_tokens: int) -> nn.Module:
     """``recsys.baselines.build_model(schema, model_cfg, max_s_tokens)`` with every ``FeatureEmbeddings``
     table on meta (no memory, not initialised); everything else on CPU, initialised as in the plain model."""
+    return on_meta(lambda: build_model(schema, model_cfg, max_s_tokens))
+
+
+def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` (any model builder: the trainer's also installs SID codes) with its tables on meta."""
     with tables_on(META):
-        return build_model(schema, model_cfg, max_s_tokens)
+        return build()
 
 
 def meta_tensors(module: nn.Module) -> list[str]:

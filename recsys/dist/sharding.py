@@ -1,8 +1,8 @@
 """Shard the ranker's torchrec tables with ``DistributedModelParallel``; fused sparse optimizer.
 
-Layout: the two torchrec modules of ``FeatureEmbeddings`` (sequence ``EmbeddingCollection``,
-pooled ``EmbeddingBagCollection``) are sharded by torchrec's planner (table-wise, row-wise, ...
-per ``dist.sharding``); everything else (tokenizer projections, blocks, heads) is replicated
+Layout: the torchrec modules of ``FeatureEmbeddings`` (sequence ``EmbeddingCollection``, the
+semantic-ID ``EmbeddingCollection`` of ``item_embedding.mode=sid|both``, pooled
+``EmbeddingBagCollection``) are sharded by torchrec's planner (table-wise, row-wise, ... per ``dist.sharding``); everything else (tokenizer projections, blocks, heads) is replicated
 and wrapped in DDP by DMP (gradients averaged). The sparse optimizer runs fused inside the
 tables' backward (``apply_optimizer_in_backward`` -> FBGEMM ``EXACT_ROWWISE_ADAGRAD``).
 
@@ -33,7 +33,7 @@ from torchrec.optim import Adagrad, RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from recsys.data.schema import DataSchema
-from recsys.dist.config import DistConfig, Sharding
+from recsys.dist.config import DistConfig, Sharding, SparseOptimizer
 from recsys.dist.meta_init import build_meta_model, meta_tensors
 from recsys.embeddings.tables import FeatureEmbeddings
 from recsys.model.config import ModelConfig
@@ -62,24 +62,17 @@ def sharders() -> list[ModuleSharder[nn.Module]]:
 
 
 def table_names(emb: FeatureEmbeddings) -> list[str]:
-    names = [c.name for c in emb.seq_tables.embedding_configs()]
-    if emb.sparse_tables is not None:
-        names += [c.name for c in emb.sparse_tables.embedding_bag_configs()]
-    return names
+    """Every torchrec table of ``emb`` (sequence, semantic-ID, pooled): each one constrained by the plan."""
+    return list(table_inits(emb))
 
 
-def fuse_sparse_optimizer(emb: FeatureEmbeddings, kind: str, lr: float, eps: float) -> None:
+def fuse_sparse_optimizer(emb: FeatureEmbeddings, kind: SparseOptimizer, lr: float, eps: float) -> None:
     """Attach the sparse optimizer to every table parameter; DMP turns it into a fused FBGEMM update.
 
-    ``kind``: ``train.optim.sparse`` (``rowwise_adagrad`` | ``adagrad``). Same update rule as the
-    single-process ``torchrec.optim.RowWiseAdagrad`` / ``Adagrad`` step
+    Same update rule as the single-process ``torchrec.optim.RowWiseAdagrad`` / ``Adagrad`` step
     (state += mean_row(g^2) or g^2; w -= lr * g / (sqrt(state) + eps)), applied during backward.
     """
-    classes = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": Adagrad}
-    kind = getattr(kind, "value", kind)
-    if kind not in classes:
-        raise ValueError(f"unknown sparse optimizer {kind!r}: one of {sorted(classes)}")
-    cls = classes[kind]
+    cls = RowWiseAdagrad if SparseOptimizer(kind) == SparseOptimizer.rowwise_adagrad else Adagrad
     apply_optimizer_in_backward(cls, list(emb.parameters()), {"lr": lr, "eps": eps})
 
 
@@ -154,8 +147,8 @@ def init_local_shards(dmp: DistributedModelParallel, inits: dict[str, Callable[[
             inits[parts[-2]](value)
 
 
-def shard_ranker(model: nn.Module, dcfg: DistConfig, device: torch.device, sparse: str, sparse_lr: float
-                 ) -> tuple[DistributedModelParallel, ShardingPlan]:
+def shard_ranker(model: nn.Module, dcfg: DistConfig, device: torch.device, sparse: SparseOptimizer,
+                 sparse_lr: float) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Fused sparse optimizer (``sparse``, ``sparse_lr``, ``dcfg.fused_eps``) + plan + DMP for the ranker.
 
     Tables on meta -> :func:`shard_meta_model`; on CPU -> :func:`shard_model` (full weights copied).
@@ -169,7 +162,7 @@ def shard_ranker(model: nn.Module, dcfg: DistConfig, device: torch.device, spars
 
 
 def build_sharded_ranker(schema: DataSchema, model_cfg: ModelConfig, max_s_tokens: int, dcfg: DistConfig,
-                         device: torch.device, sparse: str, sparse_lr: float
+                         device: torch.device, sparse: SparseOptimizer, sparse_lr: float
                          ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """The sharded ranker straight from its config: tables built on meta, only this rank's shards
     allocated. Seed first (``torch.manual_seed``, same on every rank): the initial weights then equal

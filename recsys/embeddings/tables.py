@@ -167,8 +167,9 @@ def _transformed_lookup(emb: FeatureEmbeddings, kjt: KeyedJaggedTensor) -> dict[
             v = feats[k].values()
             rest[k] = JaggedTensor(values=hash_ids(v, emb.hash_buckets) if emb.hash_buckets else v,
                                    lengths=feats[k].lengths())
-    out = emb.seq_tables(keyed_jagged(list(rest), [jt.values() for jt in rest.values()],
-                                      [jt.lengths() for jt in rest.values()]))
+    looked = emb.seq_tables(keyed_jagged(list(rest), [jt.values() for jt in rest.values()],
+                                         [jt.lengths() for jt in rest.values()]))
+    out = {k: looked[k] for k in rest}  # a plain dict: a DMP-sharded collection returns a read-only awaitable
     if emb.item_mode != ItemEmbeddingMode.id:
         sizes = [feats[k].values().numel() for k in item_keys]
         sid = emb.sid_embed(torch.cat([feats[k].values() for k in item_keys])).split(sizes)

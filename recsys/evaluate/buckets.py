@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from recsys.data.parquet_io import read_parquet_table
-from recsys.train.metrics import auc, gauc
+from recsys.model.metrics import auc, gauc
 
 
 def item_counts(files: list[Path], num_items: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from recsys.quant.multi_expert import MultiExpertQuantizer
 from recsys.quant.rq_kmeans import RQKMeans
 from recsys.quant.rq_vae import RQVAE
 from recsys.reliability.atomic import atomic_write
-from recsys.train.checkpoint import load_checkpoint
+from recsys.reliability.checkpoint import load_checkpoint
 
 QUANTIZERS = {"rq_kmeans": RQKMeans, "rq_vae": RQVAE, "multi_expert": MultiExpertQuantizer}
 

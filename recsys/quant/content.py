@@ -19,7 +19,7 @@ import torch
 from recsys.data.config import DataConfig, DataSource, SyntheticConfig
 from recsys.data.parquet_io import read_parquet_table
 from recsys.errors import InputError
-from recsys.train.checkpoint import load_checkpoint
+from recsys.reliability.checkpoint import load_checkpoint
 
 ITEM_TABLE_KEY = "tokenizer.embeddings.seq_tables.embeddings.item_id_table.weight"
 

@@ -4,13 +4,21 @@
 default 1) it reaches the named point. Points:
 
 ``checkpoint.mid_write``
-    inside :meth:`~recsys.train.checkpoint.CheckpointManager.save`: the temp file is cut to half
+    inside :meth:`~recsys.reliability.checkpoint.CheckpointManager.save`: the temp file is cut to half
     its bytes (a torn write), then the process dies before fsync / rename.
 ``checkpoint.before_rename``
     the temp file is complete and fsynced, the process dies before ``os.replace``.
+``train.after_step``
+    the process dies after the ``n``-th training iteration of this process (applied or skipped step,
+    logged and checkpointed as due): a kill between checkpoints, at the same point on every rank.
 
-Production code calls :func:`fault_point` at those places; with the variable unset it is one
-dictionary lookup. Nothing else reads the variable.
+Value faults (:func:`fault_now`: true the ``n``-th time, nothing killed), for the non-finite guard:
+
+``train.nonfinite_grad``
+    the ``n``-th training step keeps a finite loss, but its gradients become Inf / NaN.
+
+Production code calls :func:`fault_point` / :func:`fault_now` at those places; with the variable unset
+each is one dictionary lookup. Nothing else reads the variable.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import signal
 from typing import IO
 
 ENV = "RECSYS_FAULT"
-POINTS = ("checkpoint.mid_write", "checkpoint.before_rename")
+POINTS = ("checkpoint.mid_write", "checkpoint.before_rename", "train.after_step", "train.nonfinite_grad")
 _hits: dict[str, int] = {}
 
 
@@ -38,19 +46,24 @@ def parse_fault(spec: str) -> tuple[str, int]:
     return name, n
 
 
+def fault_now(name: str) -> bool:
+    """True when ``RECSYS_FAULT`` names this point and this is its n-th hit (counted per process)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return False
+    target, n = parse_fault(spec)
+    if target != name:
+        return False
+    _hits[name] = _hits.get(name, 0) + 1
+    return _hits[name] == n
+
+
 def fault_point(name: str, file: IO[bytes] | None = None) -> None:
     """SIGKILL this process here if ``RECSYS_FAULT`` names this point and this is its n-th hit.
 
     ``file``: an open file being written; it is truncated to half its size first (a torn write).
     """
-    spec = os.environ.get(ENV)
-    if not spec:
-        return
-    target, n = parse_fault(spec)
-    if target != name:
-        return
-    _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] != n:
+    if not fault_now(name):
         return
     if file is not None:
         file.flush()

@@ -14,12 +14,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from recsys.baselines import build_model
+from recsys.baselines.factory import build_model
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
 from recsys.model.config import Backend, ModelConfig
 from recsys.model.ranker import OneTransRanker
-from recsys.train.checkpoint import CheckpointManager, load_checkpoint, load_model_state, require_keys
+from recsys.reliability.checkpoint import CheckpointManager, load_checkpoint, load_model_state, require_keys
 
 SCORING_KEYS = ("model", "schema", "config", "max_s_tokens")
 """What a checkpoint must hold to be scored or evaluated."""

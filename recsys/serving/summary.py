@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys.model.metrics import auc, gauc, hr_ndcg_at_k, logloss
 from recsys.serving.cache import CacheStats
 from recsys.serving.partitions import PART_PREFIX
-from recsys.train.metrics import auc, gauc, hr_ndcg_at_k, logloss
 
 
 def read_partitions(output_dir: Path) -> pl.DataFrame | None:

@@ -5,9 +5,12 @@ Examples::
     python -m recsys.train                                  # small model, embedded synthetic data
     python -m recsys.train data=ml100k model=small train.epochs=3
     python -m recsys.train model=debug data=tiny train.max_steps=50
+    torchrun --nproc_per_node 2 -m recsys.train dist=gloo model=debug data=tiny train.max_steps=20
 """
 
 from __future__ import annotations
+
+import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +28,8 @@ def main(dcfg: DictConfig) -> None:
     from recsys.train.loop import train  # heavy imports after config validation
 
     report = train(cfg)
-    print(report)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 prints the report path
+        print(report)
 
 
 if __name__ == "__main__":

@@ -10,63 +10,16 @@ checkpoint (everything that changes the trained weights), :func:`run_fingerprint
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
 from recsys.data.config import DataConfig
-from recsys.dist.config import DistConfig
+from recsys.dist.config import DistConfig, OptimConfig
 from recsys.errors import InputError
 from recsys.model.config import ModelConfig
 from recsys.reliability.device import Device
 from recsys.reliability.digest import json_digest
-
-
-class DenseOptimizer(str, Enum):
-    adamw = "adamw"
-    rmsprop = "rmsprop"
-
-
-class SparseOptimizer(str, Enum):
-    adagrad = "adagrad"
-    rowwise_adagrad = "rowwise_adagrad"
-
-
-class LrDecay(str, Enum):
-    constant = "constant"
-    cosine = "cosine"
-
-
-@dataclass
-class OptimConfig:
-    dense: DenseOptimizer = DenseOptimizer.adamw
-    """Optimizer of every non-embedding parameter."""
-    dense_lr: float = 1e-3
-    """Learning rate of the dense optimizer."""
-    weight_decay: float = 0.0
-    """AdamW / RMSProp weight decay (dense only)."""
-    sparse: SparseOptimizer = SparseOptimizer.rowwise_adagrad
-    """Optimizer of the embedding tables (torchrec's row-wise Adagrad keeps one accumulator per row)."""
-    sparse_lr: float = 0.05
-    """Learning rate of the sparse optimizer."""
-    clip_grad_norm: float = 1.0
-    """Max global grad norm of the dense parameters (0 disables clipping)."""
-    warmup_steps: int = 50
-    """Linear warm-up of the dense learning rate."""
-    lr_decay: LrDecay = LrDecay.constant
-    """After warm-up: constant, or cosine decay to ``min_lr_ratio`` x dense_lr at the last step."""
-    min_lr_ratio: float = 0.1
-    """Final dense learning rate / dense_lr for cosine decay."""
-
-    def __post_init__(self) -> None:
-        self.dense = DenseOptimizer(self.dense)
-        self.sparse = SparseOptimizer(self.sparse)
-        self.lr_decay = LrDecay(self.lr_decay)
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise InputError(f"train.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.dense_lr <= 0 or self.sparse_lr <= 0:
-            raise InputError(f"train.optim.dense_lr and sparse_lr must be > 0, got {self.dense_lr}, {self.sparse_lr}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from recsys.data.batch import RequestBatch
-from recsys.train.metrics import auc, binary_report
+from recsys.model.metrics import auc, binary_report
 
 
 @dataclass

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from recsys.baselines import build_model, sparse_parameters
 from recsys.baselines.common import merged_history, segment_softmax
+from recsys.baselines.factory import build_model, sparse_parameters
 from recsys.data.batch import RequestBatch
 from recsys.model.config import ModelConfig
 from recsys.testing import random_request_batch, tiny_schema

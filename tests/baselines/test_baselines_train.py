@@ -14,13 +14,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from recsys.baselines import build_model
+from recsys.baselines.factory import build_model
+from recsys.dist.optim import OptimConfig, make_optimizers
 from recsys.model.config import ModelConfig
 from recsys.model.heads import multitask_bce
+from recsys.model.metrics import auc
 from recsys.testing import random_request_batch, tiny_schema, torch_threads
-from recsys.train.config import OptimConfig, register_configs
-from recsys.train.loop import make_optimizers, train
-from recsys.train.metrics import auc
+from recsys.train.config import register_configs
+from recsys.train.loop import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 register_configs()

@@ -7,15 +7,15 @@ from dataclasses import replace
 import torch
 from omegaconf import OmegaConf
 
+from recsys.baselines.factory import build_model, max_s_tokens
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
+from recsys.dist.config import OptimConfig
 from recsys.dist.meta_init import build_meta_model
+from recsys.dist.schedule import lr_multiplier
 from recsys.model.config import ModelConfig
 from recsys.model.ranker import OneTransRanker
 from recsys.testing import random_request_batch, tiny_schema
-from recsys.train.config import OptimConfig
-from recsys.train.loop import build_model, max_s_tokens
-from recsys.train.schedule import lr_multiplier
 
 SCHEMA = tiny_schema()
 # tests/dist/test_meta_init.py: an item table of a few thousand rows (odd: unequal row-wise shards; several
@@ -36,13 +36,31 @@ def model_config() -> ModelConfig:
 
 def build(schema: DataSchema = SCHEMA) -> OneTransRanker:
     torch.manual_seed(0)
-    return build_model(schema, model_config(), MAX_LEN)
+    cfg = model_config()
+    return build_model(schema, cfg, max_s_tokens(schema, cfg, MAX_LEN))
 
 
 def build_meta(schema: DataSchema = META_SCHEMA) -> OneTransRanker:
     """``build(schema)`` with the tables on meta (same seed: same dense weights, same table init)."""
     torch.manual_seed(0)
     return build_meta_model(schema, model_config(), max_s_tokens(schema, model_config(), MAX_LEN))
+
+
+SID_COLUMNS, SID_CODES = 2, 5
+
+
+def build_sid() -> OneTransRanker:
+    """``build()`` with semantic-ID items (``item_embedding.mode=both``: the id table, zero at start, plus the
+    ``sid_table`` of ``SID_COLUMNS x (SID_CODES + 1)`` rows) and fixed codes, some items without a SID (-1)."""
+    torch.manual_seed(0)
+    cfg = model_config()
+    cfg = replace(cfg, item_embedding=replace(cfg.item_embedding, mode="both", sid_columns=SID_COLUMNS,
+                                              sid_codebook_size=SID_CODES))
+    model = build_model(SCHEMA, cfg, max_s_tokens(SCHEMA, cfg, MAX_LEN))
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(-1, SID_CODES, (SCHEMA.num_items, SID_COLUMNS), generator=g)
+    model.tokenizer.embeddings.set_item_sids(codes)
+    return model
 
 
 def optim_config() -> OptimConfig:

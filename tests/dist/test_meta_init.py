@@ -23,7 +23,6 @@ from test_distributed_training import single_process_reference, torchrun
 
 from recsys.dist.meta_init import meta_tensors
 from recsys.embeddings.seeded_init import BLOCK_ROWS, SeededTableInit, builds_tables, seeded_init
-from recsys.train.loop import build_model
 
 STEPS = 4
 SHARDINGS = ("row_wise", "table_wise")
@@ -89,9 +88,8 @@ def test_seeded_init_needs_the_constructor_scope():
 
 
 def test_meta_build_is_the_plain_model_without_table_memory():
-    schema, cfg = scenario.META_SCHEMA, scenario.model_config()
-    torch.manual_seed(0)
-    plain = build_model(schema, cfg, scenario.MAX_LEN).state_dict()
+    schema = scenario.META_SCHEMA
+    plain = scenario.build(schema).state_dict()  # seeded as build_meta
     rng_plain = torch.get_rng_state()
     meta_model = scenario.build_meta(schema)
     rng_meta = torch.get_rng_state()

@@ -1,12 +1,17 @@
 """Scenarios run by tests/dist/test_dist.py under ``torchrun --nproc_per_node W`` (gloo, CPU).
 
-    torchrun ... tests/dist/worker.py match <sharding>[,<sharding>...] <steps> <out_dir>
+    torchrun ... tests/dist/worker.py match <sharding>[,<sharding>...] <steps> <out_dir> [sid]
+        (sid: the semantic-ID model of dist_scenario.build_sid)
+    torchrun ... tests/dist/worker.py nonfinite <out_dir>
+        (a NaN loss on one rank: the step is skipped on both, no weight, table or optimizer state moves;
+        then a finite loss with Inf gradients on one rank: both stop before the dense step;
+        <out_dir>/nonfinite-rank<r>.pt holds each rank's findings)
     torchrun ... tests/dist/worker.py resume <sharding> <out_dir> <data_root> <k> <n>
-    torchrun ... tests/dist/worker.py meta <sharding>[,<sharding>...] <steps> <out_dir>
-        (tables built on meta vs the full plain model, on dist_scenario.META_SCHEMA)
         (2 ranks: uninterrupted and crashed+resumed runs, then a resume of "crashed" under another
         configuration, which every rank must refuse: <out_dir>/refused-rank<r>.txt holds each rank's
         message; 1 rank: resume the 2-rank checkpoint in reshard1/)
+    torchrun ... tests/dist/worker.py meta <sharding>[,<sharding>...] <steps> <out_dir>
+        (tables built on meta vs the full plain model, on dist_scenario.META_SCHEMA)
 
 Not collected by pytest (no ``test_`` prefix); results are written under ``out_dir`` and the
 test process compares them.
@@ -14,7 +19,9 @@ test process compares them.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,10 +33,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
 from recsys.dist.config import DistConfig
-from recsys.dist.sharding import describe_plan, gather_full_state
-from recsys.dist.trainer import DistTrainer
+from recsys.dist.sharding import gather_full_state
+from recsys.dist.strategy import Distributed
+from recsys.dist.wrap import sharded_state
 from recsys.errors import InputError
+from recsys.model.ranker import OneTransRanker
+from recsys.reliability.faults import ENV
 from recsys.train.config import RunConfig, register_configs
+from recsys.train.loop import train
+from recsys.train.step import NonFiniteTableUpdate, Trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,26 +70,80 @@ def take_requests(b: RequestBatch, lo: int, hi: int) -> RequestBatch:
         true_prob=None if b.true_prob is None else b.true_prob[c0:c1])
 
 
-def match(shardings: str, steps: int, out: Path) -> None:
+def match(shardings: str, steps: int, out: Path, model: str = "id") -> None:
     """For each comma-separated sharding type: train on this rank's half of each global batch;
-    rank 0 writes losses + gathered weights to ``dist_<sharding>.pt``."""
+    rank 0 writes losses + gathered weights to ``dist_<sharding>.pt`` (``model=sid``: ``sid_<sharding>.pt``)."""
+    build = scenario.build_sid if model == "sid" else scenario.build
     for sharding in shardings.split(","):
-        match_one(sharding, steps, out)
+        match_one(sharding, steps, out, build, "sid" if model == "sid" else "dist")
 
 
-def match_one(sharding: str, steps: int, out: Path) -> None:
+def sharded_trainer(sharding: str, model: OneTransRanker | None = None,
+                    build: Callable[[], OneTransRanker] = scenario.build) -> tuple[Distributed, Trainer]:
+    """The production pieces: the Distributed strategy wraps ``model`` (default: ``build``'s model, its
+    tables on meta as the trainer builds it), the one step function."""
+    par = Distributed(DistConfig(backend="gloo", sharding=sharding))
+    oc = scenario.optim_config()
+    if model is None:
+        model = par.instantiate(build)
+    module, opt = par.wrap(model, oc, scenario.lr_lambda)
+    return par, Trainer(module, par, opt, clip_grad_norm=oc.clip_grad_norm)
+
+
+def my_part(g: RequestBatch) -> RequestBatch:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = scenario.build()
-    trainer = DistTrainer(model, scenario.optim_config(), DistConfig(backend="gloo", sharding=sharding),
-                          torch.device("cpu"), scenario.lr_lambda)
-    losses = []
-    for t in range(steps):
-        g = scenario.global_batch(t)
-        per = g.num_requests // world
-        losses.append(trainer.step(take_requests(g, rank * per, (rank + 1) * per)).loss)
+    per = g.num_requests // world
+    return take_requests(g, rank * per, (rank + 1) * per)
+
+
+def match_one(sharding: str, steps: int, out: Path, build: Callable[[], OneTransRanker], name: str) -> None:
+    par, trainer = sharded_trainer(sharding, build=build)
+    losses = [trainer.step(my_part(scenario.global_batch(t))).loss for t in range(steps)]
     full = gather_full_state(trainer.model)
-    if rank == 0:
-        torch.save({"losses": losses, "state": full, "plan": describe_plan(trainer.plan)}, out / f"dist_{sharding}.pt")
+    if par.rank == 0:
+        torch.save({"losses": losses, "state": full, "plan": par.plan}, out / f"{name}_{sharding}.pt")
+
+
+def local_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """This rank's copy of every weight and optimizer state tensor (table shards, fused accumulators, dense)."""
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, v: object) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}", x)
+        elif hasattr(v, "local_shards"):
+            for i, shard in enumerate(v.local_shards()):
+                flat[f"{prefix}#{i}"] = shard.tensor.detach().clone()
+        elif isinstance(v, torch.Tensor):
+            flat[prefix] = v.detach().clone()
+    walk("", sharded_state(trainer.model, trainer.opt.dense))
+    return flat
+
+
+def nonfinite(out: Path) -> None:
+    par, trainer = sharded_trainer("row_wise")
+    trainer.step(my_part(scenario.global_batch(0)))  # optimizer state exists from here on
+    before, last_epoch = local_snapshot(trainer), trainer.opt.sched.last_epoch
+    bad = my_part(scenario.global_batch(1))
+    if par.rank == 1:  # one rank's labels are NaN: its loss, hence the global loss, is NaN
+        bad.labels[0, 0] = float("nan")
+    skipped = trainer.step(bad).skipped
+    after = local_snapshot(trainer)
+    found = {"skipped": skipped, "keys": len(before), "tables": sum("embeddings" in k for k in before),
+             "unchanged": sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before),
+             "sched_unchanged": trainer.opt.sched.last_epoch == last_epoch}
+    dense_before = [p.detach().clone() for p in trainer.opt.dense_params]
+    if par.rank == 1:  # a finite loss whose gradients are Inf on one rank only
+        os.environ[ENV] = "train.nonfinite_grad@1"
+    try:
+        trainer.step(my_part(scenario.global_batch(2)))
+        found["grad_error"] = "not raised"
+    except NonFiniteTableUpdate as e:
+        found["grad_error"] = str(e)
+    os.environ.pop(ENV, None)
+    found["dense_unchanged"] = all(torch.equal(a, p) for a, p in zip(dense_before, trainer.opt.dense_params))
+    torch.save(found, out / f"nonfinite-rank{par.rank}.pt")
 
 
 def meta(shardings: str, steps: int, out: Path) -> None:
@@ -85,22 +151,16 @@ def meta(shardings: str, steps: int, out: Path) -> None:
     initial local shards (``<path>_<sharding>_init_rank<r>.pt``: ``{key: [(offsets, tensor)]}``, the
     replicated tensors under offsets ``None``); rank 0 writes losses + gathered final weights
     (``<path>_<sharding>.pt``)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
     for sharding in shardings.split(","):
         for path in ("meta", "plain"):
             model = scenario.build_meta() if path == "meta" else scenario.build(scenario.META_SCHEMA)
-            trainer = DistTrainer(model, scenario.optim_config(), DistConfig(backend="gloo", sharding=sharding),
-                                  torch.device("cpu"), scenario.lr_lambda)
-            torch.save(local_shards(trainer.model.state_dict()), out / f"{path}_{sharding}_init_rank{rank}.pt")
-            losses = []
-            for t in range(steps):
-                g = scenario.global_batch(t, scenario.META_SCHEMA)
-                per = g.num_requests // world
-                losses.append(trainer.step(take_requests(g, rank * per, (rank + 1) * per)).loss)
+            par, trainer = sharded_trainer(sharding, model)
+            torch.save(local_shards(trainer.model.state_dict()), out / f"{path}_{sharding}_init_rank{par.rank}.pt")
+            losses = [trainer.step(my_part(scenario.global_batch(t, scenario.META_SCHEMA))).loss
+                      for t in range(steps)]
             full = gather_full_state(trainer.model)
-            if rank == 0:
-                torch.save({"losses": losses, "state": full, "plan": describe_plan(trainer.plan)},
-                           out / f"{path}_{sharding}.pt")
+            if par.rank == 0:
+                torch.save({"losses": losses, "state": full, "plan": par.plan}, out / f"{path}_{sharding}.pt")
 
 
 def local_shards(state: dict) -> dict[str, list[tuple[list[int] | None, torch.Tensor]]]:
@@ -116,8 +176,6 @@ def local_shards(state: dict) -> dict[str, list[tuple[list[int] | None, torch.Te
 
 def resume(sharding: str, out: Path, data_root: str, k: int, n: int) -> None:
     """Uninterrupted n-step run, and a run stopped at step k then resumed to n (fresh model + DCP load)."""
-    from recsys.dist.loop import train_distributed
-
     register_configs()
 
     def cfg(name: str, max_steps: int, *extra: str) -> RunConfig:
@@ -130,13 +188,13 @@ def resume(sharding: str, out: Path, data_root: str, k: int, n: int) -> None:
         return OmegaConf.to_object(c)
 
     if world_size_of_run() == 1:  # reshard: load the 2-rank checkpoint copied into "reshard1", no more steps
-        train_distributed(cfg("reshard1", n))
+        train(cfg("reshard1", n))
         return
-    train_distributed(cfg("straight", n))
-    train_distributed(cfg("crashed", k))
-    train_distributed(cfg("crashed", n))
+    train(cfg("straight", n))
+    train(cfg("crashed", k))
+    train(cfg("crashed", n))
     try:  # rank 0 checks the checkpoint's run configuration; every rank must get its refusal (no deadlock)
-        train_distributed(cfg("crashed", n + 2, "train.optim.dense_lr=0.01"))
+        train(cfg("crashed", n + 2, "train.optim.dense_lr=0.01"))
         message = "not refused"
     except InputError as e:
         message = str(e)
@@ -152,7 +210,9 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
         if sys.argv[1] == "match":
-            match(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
+            match(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:6])
+        elif sys.argv[1] == "nonfinite":
+            nonfinite(Path(sys.argv[2]))
         elif sys.argv[1] == "meta":
             meta(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
         elif sys.argv[1] == "resume":

@@ -17,10 +17,10 @@ from recsys.quant import SemanticIds
 from recsys.quant.config import register_configs as register_quant
 from recsys.quant.content import read_content_parquet, synthetic_content, write_content_parquet
 from recsys.quant.run import quantize
+from recsys.reliability.checkpoint import load_checkpoint
 from recsys.serving.config import ScoreConfig
 from recsys.serving.config import register_configs as register_score
 from recsys.serving.job import load_ranker, resolve_checkpoint, run_scoring
-from recsys.train.checkpoint import load_checkpoint
 from recsys.train.config import RunConfig
 from recsys.train.config import register_configs as register_train
 from recsys.train.loop import train

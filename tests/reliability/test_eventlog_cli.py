@@ -106,8 +106,8 @@ def test_a_new_log_is_scored_through_the_stored_maps(runs):
 
 
 def test_the_checkpoint_records_its_dataset_so_a_moved_log_still_scores(runs):
+    from recsys.reliability.checkpoint import load_checkpoint
     from recsys.serving.job import resolve_checkpoint, trained_dataset
-    from recsys.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(resolve_checkpoint(runs["folder"] / "run"))
     built = sorted((d for d in (runs["folder"] / "data").iterdir() if d.name.startswith("eventlog-")),

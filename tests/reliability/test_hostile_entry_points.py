@@ -33,14 +33,14 @@ from recsys.data.parquet_io import read_parquet_table
 from recsys.data.schema import DataSchema
 from recsys.data.validate import DataValidationError
 from recsys.dist.checkpoint import DistCheckpointer
-from recsys.dist.loop import DIST_RESUME_KEYS
+from recsys.dist.strategy import DIST_RESUME_KEYS
 from recsys.errors import InputError
 from recsys.evaluate.buckets import item_counts
 from recsys.quant.content import read_content_parquet, write_content_parquet
+from recsys.reliability.checkpoint import CheckpointManager, retention_doomed
 from recsys.reliability.rundir import LOCK_NAME
 from recsys.serving.catalog import ItemCategories, catalog_items, collect_item_categories
 from recsys.testing import torch_threads
-from recsys.train.checkpoint import CheckpointManager, retention_doomed
 from recsys.train.config import RunConfig, register_configs
 from recsys.train.loop import open_run, train
 

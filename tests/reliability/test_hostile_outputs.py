@@ -34,13 +34,13 @@ from omegaconf import OmegaConf
 from recsys.data import prepare_dataset
 from recsys.errors import InputError
 from recsys.reliability.atomic import OutOfSpaceError, atomic_write_bytes
+from recsys.reliability.checkpoint import CheckpointManager, load_checkpoint
 from recsys.reliability.rundir import LOCK_NAME, check_output_dir, lock_run_dir
 from recsys.reliability.strict_config import unknown_keys
 from recsys.serving.config import ScoreConfig
 from recsys.serving.config import register_configs as register_score
 from recsys.serving.job import resolve_checkpoint, run_scoring
 from recsys.testing import torch_threads
-from recsys.train.checkpoint import CheckpointManager, load_checkpoint
 from recsys.train.config import RunConfig, register_configs, run_fingerprint
 from recsys.train.loop import train
 

@@ -12,8 +12,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import recsys.train.loop as loop
+import recsys.train.step as step
+from recsys.reliability.checkpoint import CheckpointManager, load_checkpoint
 from recsys.reliability.guards import NonFiniteGuard, grads_finite
-from recsys.train.checkpoint import CheckpointManager, load_checkpoint
 from recsys.train.config import RunConfig, register_configs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -40,7 +41,7 @@ class Injector:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, bad: dict[int, str]) -> None:
         self.bad, self.calls, self.snapshots = bad, 0, []
         self.model: torch.nn.Module | None = None
-        real_build, real_bce = loop.build_model, loop.multitask_bce
+        real_build, real_bce = loop.build_model, step.multitask_bce
 
         def build(*a, **kw):
             self.model = real_build(*a, **kw)
@@ -58,7 +59,7 @@ class Injector:
             return loss, per_task
 
         monkeypatch.setattr(loop, "build_model", build)
-        monkeypatch.setattr(loop, "multitask_bce", bce)
+        monkeypatch.setattr(step, "multitask_bce", bce)
 
 
 def same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 
 from recsys.data.config import LoaderConfig
 from recsys.data.loader import RequestLoader
+from recsys.reliability.checkpoint import CheckpointManager, load_checkpoint
 from recsys.reliability.rng import capture_rng, restore_rng
-from recsys.train.checkpoint import CheckpointManager, load_checkpoint
 
 
 def draws() -> tuple:

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from recsys.quant.artifact import SemanticIds
-from recsys.reliability.faults import parse_fault
-from recsys.train.checkpoint import (
+from recsys.reliability.checkpoint import (
     CheckpointError,
     CheckpointManager,
     load_checkpoint,
     load_model_state,
 )
+from recsys.reliability.faults import parse_fault
 
 
 class Payload:

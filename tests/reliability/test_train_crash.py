@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from recsys.data import prepare_dataset
-from recsys.train.checkpoint import CheckpointManager, load_checkpoint
+from recsys.reliability.checkpoint import CheckpointManager, load_checkpoint
 from recsys.train.config import RunConfig, register_configs
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,13 +10,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from recsys.baselines.factory import build_model, max_s_tokens
 from recsys.data import prepare_dataset
 from recsys.data.config import DataConfig
 from recsys.model.config import ModelConfig, PyramidConfig
+from recsys.reliability.checkpoint import CheckpointManager
 from recsys.serving.config import ScoreConfig, register_configs
-from recsys.train.checkpoint import CheckpointManager
 from recsys.train.config import RunConfig
-from recsys.train.loop import build_model, max_s_tokens
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SETTINGS = ["progress=false", "num_threads=1", "rows_per_partition=8", "batch_size=4", "candidate_chunk=10"]
@@ -38,7 +38,7 @@ def make_checkpoint(out_dir: Path, data_cfg: DataConfig, seed: int = 0) -> Path:
     model_cfg = ModelConfig(d_model=16, n_heads=2, n_layers=3, ffn_mult=2, n_ns_tokens=2, emb_dim=8, head_hidden=16,
                             pyramid=PyramidConfig(mode="linear", final=0, round_to=8), attention_backend="torch")
     torch.manual_seed(seed)
-    model = build_model(ds.schema, model_cfg, data_cfg.loader.max_len)
+    model = build_model(ds.schema, model_cfg, max_s_tokens(ds.schema, model_cfg, data_cfg.loader.max_len))
     run = RunConfig(data=data_cfg, model=model_cfg, output_dir=str(out_dir))
     state = {"model": model.state_dict(), "step": 0,
              "config": OmegaConf.to_container(OmegaConf.structured(run), resolve=True, enum_to_str=True),

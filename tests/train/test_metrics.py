@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from recsys.train.metrics import auc, gauc, hr_ndcg_at_k, logloss
+from recsys.model.metrics import auc, gauc, hr_ndcg_at_k, logloss
 
 
 def brute_auc(s: np.ndarray, y: np.ndarray) -> float:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from recsys.train.schedule import lr_multiplier
+from recsys.dist.schedule import lr_multiplier
 
 
 def test_warmup_is_linear_then_constant():

@@ -40,7 +40,7 @@ def log_curves(out: Path) -> dict[str, list[tuple[int, float]]]:
     for line in (out / "train_log.jsonl").read_text().splitlines():
         rec = json.loads(line)
         for key, value in rec.items():
-            if key in ("step", "epoch", "batch") or isinstance(value, bool) or not isinstance(value, int | float):
+            if key in ("step", "epoch", "batch", "world_size") or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             tag = "valid/" + key[len("valid_"):] if key.startswith("valid_") else "train/" + key
             curves.setdefault(tag, []).append((rec["step"], float(value)))

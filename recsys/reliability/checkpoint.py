@@ -13,7 +13,7 @@ CRCs of stored tensors) and uses ``torch.load(weights_only=True)``, so a file ca
 code payload is refused instead of executed. :meth:`CheckpointManager.load_latest` falls back
 to the next older checkpoint when the newest does not load or verify.
 
-Retention (:func:`retention_doomed`, also used by ``recsys.dist``) never deletes the checkpoint just
+Retention (:func:`retention_doomed`, also used by ``recsys.dist``'s DCP checkpoints) never deletes the checkpoint just
 written: it keeps that one and the newest ``keep - 1`` checkpoints numbered *below* it. A file numbered above it cannot be this run's (a resume continues
 from the newest checkpoint that loads), so it is left as it is, neither counted nor deleted.
 
@@ -38,6 +38,7 @@ from recsys.reliability.digest import file_sha256
 from recsys.reliability.faults import fault_point
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+_ANY_STEP = re.compile(r"^step_(\d+)(\.pt)?$")  # a file checkpoint or a DCP checkpoint directory
 _TMP = re.compile(r"^\.step_\d+\.pt(\.sha256)?\.tmp-(\d+)$")
 DIGEST_SUFFIX = ".sha256"
 
@@ -51,10 +52,10 @@ class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
 
 
 def step_of(path: Path) -> int:
-    """N of ``step_<N>.pt``."""
-    m = _NAME.match(path.name)
+    """N of ``step_<N>.pt`` (a checkpoint file) or ``step_<N>`` (a distributed checkpoint's directory)."""
+    m = _ANY_STEP.match(path.name)
     if m is None:
-        raise ValueError(f"{path} is not named step_<N>.pt")
+        raise ValueError(f"{path} is not named step_<N>.pt or step_<N>")
     return int(m.group(1))
 
 

@@ -1,0 +1,114 @@
+"""One training step, the same for one process and for N ranks (``recsys.dist.strategy``).
+
+:meth:`Trainer.step` takes one batch (this rank's part of the global batch) and applies one update, or
+none: a pipeline (e.g. torchrec's ``TrainPipelineSparseDist``) can drive it batch by batch, the data
+iterator stays outside.
+
+Order: forward; loss of this rank's candidates scaled by its share of the *global* candidate count
+(all-reduced; 1 in one process, so the loss is the plain mean); global loss and per-task losses
+all-reduced. The non-finite guard decides on the global loss *before* backward, so every rank skips
+alike and nothing is updated: under N ranks the sparse optimizer runs fused inside the tables'
+backward, so a skip must be decided before it. After backward the gradients are checked (one process:
+tables and dense; N ranks: dense, agreed by all-reduce); see :meth:`Trainer.step` for what a
+non-finite gradient does in each case (docs/reliability.md, "Non-finite losses and gradients").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from recsys.baselines.common import Baseline
+from recsys.data.batch import RequestBatch
+from recsys.dist.strategy import Optimizers, SingleProcess
+from recsys.model.heads import multitask_bce
+from recsys.reliability.faults import fault_now
+from recsys.reliability.guards import grads_finite
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Global-batch loss (mean over all ranks' candidates, plus a baseline's auxiliary loss), equal on every rank."""
+    per_task: list[float]
+    """Global per-task mean losses ``[T]``."""
+    candidates: int
+    """Candidates in the global batch."""
+    requests: int
+    """Requests in the global batch."""
+    lr: float
+    """Dense learning rate this step used (or would have used, when skipped)."""
+    skipped: str | None = None
+    """None: applied; ``"loss"`` / ``"grad"``: nothing was updated (non-finite loss / gradient)."""
+
+
+class NonFiniteTableUpdate(FloatingPointError):
+    """N ranks: a finite loss gave non-finite gradients after the fused table update already ran."""
+
+
+@dataclass
+class Trainer:
+    """The module being trained (plain, or DMP under N ranks), its optimizers and the step settings."""
+
+    model: nn.Module
+    par: SingleProcess
+    opt: Optimizers
+    task_weights: list[float] | None = None
+    bf16: bool = False
+    clip_grad_norm: float = 0.0
+
+    def _loss(self, batch: RequestBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(this rank's share of the global loss, global stats ``[1 + T]``, global counts ``[2]``, logits)."""
+        counts = self.par.sum_(torch.tensor([batch.num_candidates, batch.num_requests], dtype=torch.float64,
+                                            device=self.par.device))
+        share = batch.num_candidates / float(counts[0])  # exactly 1.0 in one process
+        with torch.autocast(self.par.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(batch)
+        loss, per_task = multitask_bce(logits, batch.labels, self.task_weights)
+        if isinstance(self.model, Baseline) and (aux := self.model.auxiliary_loss()) is not None:
+            loss = loss + aux  # e.g. SASRec's next-item softmax (one process only); per_task stays the task BCE
+        loss = loss * share
+        stats = self.par.sum_(torch.cat([loss.detach().reshape(1).float(), per_task.detach().float() * share]))
+        return loss, stats, counts, logits
+
+    def step(self, batch: RequestBatch) -> StepResult:
+        """Forward, backward and update on this rank's ``batch``; every rank must call it together.
+
+        Non-finite global loss: no backward, nothing updated on any rank (``skipped="loss"``). Non-finite
+        gradient with a finite loss: one process drops the gradients, nothing updated (``"grad"``); N ranks
+        raise :class:`NonFiniteTableUpdate` before the dense step: the fused table update already ran inside
+        backward and cannot be taken back, so the run stops and is resumed from its last checkpoint.
+        """
+        batch = batch.to(self.par.device)
+        opt = self.opt
+        lr = opt.sched.get_last_lr()[0]
+        loss, stats, counts, logits = self._loss(batch)
+        result = StepResult(float(stats[0]), stats[1:].tolist(), int(counts[0]), int(counts[1]), lr)
+        opt.zero_grad()
+        if not math.isfinite(result.loss):  # every rank holds the same global loss: all skip
+            result.skipped = "loss"
+            return result
+        if fault_now("train.nonfinite_grad"):
+            logits.register_hook(lambda g: g * float("inf"))  # finite loss, Inf / NaN gradients downstream
+        loss.backward()  # N ranks: the tables are updated here (fused)
+        self.par.after_backward(opt)
+        if not self.par.all_finite(grads_finite(opt.checked)):
+            opt.zero_grad()
+            if self.par.fused_tables:
+                raise NonFiniteTableUpdate(
+                    f"non-finite gradient with a finite loss ({result.loss}) under {self.par.world} ranks: the "
+                    "embedding tables' fused optimizer already applied this step inside backward, so it cannot be "
+                    "skipped; the dense update was not applied and training stops. Resume from the last "
+                    "checkpoint with a lower learning rate or gradient clipping, or check the input features")
+            result.skipped = "grad"
+            return result
+        if self.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(opt.dense_params, self.clip_grad_norm)
+        if opt.sparse is not None:
+            opt.sparse.step()
+        opt.dense.step()
+        opt.sched.step()
+        return result
