@@ -76,11 +76,11 @@ def synthetic_sids(num_items: int) -> torch.Tensor:
 
 def make_retrievers(out_dir: Path, ckpt: Path, seed: int = 1) -> dict[str, Path]:
     """Randomly initialised two-tower and SID retriever artifacts on the checkpoint's ranker (its own copy)."""
+    from recsys.reliability.checkpoint import load_checkpoint
     from recsys.retrieval.artifact import save_retriever
     from recsys.retrieval.encoder import TwoTowerEncoder
     from recsys.retrieval.sid_decoder import SidDecoder
     from recsys.serving.load import load_ranker
-    from recsys.train.checkpoint import load_checkpoint
 
     ranker, schema, config = load_ranker(ckpt, torch.device("cpu"))
     max_s = int(load_checkpoint(ckpt)["max_s_tokens"])

@@ -31,6 +31,7 @@ from hostile_helpers import assert_refused, run_cli  # noqa: E402  (the CLI harn
 
 from recsys.data.collate import collate
 from recsys.errors import InputError
+from recsys.reliability.checkpoint import load_checkpoint
 from recsys.retrieval.artifact import load_retriever, save_retriever
 from recsys.retrieval.encoder import TwoTowerEncoder
 from recsys.retrieval.sid_decoder import SidDecoder, user_prefix
@@ -40,7 +41,6 @@ from recsys.serving.load import load_ranker
 from recsys.serving.partitions import plan_partitions
 from recsys.serving.ranking import history_items
 from recsys.serving.reader import PartitionReader
-from recsys.train.checkpoint import load_checkpoint
 
 CPU = torch.device("cpu")
 K, TOP_N = CASCADE["cascade.retrieve_k"], CASCADE["cascade.top_n"]
