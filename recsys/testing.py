@@ -13,6 +13,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
+from recsys.data.jagged import lengths_to_offsets
 from recsys.data.schema import DataSchema, SparseFeature
 
 
@@ -80,6 +81,6 @@ def random_request_batch(schema: DataSchema, history_lengths: Sequence[Sequence[
         cand=KeyedJaggedTensor(keys=["item_id", "category"],
                                values=torch.cat([ids(c, schema.num_items), ids(c, schema.num_categories)]),
                                lengths=torch.cat([cand_lens, cand_lens]).int()),
-        cand_offsets=torch.cat([torch.zeros(1, dtype=torch.int64), cand_lens.cumsum(0)]),
+        cand_offsets=lengths_to_offsets(cand_lens),
         labels=(torch.rand(c, len(schema.tasks), generator=g) < 0.3).float(),
     )

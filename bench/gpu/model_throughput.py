@@ -52,7 +52,7 @@ def import_model_stack() -> str | None:
 
 def trunk_step(model, cfg, lengths: list[int], candidates: int, device: str):
     """One AdamW step of blocks + heads from random tokens (no tokenizer): what the trunk costs."""
-    from recsys.features.jagged import lengths_to_offsets
+    from recsys.data.jagged import lengths_to_offsets
     from recsys.features.tokenizer import TokenizedBatch
     from recsys.model.heads import multitask_bce
 

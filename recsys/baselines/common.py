@@ -13,7 +13,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
-from recsys.features.jagged import keep_last, lengths_to_offsets
+from recsys.data.jagged import keep_last, lengths_to_offsets
 
 
 class Baseline(nn.Module):

@@ -19,8 +19,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.baselines.common import Baseline, candidate_owner, mlp
 from recsys.data.batch import RequestBatch
+from recsys.data.jagged import keep_last, lengths_to_offsets
 from recsys.data.schema import DataSchema
-from recsys.features.jagged import keep_last, lengths_to_offsets
 from recsys.features.tokenizer import signed_log1p
 from recsys.model.config import ModelConfig
 

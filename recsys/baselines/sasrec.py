@@ -24,8 +24,8 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from kernels.jagged_causal_attention import jagged_causal_attention
 from recsys.baselines.common import Baseline, candidate_owner, history_and_candidate_ids, merged_history, mlp
 from recsys.data.batch import RequestBatch
+from recsys.data.jagged import lengths_to_offsets, positions_in_sequence
 from recsys.data.schema import DataSchema
-from recsys.features.jagged import lengths_to_offsets, positions_in_sequence
 from recsys.model.config import ModelConfig
 
 

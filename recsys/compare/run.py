@@ -25,7 +25,7 @@ from recsys.evaluate.plots import comparison_figure, save
 from recsys.evaluate.run import eval_config_dict, run_evaluation
 from recsys.model.config import ModelConfig
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
-from recsys.serving.job import resolve_checkpoint
+from recsys.serving.load import resolve_checkpoint
 from recsys.train.config import RunConfig
 from recsys.train.loop import train, train_inputs
 

@@ -1,4 +1,4 @@
-"""Numpy jagged arrays: ``values`` of all rows back to back plus ``offsets``.
+"""Jagged arrays, numpy (the loader) and torch (the model): ``values`` of all rows back to back plus ``offsets``.
 
 Row ``i`` is ``values[offsets[i]:offsets[i + 1]]``. Example, rows ``[7, 3]``, ``[]``,
 ``[5]``::
@@ -7,16 +7,23 @@ Row ``i`` is ``values[offsets[i]:offsets[i + 1]]``. Example, rows ``[7, 3]``, ``
     offsets = [0, 2, 2, 3]      # [N + 1], int64, offsets[0] == 0
     lengths = [2, 0, 1]         # [N]
 
-Every operation is a gather with one index array built by :func:`range_index`; no
-Python loop over rows.
+Every operation is a gather with one index array built by :func:`range_index` (numpy) or
+:func:`ranges` (torch); no Python loop over rows.
+
+The torch helpers take the sizes the loader already knows (``total``, Python ints carried by
+``RequestBatch.sizes``) so a forward pass never reads a size back from a tensor (a host sync on
+an accelerator); without them they fall back to reading it (``int(offsets[-1])``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import numpy as np
 import pyarrow as pa
+import torch
 
 
 def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
@@ -103,3 +110,44 @@ def jagged_from_arrow(col: pa.ChunkedArray | pa.Array) -> Jagged:
     start, end = int(offsets[0]), int(offsets[-1])
     values = arr.values.slice(start, end - start).to_numpy(zero_copy_only=False)
     return Jagged(values, offsets - start)
+
+
+# ---------------------------------------------------------------- torch (model side)
+def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """``lengths [B]`` -> ``offsets [B+1]`` int64 exclusive cumulative sum (fbgemm, no host sync)."""
+    return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.to(torch.int64))
+
+
+def kept_total(lengths: Sequence[int], budget: int) -> int:
+    """``sum_b min(L_b, budget)`` of Python lengths: the row count :func:`keep_last` returns."""
+    return sum(min(n, budget) for n in lengths)
+
+
+def ranges(starts: torch.Tensor, counts: torch.Tensor, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenation of ``arange(starts[i], starts[i] + counts[i])`` over i, and its offsets ``[N+1]``.
+
+    ``total``: ``sum counts`` if known (no host sync), else read from the offsets.
+    """
+    offsets = lengths_to_offsets(counts)
+    n = int(offsets[-1]) if total is None else total
+    shift = torch.repeat_interleave(starts.to(torch.int64) - offsets[:-1], counts, output_size=n)
+    return torch.arange(n, device=starts.device) + shift, offsets
+
+
+def keep_last(offsets: torch.Tensor, budget: int, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the last ``min(L_b, budget)`` entries of each jagged sequence.
+
+    ``offsets [B+1]`` -> (row indices ``[sum kept]``, kept offsets ``[B+1]``). Example:
+    offsets ``[0, 5, 5, 7]``, budget 3 -> rows ``[2, 3, 4, 5, 6]``, kept offsets ``[0, 3, 3, 5]``.
+    ``total``: ``sum kept`` if known (:func:`kept_total`), else read from the offsets.
+    """
+    kept = (offsets[1:] - offsets[:-1]).clamp(max=budget)
+    return ranges(offsets[1:] - kept, kept, total)
+
+
+def positions_in_sequence(offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """``offsets [B+1]`` -> ``[sum L_b]`` index of every row inside its own sequence
+    (``total = sum L_b`` if known, e.g. ``values.shape[0]``)."""
+    n = int(offsets[-1]) if total is None else total
+    starts = torch.repeat_interleave(offsets[:-1], offsets[1:] - offsets[:-1], output_size=n)
+    return torch.arange(n, device=offsets.device) - starts

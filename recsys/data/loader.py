@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from recsys.data.batch import RequestBatch
 from recsys.data.collate import BatchArrays, collate_arrays
 from recsys.data.config import LoaderConfig
+from recsys.data.id_features import TIME_GAP_BUCKETS
 from recsys.data.parquet_io import open_parquet, read_row_group
 from recsys.data.schema import DataSchema
 from recsys.data.validate import validate_table
@@ -82,9 +83,10 @@ class RequestStream(IterableDataset):
     """The iterable behind :class:`RequestLoader`: one shard's batches (as numpy) per DataLoader worker."""
 
     def __init__(self, units: list[ReadUnit], schema: DataSchema, cfg: LoaderConfig, *, rank: int,
-                 world_size: int, epoch: int) -> None:
+                 world_size: int, epoch: int, time_gap_buckets: int = TIME_GAP_BUCKETS) -> None:
         super().__init__()
         self.units, self.schema, self.cfg = units, schema, cfg
+        self.time_gap_buckets = time_gap_buckets
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.columns = [f.name for f in schema.arrow_schema()]
 
@@ -135,11 +137,14 @@ class RequestStream(IterableDataset):
             buf = pa.concat_tables(pending)
             start = 0
             while n_pending - start >= bs:
-                yield collate_arrays(buf.slice(start, bs), self.schema, self.cfg.max_len, self.cfg.long_max_len)
+                yield self._collate(buf.slice(start, bs))
                 start += bs
             pending, n_pending = [buf.slice(start)], n_pending - start
         if n_pending and not self.cfg.drop_last:
-            yield collate_arrays(pa.concat_tables(pending), self.schema, self.cfg.max_len, self.cfg.long_max_len)
+            yield self._collate(pa.concat_tables(pending))
+
+    def _collate(self, table: pa.Table) -> BatchArrays:
+        return collate_arrays(table, self.schema, self.cfg.max_len, self.cfg.long_max_len, self.time_gap_buckets)
 
 
 def _worker_init(_: int) -> None:
@@ -151,16 +156,23 @@ class RequestLoader:
 
     ``rank`` / ``world_size``: this process's place among data-parallel ranks; each
     sees a disjoint part of the rows (see the module docstring). ``epoch`` reseeds the
-    shuffle; :meth:`set_epoch` changes it between passes.
+    shuffle; :meth:`set_epoch` changes it between passes. ``time_gap_buckets``: the model's
+    ``model.time_gap_buckets`` (collation buckets the time gaps; the tokenizer refuses a mismatch).
+
+    Batches are built in the DataLoader workers, id features and sizes included (see
+    ``recsys.data.batch``); each is a ``torchrec.streamable.Pipelineable``, so torchrec's train
+    pipelines can copy batch ``i+1`` to the device (and, sharded, start its embedding all-to-all)
+    while batch ``i`` computes.
     """
 
     def __init__(self, files: list[Path], schema: DataSchema, cfg: LoaderConfig, *, rank: int = 0,
-                 world_size: int = 1, epoch: int = 0) -> None:
+                 world_size: int = 1, epoch: int = 0, time_gap_buckets: int = TIME_GAP_BUCKETS) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.files = [Path(f) for f in files]
         self.schema, self.cfg = schema, cfg
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
+        self.time_gap_buckets = time_gap_buckets
         self.units = row_group_units(self.files)
 
     def set_epoch(self, epoch: int) -> None:
@@ -183,7 +195,7 @@ class RequestLoader:
 
     def __iter__(self) -> Iterator[RequestBatch]:
         stream = RequestStream(self.units, self.schema, self.cfg, rank=self.rank, world_size=self.world_size,
-                               epoch=self.epoch)
+                               epoch=self.epoch, time_gap_buckets=self.time_gap_buckets)
         # Own generator: DataLoader draws a worker base seed per iteration, which would otherwise advance the
         # global torch RNG and make a resumed training run (that re-creates the loader) diverge from an
         # uninterrupted one (docs/reliability.md). Seeded per epoch: worker seeds are reproducible too.

@@ -29,11 +29,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+from recsys.data.id_features import CAND_ID_FIELDS, RECENCY_KEY, SEQ_ID_FIELDS, keyed_jagged
 from recsys.data.schema import DataSchema
-from recsys.model.config import ItemEmbeddingConfig, ItemEmbeddingMode, SidCombine
+from recsys.embeddings.config import ItemEmbeddingConfig, ItemEmbeddingMode, SidCombine
 
-SEQ_ID_FIELDS = ("item_id", "category", "action", "time_gap")
-CAND_ID_FIELDS = ("item_id", "category")
 _HASH_MULT = 2654435761  # Knuth's multiplicative hash constant (golden ratio * 2^32)
 
 
@@ -49,10 +48,11 @@ def _zeros(w: torch.Tensor) -> torch.Tensor:
 class FeatureEmbeddings(nn.Module):
     """Looks up every id feature of a batch.
 
-    ``sequence(kjt)`` takes a KJT with keys ``"<kind>.<field>"`` (fields ``item_id``,
-    ``category``, ``action``, ``time_gap``), ``"cand.item_id"``, ``"cand.category"`` and
-    ``"req.recency"`` (one per request);
-    returns a dict of JaggedTensors with values ``[sum L, E]``.
+    ``sequence(kjt)`` takes ``RequestBatch.id_features`` (keys ``"<kind>.<field>"`` for the fields
+    ``item_id``, ``category``, ``action``, ``time_gap``, then ``"cand.item_id"``, ``"cand.category"``
+    and ``"req.recency"``, see ``recsys.data.id_features``) and returns a dict of JaggedTensors with
+    values ``[sum L, E]``. With plain id embeddings the KJT goes to the torchrec collection as it is
+    (the call torchrec's ``TrainPipelineSparseDist`` pipelines); hashing / SIDs transform it first.
     ``pooled(kjt)`` takes the user/context sparse KJT and returns ``[B, n_sparse * E]``.
     """
 
@@ -70,7 +70,7 @@ class FeatureEmbeddings(nn.Module):
                 continue  # no id table at all: items are their SID codes
             feats = [f"{k}.{fld}" for k in kinds] + ([f"cand.{fld}"] if fld in CAND_ID_FIELDS else [])
             if fld == "time_gap":
-                feats.append("req.recency")  # request_ts - newest event, same log2 buckets
+                feats.append(RECENCY_KEY)  # request_ts - newest event, same log2 buckets
             # Table names avoid clashing with nn.Module attributes (a table named `items` breaks torchrec).
             init = _zeros if fld == "item_id" and item.mode == ItemEmbeddingMode.both else None
             tables.append(EmbeddingConfig(name=f"{fld}_table", num_embeddings=sizes[fld],
@@ -123,13 +123,14 @@ class FeatureEmbeddings(nn.Module):
 
     def sid_embed(self, items: torch.Tensor) -> torch.Tensor:
         """``items [N]`` -> ``[N, E]``: the sum (or concat) of each column's code embedding."""
-        if len(items) and int(items.max()) >= self.item_sid.shape[0]:
-            raise ValueError(f"item id {int(items.max())} has no row in the SID table ({self.item_sid.shape[0]} rows)")
+        if len(items):  # checked on the device: no host sync in the forward
+            torch._assert_async(items.max() < self.item_sid.shape[0],
+                                f"an item id has no row in the SID table ({self.item_sid.shape[0]} rows)")
         k = self.sid_codebook_size
         codes = self.item_sid[items]  # [N, M]
         idx = torch.where(codes < 0, k, codes) + torch.arange(self.sid_columns, device=codes.device) * (k + 1)
-        kjt = KeyedJaggedTensor(keys=["item.sid"], values=idx.flatten(),
-                                lengths=torch.full((idx.numel(),), 1, dtype=torch.int32, device=idx.device))
+        kjt = keyed_jagged(["item.sid"], [idx.flatten()],
+                           [torch.ones(idx.numel(), dtype=torch.int32, device=idx.device)])
         vals = self.sid_tables(kjt)["item.sid"].values().view(len(items), self.sid_columns, -1)  # [N, M, E or E/M]
         return vals.flatten(1) if self.sid_concat else vals.sum(1)
 
@@ -145,22 +146,7 @@ class FeatureEmbeddings(nn.Module):
     def sequence(self, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         if self.item_mode == ItemEmbeddingMode.id and not self.hash_buckets:
             return self.seq_tables(kjt)
-        feats = kjt.to_dict()
-        item_keys = [k for k in kjt.keys() if k.endswith(".item_id")]
-        rest = {k: jt for k, jt in feats.items() if k not in item_keys}
-        if self.item_mode != ItemEmbeddingMode.sid:
-            for k in item_keys:
-                v = feats[k].values()
-                rest[k] = JaggedTensor(values=hash_ids(v, self.hash_buckets) if self.hash_buckets else v,
-                                       lengths=feats[k].lengths())
-        out = self.seq_tables(KeyedJaggedTensor.from_jt_dict(rest))
-        if self.item_mode != ItemEmbeddingMode.id:
-            sizes = [feats[k].values().numel() for k in item_keys]
-            sid = self.sid_embed(torch.cat([feats[k].values() for k in item_keys])).split(sizes)
-            for k, part in zip(item_keys, sid):
-                vals = part + out[k].values() if self.item_mode == ItemEmbeddingMode.both else part
-                out[k] = JaggedTensor(values=vals, lengths=feats[k].lengths())
-        return out
+        return _transformed_lookup(self, kjt)
 
     def pooled(self, kjt: KeyedJaggedTensor, batch_size: int) -> torch.Tensor:
         """``[B, n_sparse * E]`` (``[B, 0]`` when the schema has no sparse features)."""
@@ -169,3 +155,25 @@ class FeatureEmbeddings(nn.Module):
         # By name, not .values(): a sharded EBC (torchrec DMP, table-wise) returns its keys grouped by rank.
         pooled = self.sparse_tables(kjt).to_dict()
         return torch.cat([pooled[n] for n in self.sparse_names], dim=1)
+
+
+@torch.fx.wrap  # opaque to torchrec's pipeline tracer: the KJT is rebuilt, so this lookup is not pipelined
+def _transformed_lookup(emb: FeatureEmbeddings, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    """``FeatureEmbeddings.sequence`` with hashed item ids and/or semantic-ID item vectors."""
+    feats = kjt.to_dict()
+    item_keys = [k for k in kjt.keys() if k.endswith(".item_id")]
+    rest = {k: jt for k, jt in feats.items() if k not in item_keys}
+    if emb.item_mode != ItemEmbeddingMode.sid:
+        for k in item_keys:
+            v = feats[k].values()
+            rest[k] = JaggedTensor(values=hash_ids(v, emb.hash_buckets) if emb.hash_buckets else v,
+                                   lengths=feats[k].lengths())
+    out = emb.seq_tables(keyed_jagged(list(rest), [jt.values() for jt in rest.values()],
+                                      [jt.lengths() for jt in rest.values()]))
+    if emb.item_mode != ItemEmbeddingMode.id:
+        sizes = [feats[k].values().numel() for k in item_keys]
+        sid = emb.sid_embed(torch.cat([feats[k].values() for k in item_keys])).split(sizes)
+        for k, part in zip(item_keys, sid):
+            vals = part + out[k].values() if emb.item_mode == ItemEmbeddingMode.both else part
+            out[k] = JaggedTensor(values=vals, lengths=feats[k].lengths())
+    return out

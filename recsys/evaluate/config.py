@@ -25,7 +25,8 @@ class RelevantItems(str, Enum):
 
 @dataclass
 class CatalogEvalConfig:
-    """Full-catalog ranking (HR@K / NDCG@K): every item 1..num_items-1 scored for each request."""
+    """Full-catalog ranking (HR@K / NDCG@K): every item 1..num_items-1 scored for each request (item 0 is the
+    padding id, never ranked); the protocol is ``recsys.serving.ranking``'s."""
 
     enabled: bool = True
     """Rank the catalog (costs requests x items model scores)."""
@@ -35,6 +36,9 @@ class CatalogEvalConfig:
     """Cut-off of HR@K / NDCG@K."""
     target: RelevantItems = RelevantItems.auto
     """Relevant items of a request (see ``RelevantItems``)."""
+    rank_task: str | None = None
+    """Task whose logit ranks the catalog and whose labels are ``positives`` (None: the first task), as
+    ``recsys.score``'s ``catalog.rank_task``; SASRec ranks by its next-item score whatever the task."""
     exclude_history: bool = False
     """Drop the request's (truncated) history items from its ranking; False = EVALUATION.md default."""
     batch_size: int = 16

@@ -23,24 +23,26 @@ import torch
 from omegaconf import OmegaConf
 from torchmetrics.functional.classification import binary_roc
 
-from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
+from recsys.baselines import SASRecModel
+from recsys.data import PreparedDataset, RequestLoader
 from recsys.data.batch import RequestBatch
-from recsys.data.config import DataConfig, LoaderConfig
-from recsys.data.prepare import as_data_config, dataset_inputs
+from recsys.data.config import LoaderConfig
+from recsys.data.prepare import as_data_config
 from recsys.data.schema import DataSchema
+from recsys.errors import InputError
 from recsys.evaluate.buckets import bucket_metrics, calibration_table, item_counts, quantile_buckets
 from recsys.evaluate.catalog import catalog_ranks
 from recsys.evaluate.config import EvaluateConfig, RelevantItems
-from recsys.evaluate.load import load_any_model
 from recsys.evaluate.plots import bucket_figure, calibration_figure, roc_figure, save, training_figure
-from recsys.model.metrics import hr_ndcg_at_k
 from recsys.reliability.device import resolve_device
 from recsys.reliability.digest import json_default
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
-from recsys.serving.catalog import collect_item_categories
+from recsys.serving.catalog import catalog_items, collect_item_categories
 from recsys.serving.config import CatalogTarget
-from recsys.serving.job import resolve_checkpoint
-from recsys.train.evaluate import metrics_report, predict
+from recsys.serving.inputs import trained_dataset, trained_dataset_inputs
+from recsys.serving.load import load_model, resolve_checkpoint
+from recsys.train.evaluate import Predictions, metrics_report, predict
+from recsys.model.metrics import hr_ndcg_at_k
 
 
 def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,10 +69,12 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def evaluation_inputs(ckpt: Path, data_cfg: DataConfig) -> list[tuple[str, str | Path | None]]:
+def evaluation_inputs(ckpt: Path, run_cfg: dict[str, Any]) -> list[tuple[str, str | Path | None]]:
     """What the report reads, as ``(key, path)``: the checkpoint, its run's train_log.jsonl, its dataset
-    (and raw files). ``output_dir`` must overlap none of them (so ``<run>/eval`` is fine, ``<run>`` is not)."""
-    return [("checkpoint", ckpt), ("train log", run_dir_of(ckpt) / "train_log.jsonl"), *dataset_inputs(data_cfg)]
+    (recorded ``dataset_dir``, and raw files). ``output_dir`` must overlap none of them (so ``<run>/eval`` is
+    fine, ``<run>`` is not)."""
+    return [("checkpoint", ckpt), ("train log", run_dir_of(ckpt) / "train_log.jsonl"),
+            *trained_dataset_inputs(run_cfg)]
 
 
 @dataclass
@@ -86,6 +90,8 @@ class OpenedEvaluation:
     ds: PreparedDataset
     loader_cfg: LoaderConfig
     batches: list[RequestBatch]
+    rank_task: int
+    """Index of the task ranking the catalog (``catalog.rank_task``)."""
 
 
 def run_evaluation(cfg: EvaluateConfig) -> Path:
@@ -93,48 +99,77 @@ def run_evaluation(cfg: EvaluateConfig) -> Path:
 
     Everything is resolved and checked before ``output_dir`` is touched: the checkpoint loads, the output
     directory overlaps no input (``check_output_dir``), the split exists and has rows; the report is then
-    written under the directory's lock (``lock_run_dir``: one process per output directory).
+    written under the directory's lock (``lock_run_dir``: one process per output directory). The dataset
+    is the one the checkpoint recorded (``recsys.serving.inputs.trained_dataset``, as ``recsys.score``).
     """
     ckpt = resolve_checkpoint(cfg.checkpoint)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
-    model, schema, run_cfg = load_any_model(ckpt, device)
-    data_cfg = as_data_config(OmegaConf.create(run_cfg["data"]))
-    out = check_output_dir(cfg.output_dir, evaluation_inputs(ckpt, data_cfg))  # before anything is written
+    model, schema, run_cfg = load_model(ckpt, device)
+    tasks = list(schema.tasks)
+    task = cfg.catalog.rank_task or tasks[0]
+    if task not in tasks:
+        raise InputError(f"catalog.rank_task={task!r} is not among the model's tasks {tasks}")
+    out = check_output_dir(cfg.output_dir, evaluation_inputs(ckpt, run_cfg))  # before anything is written
     # the split evaluated, and train (item popularity): missing or empty -> InputError naming the dataset
-    ds = prepare_dataset(data_cfg, progress=False, need=("train", cfg.split))
+    ds = trained_dataset(run_cfg, need=("train", cfg.split))
+    data_cfg = as_data_config(OmegaConf.create(run_cfg["data"]))
     loader_cfg = replace(data_cfg.loader, batch_size=cfg.batch_size, shuffle=False, drop_last=False)
     batches = list(RequestLoader(ds.splits[cfg.split], schema, loader_cfg))  # collated once, outside the timing
+    opened = OpenedEvaluation(out, ckpt, device, model, schema, run_cfg, ds, loader_cfg, batches, tasks.index(task))
     with lock_run_dir(out):
-        return _report(cfg, OpenedEvaluation(out, ckpt, device, model, schema, run_cfg, ds, loader_cfg, batches))
+        return _report(cfg, opened)
 
 
 def _report(cfg: EvaluateConfig, opened: OpenedEvaluation) -> Path:
     """The report itself (see the module docstring), written into the locked output directory."""
-    out, ckpt, device, model, schema = opened.out, opened.ckpt, opened.device, opened.model, opened.schema
-    run_cfg, ds, loader_cfg, batches = opened.run_cfg, opened.ds, opened.loader_cfg, opened.batches
-    run_dir = run_dir_of(ckpt)
+    pred, metrics = score_split(cfg, opened)
+    title = f"{metrics['arch']} — {opened.schema.tasks[0]}, {cfg.split} ({pred.labels.shape[0]} rows)"
+    plots, curves = curve_figures(cfg, opened.out, pred, metrics, title)
+    plots.update(slice_figures(cfg, opened, pred, metrics, title))
+    run_dir = run_dir_of(opened.ckpt)
+    log = read_log(run_dir)
+    if log:
+        plots["training"] = save(training_figure(log), opened.out / "training_curves.png").name
+    metrics["train_log"] = str(run_dir / "train_log.jsonl") if log else None
+    if cfg.catalog.enabled:
+        metrics.update(catalog_report(cfg, opened))
+        metrics["protocol"]["catalog"] = metrics.pop("catalog_protocol")
+    metrics["plots"] = plots
+    metrics["eval_config"] = eval_config_dict(cfg)
+    (opened.out / "curves.json").write_text(json.dumps(curves, default=json_default))
+    path = opened.out / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2, default=json_default))
+    return path
+
+
+def score_split(cfg: EvaluateConfig, opened: OpenedEvaluation) -> tuple[Predictions, dict[str, Any]]:
+    """Predictions of every candidate row of the split and their metrics (``metrics_report``, throughput)."""
+    model, batches, device, tasks = opened.model, opened.batches, opened.device, list(opened.schema.tasks)
     predict(model, batches[:1], device)  # warm-up (lazy init, allocator), not timed
     t0 = time.perf_counter()
     pred = predict(model, batches, device)
     score_s = time.perf_counter() - t0
-    tasks = list(schema.tasks)
     metrics: dict[str, Any] = metrics_report(pred, tasks, "")
     n_req = sum(b.num_requests for b in batches)
-    metrics.update({"arch": run_cfg["model"].get("arch", "onetrans"), "checkpoint": str(ckpt), "split": cfg.split,
-                    "requests": n_req, "score_time_s": score_s, "score_requests_per_s": n_req / score_s,
-                    "score_candidates_per_s": pred.labels.shape[0] / score_s, "device": device.type,
-                    "threads": torch.get_num_threads()})
+    metrics.update({"arch": opened.run_cfg["model"].get("arch", "onetrans"), "checkpoint": str(opened.ckpt),
+                    "split": cfg.split, "requests": n_req, "score_time_s": score_s,
+                    "score_requests_per_s": n_req / score_s, "score_candidates_per_s": pred.labels.shape[0] / score_s,
+                    "device": device.type, "threads": torch.get_num_threads()})
     metrics["protocol"] = {
         "auc": f"pooled ROC AUC of task {tasks[0]!r} over every candidate row of split {cfg.split!r}",
         "gauc": "row-weighted mean of per-user AUCs over users with both classes (undefined: null)",
         "throughput": "model forward over pre-collated batches of the split (predict), after one warm-up batch",
     }
+    return pred, metrics
 
-    scores, labels, users = pred.logits[:, 0], pred.labels[:, 0], pred.users
+
+def curve_figures(cfg: EvaluateConfig, out: Path, pred: Predictions, metrics: dict[str, Any], title: str
+                  ) -> tuple[dict[str, str], dict[str, Any]]:
+    """roc.png and calibration.png of the first task (and their points, curves.json); sets ``metrics["ece"]``."""
+    scores, labels = pred.logits[:, 0], pred.labels[:, 0]
     probs = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
-    title = f"{metrics['arch']} — {tasks[0]}, {cfg.split} ({labels.size} rows)"
     plots: dict[str, str] = {}
     curves: dict[str, Any] = {}
     if 0 < labels.sum() < labels.size:
@@ -145,9 +180,19 @@ def _report(cfg: EvaluateConfig, opened: OpenedEvaluation) -> Path:
     metrics["ece"] = ece
     curves["calibration"] = cal
     plots["calibration"] = save(calibration_figure(cal, ece, title), out / "calibration.png").name
+    return plots, curves
 
+
+SLICE_FILES = {"history_length": "auc_by_history_length.png", "item_popularity": "auc_by_item_popularity.png",
+               "cold_warm": "auc_cold_warm.png"}
+
+
+def slice_figures(cfg: EvaluateConfig, opened: OpenedEvaluation, pred: Predictions, metrics: dict[str, Any],
+                  title: str) -> dict[str, str]:
+    """AUC / GAUC by history length, item popularity and cold vs warm (``metrics["by_<slice>"]`` and a PNG each)."""
+    scores, labels, users = pred.logits[:, 0], pred.labels[:, 0], pred.users
     hb, hl = quantile_buckets(pred.history_len, cfg.n_buckets)
-    counts = item_counts(ds.splits["train"], schema.num_items)[pred.items]
+    counts = item_counts(opened.ds.splits["train"], opened.schema.num_items)[pred.items]
     pb, pl_ = quantile_buckets(counts, cfg.n_buckets)
     cold = (counts <= cfg.cold_max_count).astype(np.int64)
     cw_labels = [f"cold (<= {cfg.cold_max_count} train impressions)", "warm"]
@@ -156,49 +201,44 @@ def _report(cfg: EvaluateConfig, opened: OpenedEvaluation) -> Path:
         "item_popularity": (bucket_metrics(pb, pl_, scores, labels, users), "item impressions in the train split"),
         "cold_warm": (bucket_metrics(1 - cold, cw_labels, scores, labels, users), "item"),
     }
-    files = {"history_length": "auc_by_history_length.png", "item_popularity": "auc_by_item_popularity.png",
-             "cold_warm": "auc_cold_warm.png"}
+    plots = {}
     for name, (rows, xlabel) in slices.items():
         metrics[f"by_{name}"] = rows
         plots[name] = save(bucket_figure(rows, f"{title}: by {name.replace('_', ' ')}", xlabel, metrics["auc"]),
-                           out / files[name]).name
+                           opened.out / SLICE_FILES[name]).name
     metrics["protocol"]["buckets"] = (f"{cfg.n_buckets} quantile buckets of the rows' value (merged when edges "
                                       f"coincide); cold = item shown <= {cfg.cold_max_count} times in the train split")
+    return plots
 
-    log = read_log(run_dir)
-    if log:
-        plots["training"] = save(training_figure(log), out / "training_curves.png").name
-    metrics["train_log"] = str(run_dir / "train_log.jsonl") if log else None
 
-    if cfg.catalog.enabled:
-        c = cfg.catalog
-        cat_loader = replace(loader_cfg, batch_size=c.batch_size)
-        cat_batches = []
-        for b in RequestLoader(ds.splits[cfg.split], schema, cat_loader):
-            if c.max_requests and sum(x.num_requests for x in cat_batches) >= c.max_requests:
-                break
-            cat_batches.append(b)
-        one_each = all(bool((b.cand_offsets.diff() == 1).all()) for b in cat_batches)
-        target = (CatalogTarget.candidates if c.target == RelevantItems.candidates
-                  or (c.target == RelevantItems.auto and one_each) else CatalogTarget.positives)
-        category = collect_item_categories([p for fs in ds.splits.values() for p in fs], schema).category
-        t0 = time.perf_counter()
-        ranks, ranked = catalog_ranks(model, cat_batches, schema.num_items, category, list(schema.sequences),
-                                      target, c.exclude_history, c.candidate_chunk, device, cfg.progress)
-        cat_s = time.perf_counter() - t0
-        hr, ndcg = hr_ndcg_at_k(ranks, c.k)
-        metrics.update({f"hr@{c.k}": hr, f"ndcg@{c.k}": ndcg, "catalog_targets": int(ranks.size),
-                        "catalog_requests": ranked, "catalog_items": schema.num_items - 1, "catalog_time_s": cat_s,
-                        "catalog_items_scored_per_s": ranked * (schema.num_items - 1) / cat_s if ranked else None})
-        metrics["protocol"]["catalog"] = (
-            f"every item 1..{schema.num_items - 1} scored for each of the first {ranked} requests of the split "
-            f"with a relevant item; relevant = {target.value} of the request (its listed candidates"
-            f"{'' if target == CatalogTarget.candidates else ' labelled 1'}); seen items "
-            f"{'excluded' if c.exclude_history else 'kept'}; ties by item id; HR@{c.k}/NDCG@{c.k} averaged over "
-            "relevant items (recsys/evaluate/catalog.py)")
-    metrics["plots"] = plots
-    metrics["eval_config"] = eval_config_dict(cfg)
-    (out / "curves.json").write_text(json.dumps(curves, default=json_default))
-    path = out / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2, default=json_default))
-    return path
+def catalog_report(cfg: EvaluateConfig, opened: OpenedEvaluation) -> dict[str, Any]:
+    """HR@K / NDCG@K of the full-catalog ranking (``recsys.serving.ranking``) over the first requests of the split."""
+    c, schema = cfg.catalog, opened.schema
+    cat_loader = replace(opened.loader_cfg, batch_size=c.batch_size)
+    batches: list[RequestBatch] = []
+    for b in RequestLoader(opened.ds.splits[cfg.split], schema, cat_loader):
+        if c.max_requests and sum(x.num_requests for x in batches) >= c.max_requests:
+            break
+        batches.append(b)
+    one_each = all(bool((b.cand_offsets.diff() == 1).all()) for b in batches)
+    target = (CatalogTarget.candidates if c.target == RelevantItems.candidates
+              or (c.target == RelevantItems.auto and one_each) else CatalogTarget.positives)
+    categories = collect_item_categories([p for fs in opened.ds.splits.values() for p in fs], schema)
+    catalog = catalog_items(schema, None, categories)
+    t0 = time.perf_counter()
+    ranks, ranked = catalog_ranks(opened.model, batches, catalog, list(schema.sequences), target, c.exclude_history,
+                                  c.candidate_chunk, opened.device, cfg.progress, opened.rank_task)
+    cat_s = time.perf_counter() - t0
+    hr, ndcg = hr_ndcg_at_k(ranks, c.k)
+    m = int(catalog.items.size)
+    task = schema.tasks[opened.rank_task]
+    score = ("its next-item score" if isinstance(opened.model, SASRecModel) else f"the logit of task {task!r}")
+    return {f"hr@{c.k}": hr, f"ndcg@{c.k}": ndcg, "catalog_targets": int(ranks.size), "catalog_requests": ranked,
+            "catalog_items": m, "catalog_rank_task": task, "catalog_time_s": cat_s,
+            "catalog_items_scored_per_s": ranked * m / cat_s if ranked else None,
+            "catalog_protocol": (
+                f"every item 1..{schema.num_items - 1} (item 0, the padding id, excluded) ranked by {score} for "
+                f"each of the first {ranked} requests of the split with a relevant item; relevant = {target.value} "
+                f"of the request (its listed candidates{'' if target == CatalogTarget.candidates else ' labelled 1'}"
+                f", item 0 never); seen items {'excluded' if c.exclude_history else 'kept'}; ties by item id; "
+                f"HR@{c.k}/NDCG@{c.k} averaged over relevant items (recsys/serving/ranking.py)")}

@@ -21,7 +21,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
-from recsys.features.jagged import lengths_to_offsets
+from recsys.data.jagged import lengths_to_offsets
 from recsys.longseq.memory import MemoryState
 
 Fingerprint = tuple[int, int] | None

@@ -21,11 +21,13 @@ precomputed (serving: :meth:`LongSequenceFeatures.memory_state` once, then ``VQM
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.features.jagged import lengths_to_offsets
+from recsys.data.jagged import lengths_to_offsets
 from recsys.longseq.config import LongSeqConfig, SearchMode
 from recsys.longseq.memory import MemoryState, VQMemory
 from recsys.longseq.search import hard_search, soft_search, target_attention
@@ -79,48 +81,67 @@ class LongSequenceFeatures(nn.Module):
     # ---------------------------------------------------------------- tokens
     def forward(self, long_seq: KeyedJaggedTensor, feats: torch.Tensor | None, cand_vec: torch.Tensor,
                 cand_item: torch.Tensor, cand_category: torch.Tensor, cand_offsets: torch.Tensor,
-                memory: MemoryState | None = None) -> torch.Tensor:
+                memory: MemoryState | None = None, counts: tuple[Sequence[int], Sequence[int]] | None = None
+                ) -> torch.Tensor:
         """Extra NS tokens ``[C, n_tokens, D]`` (memory first, then hard, then soft).
 
         ``feats [E, 3Ec]``: embeddings of the long history's events (may be None when ``memory`` is
         given and no search is configured); ``cand_vec [C, 2Ec]``;
         ``cand_item, cand_category [C]`` ids; ``memory``: precomputed ``[B]`` states, or None to
-        build them from ``long_seq``.
+        build them from ``long_seq``; ``counts``: (events, candidates) of every request as Python
+        ints (``RequestBatch.sizes``), so soft search reads no size back (None: read from the tensors).
         """
         d = long_seq.to_dict()
         lengths = d["item_id"].lengths().to(torch.int64)
         n_req = lengths.numel()
         if cand_offsets.numel() != n_req + 1:
             raise ValueError(f"long_seq has {n_req} requests but cand_offsets describes {cand_offsets.numel() - 1}")
-        ev_off = lengths_to_offsets(lengths)
         cand_owner = torch.repeat_interleave(torch.arange(n_req, device=cand_vec.device),
-                                             cand_offsets[1:] - cand_offsets[:-1])
+                                             cand_offsets[1:] - cand_offsets[:-1], output_size=cand_vec.shape[0])
         tokens = []
         if self.memory is not None:
-            if memory is None and feats is None:
-                raise ValueError("no memory state and no event features to build it from")
-            state = self.memory_state(long_seq, feats) if memory is None else memory
-            if state.sums.shape[0] != n_req:
-                raise ValueError(f"memory state has {state.sums.shape[0]} users, batch has {n_req} requests")
-            query = self.memory.keys(cand_vec) * self.mem_log_temp.exp()  # [C, Dk]
-            out, lse = self.memory.read(query, state, cand_owner)  # [C, D], [C]
-            tokens.append(self.mem_token(torch.cat([out, cand_vec, lse[:, None]], -1)))
+            tokens.append(self._memory_token(long_seq, feats, cand_vec, cand_owner, memory))
         if self.modes:
             if feats is None:
                 raise ValueError("search needs the long history's event features")
-            ev_item, ev_cat = d["item_id"].values(), d["category"].values()
-            ev_keys = self.search_item(ev_item) + self.search_category(ev_cat)  # [E, Dk]
-            cand_keys = self.search_query(self.search_item(cand_item) + self.search_category(cand_category))  # [C, Dk]
-            k = self.cfg.search_k
-            for mode in self.modes:
-                if mode == "hard":
-                    idx, sel_off = hard_search(ev_cat, d["ts"].values(), ev_off, cand_category, cand_owner, k)
-                else:
-                    idx, sel_off = soft_search(cand_keys.detach(), ev_keys.detach(), ev_off, cand_offsets, k)
-                n_sel = sel_off[1:] - sel_off[:-1]  # [C]
-                sel_cand = torch.repeat_interleave(torch.arange(n_sel.numel(), device=idx.device), n_sel)
-                logits = (cand_keys[sel_cand] * ev_keys[idx]).sum(-1) * self.cfg.key_dim ** -0.5  # [sum n_c]
-                pooled = target_attention(logits, self.search_value(feats[idx]), sel_off)  # [C, D]
-                frac = (n_sel.to(cand_vec.dtype) / k)[:, None]
-                tokens.append(self.search_token[mode](torch.cat([pooled, cand_vec, frac], -1)))
+            tokens += self._search_tokens(d, feats, cand_vec, cand_item, cand_category, cand_offsets, cand_owner,
+                                          counts)
         return torch.stack(tokens, 1)
+
+    def _memory_token(self, long_seq: KeyedJaggedTensor, feats: torch.Tensor | None, cand_vec: torch.Tensor,
+                      cand_owner: torch.Tensor, memory: MemoryState | None) -> torch.Tensor:
+        """``[C, D]``: each candidate's read of its user's VQ memory."""
+        if memory is None and feats is None:
+            raise ValueError("no memory state and no event features to build it from")
+        state = self.memory_state(long_seq, feats) if memory is None else memory
+        n_req = long_seq.stride()
+        if state.sums.shape[0] != n_req:
+            raise ValueError(f"memory state has {state.sums.shape[0]} users, batch has {n_req} requests")
+        query = self.memory.keys(cand_vec) * self.mem_log_temp.exp()  # [C, Dk]
+        out, lse = self.memory.read(query, state, cand_owner)  # [C, D], [C]
+        return self.mem_token(torch.cat([out, cand_vec, lse[:, None]], -1))
+
+    def _search_tokens(self, d: dict, feats: torch.Tensor, cand_vec: torch.Tensor, cand_item: torch.Tensor,
+                       cand_category: torch.Tensor, cand_offsets: torch.Tensor, cand_owner: torch.Tensor,
+                       counts: tuple[Sequence[int], Sequence[int]] | None) -> list[torch.Tensor]:
+        """One ``[C, D]`` token per search mode: target attention over the selected events."""
+        ev_off = lengths_to_offsets(d["item_id"].lengths())
+        ev_item, ev_cat = d["item_id"].values(), d["category"].values()
+        ev_keys = self.search_item(ev_item) + self.search_category(ev_cat)  # [E, Dk]
+        cand_keys = self.search_query(self.search_item(cand_item) + self.search_category(cand_category))  # [C, Dk]
+        k = self.cfg.search_k
+        out = []
+        for mode in self.modes:
+            if mode == "hard":
+                idx, sel_off = hard_search(ev_cat, d["ts"].values(), ev_off, cand_category, cand_owner, k,
+                                           n_cat=self.search_category.num_embeddings)
+            else:
+                idx, sel_off = soft_search(cand_keys.detach(), ev_keys.detach(), ev_off, cand_offsets, k, counts)
+            n_sel = sel_off[1:] - sel_off[:-1]  # [C]
+            sel_cand = torch.repeat_interleave(torch.arange(n_sel.numel(), device=idx.device), n_sel,
+                                               output_size=idx.shape[0])
+            logits = (cand_keys[sel_cand] * ev_keys[idx]).sum(-1) * self.cfg.key_dim ** -0.5  # [sum n_c]
+            pooled = target_attention(logits, self.search_value(feats[idx]), sel_off)  # [C, D]
+            frac = (n_sel.to(cand_vec.dtype) / k)[:, None]
+            out.append(self.search_token[mode](torch.cat([pooled, cand_vec, frac], -1)))
+        return out

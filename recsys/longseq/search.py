@@ -17,24 +17,27 @@ history.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 
-from recsys.features.jagged import lengths_to_offsets
-
-
-def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Concatenation of ``arange(starts[i], starts[i] + counts[i])`` over i (int64)."""
-    offs = lengths_to_offsets(counts)
-    return torch.arange(int(offs[-1]), device=starts.device) + torch.repeat_interleave(starts - offs[:-1], counts)
+from recsys.data.jagged import lengths_to_offsets, ranges
 
 
 def hard_search(ev_category: torch.Tensor, ev_ts: torch.Tensor, ev_offsets: torch.Tensor, cand_category: torch.Tensor,
-                cand_owner: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per candidate, its request's events of the candidate's category, most recent first, at most ``k``."""
+                cand_owner: torch.Tensor, k: int, n_cat: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per candidate, its request's events of the candidate's category, most recent first, at most ``k``.
+
+    ``n_cat``: a bound on the category ids (the table size; else read from the data). The selection's
+    total length is data-dependent, so this reads one size back (``ranges``).
+    """
     n_ev = ev_category.shape[0]
     dev = ev_category.device
-    req = torch.repeat_interleave(torch.arange(ev_offsets.shape[0] - 1, device=dev), ev_offsets[1:] - ev_offsets[:-1])
-    n_cat = int(max(int(ev_category.max()) if n_ev else 0, int(cand_category.max()) if cand_category.numel() else 0)) + 1
+    req = torch.repeat_interleave(torch.arange(ev_offsets.shape[0] - 1, device=dev), ev_offsets[1:] - ev_offsets[:-1],
+                                  output_size=n_ev)
+    if n_cat is None:
+        n_cat = max(int(ev_category.max()) if n_ev else 0, int(cand_category.max()) if cand_category.numel() else 0) + 1
     # Lexicographic order (request, category, ts desc, row desc) by stable sorts, last key first.
     order = torch.arange(n_ev - 1, -1, -1, device=dev)  # row desc
     order = order[torch.argsort(-ev_ts[order], stable=True)]
@@ -45,16 +48,22 @@ def hard_search(ev_category: torch.Tensor, ev_ts: torch.Tensor, ev_offsets: torc
     lo = torch.searchsorted(sorted_key, cand_key, right=False)
     hi = torch.searchsorted(sorted_key, cand_key, right=True)
     n = (hi - lo).clamp(max=k)
-    return order[_ranges(lo, n)], lengths_to_offsets(n)
+    return order[ranges(lo, n)[0]], lengths_to_offsets(n)
 
 
 def soft_search(cand_keys: torch.Tensor, ev_keys: torch.Tensor, ev_offsets: torch.Tensor, cand_offsets: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per candidate (``cand_keys [C, Ds]``), the top-``k`` events by ``cand . ev`` (``ev_keys [E, Ds]``)."""
+                k: int, sizes: tuple[Sequence[int], Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per candidate (``cand_keys [C, Ds]``), the top-``k`` events by ``cand . ev`` (``ev_keys [E, Ds]``).
+
+    ``sizes``: (events, candidates) of every request as Python ints, else read from the offsets.
+    """
     # A loop over requests: each request's [C_b, E_b] block is dense, so torch.topk does the work
     # without padding every request to the longest history (fbgemm has no jagged top-k op).
     index, counts = [], []
-    eo, co = ev_offsets.tolist(), cand_offsets.tolist()
+    if sizes is None:
+        eo, co = ev_offsets.tolist(), cand_offsets.tolist()
+    else:
+        eo, co = [0, *itertools.accumulate(sizes[0])], [0, *itertools.accumulate(sizes[1])]
     for b in range(len(eo) - 1):
         c_b, e_b = co[b + 1] - co[b], eo[b + 1] - eo[b]
         kk = min(k, e_b)
@@ -77,7 +86,7 @@ def target_attention(logits: torch.Tensor, values: torch.Tensor, offsets: torch.
     -> ``[C, Dv]`` (zeros for an empty segment)."""
     n = offsets[1:] - offsets[:-1]
     n_seg = n.shape[0]
-    seg = torch.repeat_interleave(torch.arange(n_seg, device=logits.device), n)
+    seg = torch.repeat_interleave(torch.arange(n_seg, device=logits.device), n, output_size=logits.shape[0])
     top = logits.new_full((n_seg,), float("-inf")).scatter_reduce(0, seg, logits, reduce="amax")
     w = torch.exp(logits - top[seg])  # [sum n_c]
     denom = logits.new_zeros(n_seg).index_add_(0, seg, w)

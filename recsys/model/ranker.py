@@ -10,6 +10,11 @@ Two ways to run the same weights, equal to float tolerance (pinned by tests):
 * ``rank_per_candidate`` (slow reference): every candidate is run alone through the
   full sequence ``[S tokens of its request ; its NS tokens]`` with plain jagged causal
   attention. Costs C full passes per request.
+
+``forward(batch)`` is the tokenizer (whose two torchrec lookups read ``batch.id_features`` and
+``batch.sparse`` as they are) followed by :func:`_rank_tokens`, opaque to torchrec's pipeline
+tracer (``torch.fx.wrap``): that is the shape ``TrainPipelineSparseDist`` rewrites. Sizes come as
+Python ints (``TokenizedBatch.s_lengths``), so the fast path reads none back from a tensor.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from torch import nn
 from kernels.candidate_prefix_attention import candidate_prefix_attention
 from kernels.jagged_causal_attention import jagged_causal_attention
 from recsys.data.batch import RequestBatch
+from recsys.data.jagged import keep_last, kept_total, lengths_to_offsets, positions_in_sequence
 from recsys.data.schema import DataSchema
-from recsys.features.jagged import keep_last, lengths_to_offsets, positions_in_sequence
 from recsys.features.tokenizer import TokenizedBatch, UnifiedTokenizer
 from recsys.model.block import OneTransBlock
 from recsys.model.config import ModelConfig
@@ -44,13 +49,16 @@ class PrefixKV:
     offsets: list[torch.Tensor]
 
 
-def ns_positions(s_offsets: torch.Tensor, cand_offsets: torch.Tensor, n_ns: int) -> torch.Tensor:
+def ns_positions(s_offsets: torch.Tensor, cand_offsets: torch.Tensor, n_ns: int, n_cand: int | None = None
+                 ) -> torch.Tensor:
     """``[C, N]`` positions of every candidate's NS tokens: its request's S length + n.
 
-    ``s_offsets [B+1]``: the requests' full (layer-0) S sequences; ``cand_offsets [B+1]``.
+    ``s_offsets [B+1]``: the requests' full (layer-0) S sequences; ``cand_offsets [B+1]``;
+    ``n_cand``: C if known (no host sync).
     """
     s_len = s_offsets[1:] - s_offsets[:-1]
-    owner = torch.repeat_interleave(torch.arange(len(s_len), device=s_len.device), cand_offsets[1:] - cand_offsets[:-1])
+    owner = torch.repeat_interleave(torch.arange(len(s_len), device=s_len.device), cand_offsets[1:] - cand_offsets[:-1],
+                                    output_size=n_cand)
     return s_len[owner][:, None] + torch.arange(n_ns, device=s_len.device)
 
 
@@ -74,18 +82,24 @@ class OneTransRanker(nn.Module):
 
     def forward(self, batch: RequestBatch) -> torch.Tensor:
         """``batch`` -> logits ``[sum C_b, T]``."""
-        return self.rank(self.tokenizer(batch))
+        return _rank_tokens(self, self.tokenizer(batch))
 
     # ---- fast path: shared user prefix ----------------------------------------------
-    def encode_prefix(self, s_tokens: torch.Tensor, s_offsets: torch.Tensor) -> PrefixKV:
-        """Stage 1: S tokens ``[sum L_b, D]`` through every layer; returns each layer's K/V."""
+    def encode_prefix(self, s_tokens: torch.Tensor, s_offsets: torch.Tensor,
+                      s_lengths: tuple[int, ...] | None = None) -> PrefixKV:
+        """Stage 1: S tokens ``[sum L_b, D]`` through every layer; returns each layer's K/V.
+
+        ``s_lengths``: ``L_b`` as Python ints if known (then no size is read back from a tensor).
+        """
         keys, values, offsets = [], [], []
-        x, off = s_tokens, s_offsets
-        pos = positions_in_sequence(off)  # [sum L_b]; kept rows keep their positions
+        x, off, lens = s_tokens, s_offsets, s_lengths
+        pos = positions_in_sequence(off, s_tokens.shape[0])  # [sum L_b]; kept rows keep their positions
         last = len(self.blocks) - 1
         for layer, blk in enumerate(self.blocks):
             # budget(last) == 0: the top layer's S outputs feed nothing, only its K/V are needed.
-            keep, off_out = keep_last(off, self.schedule.budget(layer))
+            budget = self.schedule.budget(layer)
+            keep, off_out = keep_last(off, budget, None if lens is None else kept_total(lens, budget))
+            lens = None if lens is None else tuple(min(n, budget) for n in lens)
             q, k, v = blk.s_project(x, keep, pos)
             keys.append(k)
             values.append(v)
@@ -103,7 +117,7 @@ class OneTransRanker(nn.Module):
     def score_candidates(self, prefix: PrefixKV, ns_tokens: torch.Tensor, cand_offsets: torch.Tensor) -> torch.Tensor:
         """Stage 2: NS tokens ``[sum C_b, N, D]`` against the cached prefix -> logits ``[sum C_b, T]``."""
         x = ns_tokens
-        pos = ns_positions(prefix.offsets[0], cand_offsets, x.shape[1])  # [C, N]
+        pos = ns_positions(prefix.offsets[0], cand_offsets, x.shape[1], x.shape[0])  # [C, N]
         for layer, blk in enumerate(self.blocks):
             q, k, v = blk.ns_project(x, pos)
             attn = candidate_prefix_attention(q, k, v, prefix.keys[layer], prefix.values[layer],
@@ -112,7 +126,7 @@ class OneTransRanker(nn.Module):
         return self.heads(x)
 
     def rank(self, tok: TokenizedBatch) -> torch.Tensor:
-        return self.score_candidates(self.encode_prefix(tok.s_tokens, tok.s_offsets), tok.ns_tokens,
+        return self.score_candidates(self.encode_prefix(tok.s_tokens, tok.s_offsets, tok.s_lengths), tok.ns_tokens,
                                      tok.cand_offsets)
 
     # ---- reference: every candidate alone through the full sequence -------------------
@@ -165,3 +179,9 @@ class OneTransRanker(nn.Module):
         if return_tokens:
             return x_s, s_off_c, x_ns
         return self.heads(x_ns)
+
+
+@torch.fx.wrap  # opaque to torchrec's pipeline tracer (it only needs the tokenizer's lookup inputs)
+def _rank_tokens(model: OneTransRanker, tok: TokenizedBatch) -> torch.Tensor:
+    """``OneTransRanker.rank``: logits ``[sum C_b, T]``."""
+    return model.rank(tok)

@@ -8,7 +8,11 @@ Public API::
 
     score_in_chunks(model, prefix, ns_tokens, cand_offsets, candidate_chunk)  # stage 2, chunked
     extend_states(model, states, new_rows, new_offsets, new_events)          # stage 1, incremental
-    run_scoring(ScoreConfig(...))               # python -m recsys.score
+    run_scoring(ScoreConfig(...))               # python -m recsys.score (torchrun: one rank of N)
+
+The job: ``job.py`` (driver), ``load.py`` (checkpoint -> model), ``inputs.py``, ``reader.py``, ``modes.py``
+(candidates / catalog), ``ranking.py`` (the one catalog ranking, shared with recsys.evaluate), ``summary.py``,
+``group.py`` (torchrun's ranks).
 """
 
 from recsys.serving.cache import CacheStats, UserKVCache

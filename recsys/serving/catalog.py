@@ -1,6 +1,6 @@
-"""Full-catalog ranking: score every catalog item for each request, keep the top K, rank the targets.
+"""Full-catalog scoring: the candidate set, its item categories, every catalog item scored for each request.
 
-Shape legend: ``B`` requests, ``M`` catalog items, ``T`` tasks, ``K`` items written per request.
+Shape legend: ``B`` requests, ``M`` catalog items, ``T`` tasks.
 
 Item -> category. The model's candidate NS tokens need each item's category. Request rows
 carry ``(item_id, category)`` pairs in the candidate columns and in every behaviour sequence;
@@ -15,9 +15,9 @@ tokenizer builds their NS tokens (it also re-tokenizes the S events, a small cos
 the layers) and stage 2 scores them against the cached prefix. Only the scores are kept
 (``[B, M, T]`` floats), never per-candidate copies of anything history-sized.
 
-Ranks. Items are ordered by the ranking task's score, best first, ties by ascending item
-id; the 0-based rank of a target item is ``#{score > s_t} + #{score == s_t, id < t}`` over
-the candidate set, consistent with the written top-K lists.
+Ranking (targets, item 0, seen items, ties): ``recsys.serving.ranking``, the one implementation
+the job and ``recsys.evaluate`` share. :func:`ranking_scores` gives the ranked score of every model
+family (the ranker through the cached path above, SASRec's next-item score, other baselines' task logit).
 """
 
 from __future__ import annotations
@@ -28,11 +28,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.baselines import SASRecModel
 from recsys.data.batch import RequestBatch
 from recsys.data.parquet_io import open_parquet, read_parquet_table
 from recsys.data.schema import DataSchema
+from recsys.errors import InputError
+from recsys.model.ranker import OneTransRanker
+from recsys.serving.ranking import Catalog
 from recsys.serving.scorer import CachedScorer, score_in_chunks
 from recsys.serving.state import states_to_prefix
 
@@ -75,26 +80,26 @@ def collect_item_categories(files: list[Path], schema: DataSchema) -> ItemCatego
     return ItemCategories(category, seen, int(conflict.sum()))
 
 
-def catalog_items(schema: DataSchema, items_file: str | None, categories: ItemCategories
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate set: ``(item ids [M], categories [M])``, ascending ids, unique.
+def catalog_items(schema: DataSchema, items_file: str | None, categories: ItemCategories) -> Catalog:
+    """The candidate set: item ids ``[M]`` (ascending, unique, never 0: the padding id) and their categories.
 
     ``items_file``: Parquet with ``item_id`` (and optionally ``category``, which then wins over
     the collected map); None: every id ``1 .. num_items-1``.
     """
     if items_file is None:
         items = np.arange(1, schema.num_items, dtype=np.int64)
-        return items, categories.category[items]
+        return Catalog(items, categories.category[items], schema.num_items)
     table = read_parquet_table(items_file)
     if "item_id" not in table.column_names:
-        raise ValueError(f"{items_file}: needs an item_id column")
+        raise InputError(f"catalog.items_file={items_file}: needs an item_id column")
     items = table.column("item_id").to_numpy().astype(np.int64)
     if ((items < 1) | (items >= schema.num_items)).any():
-        raise ValueError(f"{items_file}: item ids must be in 1..{schema.num_items - 1}")
+        raise InputError(f"catalog.items_file={items_file}: item ids must be in 1..{schema.num_items - 1} (0 is the "
+                         "padding / unknown id, never a real item)")
     cats = (table.column("category").to_numpy().astype(np.int64) if "category" in table.column_names
             else categories.category[items])
     items, first = np.unique(items, return_index=True)
-    return items, cats[first]
+    return Catalog(items, cats[first], schema.num_items)
 
 
 def with_candidates(batch: RequestBatch, items: torch.Tensor, cats: torch.Tensor) -> RequestBatch:
@@ -131,20 +136,24 @@ def score_catalog(scorer: CachedScorer, batch: RequestBatch, items: torch.Tensor
     return out
 
 
-def target_ranks(scores: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
-    """0-based ranks of targets. ``scores [M]`` of one request, ``target_index [t]`` catalog positions.
+@torch.no_grad()
+def ranking_scores(model: nn.Module, batch: RequestBatch, items: torch.Tensor, cats: torch.Tensor, task: int,
+                   chunk: int) -> torch.Tensor:
+    """The ranked score ``[B, M]`` of ``items [M]`` (categories ``cats [M]``) for every request, any model family:
 
-    Rank = #{score > s_t} + #{score == s_t and position < target's}: ties go to the lower item id
-    (catalog positions are in ascending item id), matching :func:`top_k`.
+    * OneTrans: task ``task``'s logit through the serving path (:func:`score_catalog`, no cross-request cache);
+    * SASRec: its next-item score ``u . e_i`` (what it is trained to rank; ``task`` does not apply);
+    * other baselines: task ``task``'s logit of ``model(batch)`` with the catalog as candidates, about
+      ``chunk`` candidate rows per call.
     """
-    s_t = scores[target_index]  # [t]
-    higher = (scores[None, :] > s_t[:, None]).sum(1)
-    pos = torch.arange(scores.numel(), device=scores.device)
-    tied_before = ((scores[None, :] == s_t[:, None]) & (pos[None, :] < target_index[:, None])).sum(1)
-    return higher + tied_before
-
-
-def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Catalog positions of the ``k`` best scores of ``[M]`` (best first, ties by ascending position)."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return order[:k]
+    if isinstance(model, OneTransRanker):
+        return score_catalog(CachedScorer(model, None, chunk), batch, items, cats)[:, :, task]
+    if isinstance(model, SASRecModel):
+        return model.catalog_scores(batch, items)
+    b, m = batch.num_requests, items.numel()
+    per_call = max(1, chunk // max(1, b))  # items per call, so a call has about `chunk` candidate rows
+    out = torch.empty(b, m, device=items.device)
+    for i0 in range(0, m, per_call):
+        i1 = min(m, i0 + per_call)
+        out[:, i0:i1] = model(with_candidates(batch, items[i0:i1], cats[i0:i1]))[:, task].view(b, i1 - i0)
+    return out

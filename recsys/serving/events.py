@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from recsys.data.batch import RequestBatch
+from recsys.data.jagged import offsets_from_lengths
 from recsys.model.config import SeqMerge
 
 EVENT_FIELDS = ("kind", "item_id", "category", "action", "ts")
@@ -46,7 +47,7 @@ def merged_events(batch: RequestBatch, kinds: list[str], seq_merge: SeqMerge | s
     for ki, kind in enumerate(kinds):
         lengths = ts[kind].lengths().cpu().numpy().astype(np.int64)
         n = int(lengths.sum())
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        offsets = offsets_from_lengths(lengths)
         req = np.repeat(np.arange(b, dtype=np.int64), lengths)
         pos = np.arange(n, dtype=np.int64) - np.repeat(offsets[:-1], lengths)  # position inside the kind
         cols = [np.full(n, ki, dtype=np.int64)]
@@ -71,7 +72,7 @@ def merged_events(batch: RequestBatch, kinds: list[str], seq_merge: SeqMerge | s
     else:
         raise ValueError(f"unknown seq_merge {seq_merge!r}")
     counts = np.bincount(req_all, minlength=b).astype(np.int64)
-    return values[order], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return values[order], offsets_from_lengths(counts)
 
 
 def common_prefix_status(cached: np.ndarray, new: np.ndarray) -> str:

@@ -27,6 +27,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
+from recsys.data.jagged import lengths_to_offsets
 from recsys.features.tokenizer import TokenizedBatch
 from recsys.longseq.cache import LongMemoryCache
 from recsys.model.ranker import OneTransRanker, PrefixKV
@@ -132,7 +133,7 @@ class CachedScorer:
             for i, base in zip(jobs, bases):
                 rows.append(tok.s_tokens[s_off[i] + base.length:s_off[i + 1]])  # the new positions only
                 lens.append(rows[-1].shape[0])
-            new_off = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int64, device=device)
+            new_off = lengths_to_offsets(torch.tensor(lens, dtype=torch.int64, device=device))
             new_states = extend_states(self.model, bases, torch.cat(rows), new_off, [events[i] for i in jobs])
             for i, st in zip(jobs, new_states):
                 out[i] = st

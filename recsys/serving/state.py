@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from kernels.jagged_causal_attention import jagged_causal_attention
-from recsys.features.jagged import lengths_to_offsets
+from recsys.data.jagged import lengths_to_offsets
 from recsys.model.pyramid import UNBOUNDED, PyramidSchedule
 from recsys.model.ranker import OneTransRanker, PrefixKV
 
@@ -94,6 +94,79 @@ def empty_state(model: OneTransRanker, device: torch.device | str = "cpu",
     return UserKVState(np.zeros((0, 5), np.int64), kv, [t.clone() for t in kv], inputs)
 
 
+@dataclass
+class _LayerInput:
+    """One layer's jagged input rows of every job and which of them emit queries."""
+
+    x: torch.Tensor
+    """``[sum seg_j, D]`` rows projected to K/V (the stored old inputs a slid window re-queries, then the new rows)."""
+    keep_idx: torch.Tensor
+    """``[sum n_q]`` rows of ``x`` that emit queries."""
+    positions: torch.Tensor
+    """``[sum seg_j]`` absolute S positions of ``x``'s rows."""
+    q_lens: list[int]
+    kv_lens: list[int]
+    """Window length of every job after the append."""
+    slid: list[bool]
+    """Whether every output of the job's window changed (its window slid, or a lower one did)."""
+
+
+def _layer_input(states: list[UserKVState], layer: int, rows: list[torch.Tensor], dirty: list[bool],
+                 new_len: list[int], cap: int, budget: int, device: torch.device) -> _LayerInput:
+    """Layer ``layer``'s rows: per job, the new rows, preceded by stored old inputs when the window slid."""
+    pieces, keep, q_lens, kv_lens, slid, positions = [], [], [], [], [], []
+    start = 0
+    for j, st in enumerate(states):
+        n_new = min(new_len[j], cap)  # window length after the append
+        n_out = min(n_new, budget)  # positions that emit queries (= next layer's window)
+        r = rows[j].shape[0]
+        moved = dirty[j] or new_len[j] > cap  # every output of the window must be recomputed
+        n_q = n_out if moved else min(r, n_out)
+        x_old = max(0, n_q - r)  # old inputs needed as queries (only when the window slid)
+        if x_old:
+            stored = st.inputs[layer]
+            if stored is None or stored.shape[0] < x_old:
+                raise AssertionError(f"layer {layer}: state keeps too few inputs for a sliding window")
+            pieces.append(stored[stored.shape[0] - x_old:])
+        pieces.append(rows[j])
+        seg = x_old + r
+        # A layer's rows are always the *last* positions of the user's S sequence.
+        positions.append(torch.arange(new_len[j] - seg, new_len[j], device=device))
+        keep.append(torch.arange(start + seg - n_q, start + seg, device=device))
+        q_lens.append(n_q)
+        kv_lens.append(n_new)
+        slid.append(moved)
+        start += seg
+    x = torch.cat(pieces) if pieces else rows[0][:0]
+    keep_idx = torch.cat(keep)
+    return _LayerInput(x, keep_idx, torch.cat(positions) if positions else keep_idx, q_lens, kv_lens, slid)
+
+
+def _layer_state(states: list[UserKVState], layer: int, rows: list[torch.Tensor], dirty: list[bool],
+                 li: _LayerInput, k_x: torch.Tensor, v_x: torch.Tensor, store: bool, budget: int
+                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per job, layer ``layer``'s new (keys ``[n_l, H, Dh]``, values, stored inputs or None): the old window
+    rows still in the window followed by the new rows' K/V (``k_x``, ``v_x``: ``[sum seg_j, H, Dh]``)."""
+    out = []
+    start = 0
+    for j, st in enumerate(states):
+        r = rows[j].shape[0]
+        seg = (li.q_lens[j] - r if li.q_lens[j] > r else 0) + r
+        n_keep_old = 0 if dirty[j] else li.kv_lens[j] - r  # old window rows still in the window
+        old_k, old_v = st.keys[layer], st.values[layer]
+        k_new = torch.cat([old_k[old_k.shape[0] - n_keep_old:], k_x[start + seg - r:start + seg]])
+        v_new = torch.cat([old_v[old_v.shape[0] - n_keep_old:], v_x[start + seg - r:start + seg]])
+        if k_new.shape[0] != li.kv_lens[j]:
+            raise AssertionError(f"layer {layer}, job {j}: {k_new.shape[0]} keys, expected {li.kv_lens[j]}")
+        stored = None
+        if store:
+            full = rows[j] if dirty[j] else torch.cat([st.inputs[layer], rows[j]])
+            stored = full[full.shape[0] - min(li.kv_lens[j], budget):].clone()
+        out.append((k_new, v_new, stored))
+        start += seg
+    return out
+
+
 @torch.no_grad()
 def extend_states(model: OneTransRanker, states: list[UserKVState], new_rows: torch.Tensor,
                   new_offsets: torch.Tensor, new_events: list[np.ndarray]) -> list[UserKVState]:
@@ -112,82 +185,35 @@ def extend_states(model: OneTransRanker, states: list[UserKVState], new_rows: to
     caps = window_caps(sched)
     off = new_offsets.tolist()
     n_jobs = len(states)
-    old_len = [s.length for s in states]
-    new_len = [old_len[j] + off[j + 1] - off[j] for j in range(n_jobs)]
+    new_len = [states[j].length + off[j + 1] - off[j] for j in range(n_jobs)]
     for j in range(n_jobs):
         if new_events[j].shape[0] != new_len[j]:
             raise ValueError(f"job {j}: {new_events[j].shape[0]} events for {new_len[j]} S tokens")
     rows = [new_rows[off[j]:off[j + 1]] for j in range(n_jobs)]  # this layer's input rows per job
     dirty = [False] * n_jobs  # inputs of old positions changed (a lower window slid): rows = whole window
-    keys: list[list[torch.Tensor]] = [[] for _ in range(n_jobs)]
-    values: list[list[torch.Tensor]] = [[] for _ in range(n_jobs)]
-    inputs: list[list[torch.Tensor | None]] = [[] for _ in range(n_jobs)]
+    layers: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = []  # [layer][job]
+    dev = new_rows.device
     for layer, blk in enumerate(model.blocks):
-        cap, budget, store = caps[layer], sched.budget(layer), stores_inputs(sched, layer)
-        pieces, keep, q_lens, kv_lens, slid, positions = [], [], [], [], [], []
-        start = 0
-        for j, st in enumerate(states):
-            n_new = min(new_len[j], cap)  # window length after the append
-            n_out = min(n_new, budget)  # positions that emit queries (= next layer's window)
-            r = rows[j].shape[0]
-            moved = dirty[j] or new_len[j] > cap  # every output of the window must be recomputed
-            n_q = n_out if moved else min(r, n_out)
-            x_old = max(0, n_q - r)  # old inputs needed as queries (only when the window slid)
-            if x_old:
-                stored = st.inputs[layer]
-                if stored is None or stored.shape[0] < x_old:
-                    raise AssertionError(f"layer {layer}: state keeps too few inputs for a sliding window")
-                pieces.append(stored[stored.shape[0] - x_old:])
-            pieces.append(rows[j])
-            seg = x_old + r
-            # A layer's rows are always the *last* positions of the user's S sequence.
-            positions.append(torch.arange(new_len[j] - seg, new_len[j], device=new_rows.device))
-            keep.append(torch.arange(start + seg - n_q, start + seg, device=new_rows.device))
-            q_lens.append(n_q)
-            kv_lens.append(n_new)
-            slid.append(moved)
-            start += seg
-        x = torch.cat(pieces) if pieces else new_rows[:0]
-        keep_idx = torch.cat(keep)
-        pos = torch.cat(positions) if positions else keep_idx
-        q, k_x, v_x = blk.s_project(x, keep_idx, pos)  # q [sum n_q, H, Dh]; k_x, v_x [sum seg, H, Dh]
-        k_parts, v_parts = [], []
-        start = 0
-        for j, st in enumerate(states):
-            r = rows[j].shape[0]
-            seg = (q_lens[j] - r if q_lens[j] > r else 0) + r
-            n_keep_old = 0 if dirty[j] else kv_lens[j] - r  # old window rows still in the window
-            old_k, old_v = st.keys[layer], st.values[layer]
-            k_new = torch.cat([old_k[old_k.shape[0] - n_keep_old:], k_x[start + seg - r:start + seg]])
-            v_new = torch.cat([old_v[old_v.shape[0] - n_keep_old:], v_x[start + seg - r:start + seg]])
-            if k_new.shape[0] != kv_lens[j]:
-                raise AssertionError(f"layer {layer}, job {j}: {k_new.shape[0]} keys, expected {kv_lens[j]}")
-            keys[j].append(k_new)
-            values[j].append(v_new)
-            k_parts.append(k_new)
-            v_parts.append(v_new)
-            if store:
-                full = rows[j] if dirty[j] else torch.cat([st.inputs[layer], rows[j]])
-                n_out = min(kv_lens[j], budget)
-                inputs[j].append(full[full.shape[0] - n_out:].clone())
-            else:
-                inputs[j].append(None)
-            start += seg
+        budget = sched.budget(layer)
+        li = _layer_input(states, layer, rows, dirty, new_len, caps[layer], budget, dev)
+        q, k_x, v_x = blk.s_project(li.x, li.keep_idx, li.positions)  # q [sum n_q, H, Dh]; k_x, v_x [sum seg]
+        layers.append(_layer_state(states, layer, rows, dirty, li, k_x, v_x, stores_inputs(sched, layer), budget))
         if layer == len(model.blocks) - 1:
             break
-        dev = new_rows.device
-        q_off = lengths_to_offsets(torch.tensor(q_lens, dtype=torch.int64, device=dev))
+        q_off = lengths_to_offsets(torch.tensor(li.q_lens, dtype=torch.int64, device=dev))
         if int(q_off[-1]):
-            kv_off = lengths_to_offsets(torch.tensor(kv_lens, dtype=torch.int64, device=dev))
-            attn = jagged_causal_attention(q, torch.cat(k_parts), torch.cat(v_parts), kv_off, q_off,
+            kv_off = lengths_to_offsets(torch.tensor(li.kv_lens, dtype=torch.int64, device=dev))
+            attn = jagged_causal_attention(q, torch.cat([kv[0] for kv in layers[-1]]),
+                                           torch.cat([kv[1] for kv in layers[-1]]), kv_off, q_off,
                                            backend=model.backend)
-            out = blk.s_finish(x[keep_idx], attn)  # [sum n_q, D]
+            out = blk.s_finish(li.x[li.keep_idx], attn)  # [sum n_q, D]
         else:  # nothing queried at this layer (an empty pyramid budget)
-            out = x[keep_idx]
+            out = li.x[li.keep_idx]
         qo = q_off.tolist()
         rows = [out[qo[j]:qo[j + 1]] for j in range(n_jobs)]
-        dirty = slid
-    return [UserKVState(new_events[j], keys[j], values[j], inputs[j]) for j in range(n_jobs)]
+        dirty = li.slid
+    return [UserKVState(new_events[j], [lay[j][0] for lay in layers], [lay[j][1] for lay in layers],
+                        [lay[j][2] for lay in layers]) for j in range(n_jobs)]
 
 
 def states_to_prefix(states: list[UserKVState]) -> PrefixKV:

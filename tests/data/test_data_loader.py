@@ -114,3 +114,46 @@ def test_drop_last_and_len(tiny_prepared):
         batches = list(loader)
         assert len(batches) == len(loader) == (n // 10 if drop_last else -(-n // 10))
         assert all(b.num_requests == 10 for b in batches[:-1])
+
+
+def _bucket(gap: int, buckets: int) -> int:
+    """Slow obvious log2 bucket: floor(log2(gap + 1)) + 1 by integer bit length, clipped to 1..buckets-1."""
+    return min(max((max(gap, 0) + 1).bit_length(), 1), buckets - 1)
+
+
+@pytest.mark.parametrize("buckets", [32, 5])
+def test_id_features_and_sizes_equal_the_rows(tiny_prepared, buckets):
+    """Workers build the model's id features (time-gap and recency buckets included) and the Python sizes;
+    both equal a row-by-row reference and the batch's own derivation."""
+    from recsys.data.batch import BatchSizes, derive_id_features
+
+    schema = tiny_prepared.schema
+    f = tiny_prepared.splits["train"][0]
+    rows = {r["request_id"]: r for r in pq.read_table(f).to_pylist()}
+    max_len, n = 4, 0
+    loader = RequestLoader([f], schema, LoaderConfig(batch_size=9, max_len=max_len, num_workers=2),
+                           time_gap_buckets=buckets)
+    for b in loader:
+        feats = b.id_features.to_dict()
+        assert b.time_gap_buckets == buckets
+        for j, rid in enumerate(b.request_id.tolist()):
+            row, newest = rows[rid], None
+            for kind in schema.sequences:
+                ts = row[f"seq_{kind}_ts"][-max_len:]
+                want = [0] + [_bucket(t1 - t0, buckets) for t0, t1 in zip(ts, ts[1:])] if ts else []
+                assert feats[f"{kind}.time_gap"].to_dense()[j].tolist() == want
+                for fld in ("item_id", "category", "action"):
+                    assert feats[f"{kind}.{fld}"].to_dense()[j].tolist() == row[f"seq_{kind}_{fld}"][-max_len:]
+                assert b.sizes.seq_lengths[kind][j] == len(ts)
+                newest = max([newest, *ts[-1:]], key=lambda t: -1 if t is None else t)
+            recency = 0 if newest is None else _bucket(row["request_ts"] - newest, buckets)
+            assert feats["req.recency"].to_dense()[j].tolist() == [recency]
+            assert feats["cand.item_id"].to_dense()[j].tolist() == row["cand_item_id"]
+            assert b.sizes.cand_counts[j] == len(row["cand_item_id"])
+            n += 1
+        derived = derive_id_features(b.seq, b.seq_ts, b.cand, b.request_ts, buckets)
+        assert derived.keys() == b.id_features.keys()
+        assert torch.equal(derived.values(), b.id_features.values())
+        assert torch.equal(derived.lengths(), b.id_features.lengths())
+        assert BatchSizes.of(b.seq_ts, b.cand_offsets) == b.sizes
+    assert n == len(rows)

@@ -15,18 +15,19 @@ from omegaconf import OmegaConf
 
 from recsys.baselines.factory import build_model
 from recsys.evaluate.buckets import bucket_metrics, calibration_table, quantile_buckets
-from recsys.evaluate.catalog import catalog_ranks, catalog_scores
+from recsys.evaluate.catalog import catalog_ranks
 from recsys.evaluate.config import EvaluateConfig
 from recsys.evaluate.config import register_configs as register_eval
 from recsys.evaluate.plots import roc_figure, training_figure
 from recsys.evaluate.run import roc_points, run_evaluation
 from recsys.model.config import ModelConfig
-from recsys.model.metrics import auc
-from recsys.serving.catalog import with_candidates
+from recsys.serving.catalog import ranking_scores, with_candidates
 from recsys.serving.config import CatalogTarget
+from recsys.serving.ranking import Catalog
 from recsys.testing import random_request_batch, tiny_schema, torch_threads
 from recsys.train.config import register_configs
 from recsys.train.loop import train
+from recsys.model.metrics import auc
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 register_configs()
@@ -156,9 +157,10 @@ def test_catalog_ranks_match_a_sort_of_brute_force_scores(arch):
     model = build_model(schema, ModelConfig(arch=arch, d_model=16, n_heads=2, emb_dim=8, head_hidden=16), 64).eval()
     batch = random_request_batch(schema, [(3, 0), (0, 0), (1, 2)], [2, 1, 3], seed=4)
     category = np.arange(schema.num_items) % schema.num_categories
-    ranks, n_req = catalog_ranks(model, [batch], schema.num_items, category, schema.sequences,
-                                 CatalogTarget.candidates, False, 7, torch.device("cpu"))
     items = torch.arange(1, schema.num_items)
+    catalog = Catalog(items.numpy(), category[1:], schema.num_items)
+    ranks, n_req = catalog_ranks(model, [batch], catalog, schema.sequences, CatalogTarget.candidates, False, 7,
+                                 torch.device("cpu"))
     cats = torch.as_tensor(category[1:])
     expected = []
     with torch.no_grad():
@@ -185,7 +187,7 @@ def test_onetrans_catalog_scores_through_the_serving_path_equal_plain_forward():
     items = torch.arange(1, schema.num_items)
     cats = items % schema.num_categories
     with torch.no_grad():
-        fast = catalog_scores(model, batch, items, cats, chunk=9)
+        fast = ranking_scores(model, batch, items, cats, 0, chunk=9)
         slow = model(with_candidates(batch, items, cats))[:, 0].view(2, -1)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
 

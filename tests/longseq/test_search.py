@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recsys.features.jagged import lengths_to_offsets
+from recsys.data.jagged import lengths_to_offsets
 from recsys.longseq.search import hard_search, soft_search, target_attention
 
 CASES = [

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from recsys.features.jagged import keep_last
+from recsys.data.jagged import keep_last
 from recsys.model.config import ModelConfig, PyramidConfig
 from recsys.model.pyramid import UNBOUNDED, PyramidSchedule, flops_report
 from recsys.model.ranker import OneTransRanker
@@ -204,7 +204,7 @@ def test_s_tokens_do_not_depend_on_request_time():
 
 
 def test_previous_event_gap_bucket():
-    from recsys.features.tokenizer import previous_event_gap_bucket
+    from recsys.data.id_features import previous_event_gap_bucket
 
     ts = torch.tensor([10, 11, 14, 100, 5, 6])
     out = previous_event_gap_bucket(ts, torch.tensor([3, 0, 1, 2]), buckets=32)
@@ -217,9 +217,9 @@ def test_recent_event_slots():
     model = make_model(1, ns_recent_events=5)
     tok = model.tokenizer
     batch = random_request_batch(SCHEMA, [(7, 1), (0, 2)], [1, 1], seed=2)
-    emb = tok.embeddings.sequence(tok._id_kjt(batch))
+    emb = tok.embeddings.sequence(batch.id_features)
     with torch.no_grad():
-        got = tok._recent_events(emb, batch.seq_ts.to_dict(), 2).view(2, len(SCHEMA.sequences), tok.recent, -1)
+        got = tok._recent_events(emb, 2, batch.sizes).view(2, len(SCHEMA.sequences), tok.recent, -1)
     click = emb["click.item_id"].values() + emb["click.category"].values()  # request 0: rows 0..6
     for r in range(tok.recent):
         torch.testing.assert_close(got[0, 0, r], click[6 - r])

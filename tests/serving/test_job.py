@@ -16,49 +16,18 @@ import polars as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from job_fixtures import CONFIGS, make_checkpoint, tiny_data_config
+from job_fixtures import CONFIGS, SETTINGS, read_output, score_config
 from omegaconf import OmegaConf
 
 from recsys.data.collate import collate
 from recsys.errors import InputError
 from recsys.serving.catalog import collect_item_categories, with_candidates
-from recsys.serving.config import ScoreConfig, register_configs
-from recsys.serving.job import PartitionReader, load_ranker, resolve_checkpoint, run_scoring
+from recsys.serving.job import run_scoring
+from recsys.serving.load import load_ranker, resolve_checkpoint
 from recsys.serving.partitions import plan_partitions
+from recsys.serving.reader import PartitionReader
 
 ROOT = Path(__file__).resolve().parents[2]
-register_configs()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("score")
-    data_cfg = tiny_data_config(tmp / "data")
-    ckpt = make_checkpoint(tmp / "run", data_cfg)
-    return tmp, ckpt
-
-
-SETTINGS = ["progress=false", "num_threads=1", "rows_per_partition=8", "batch_size=4", "candidate_chunk=10"]
-
-
-def score_config(ckpt: Path, out: Path, **kw) -> ScoreConfig:
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        dcfg = compose("score", overrides=[f"checkpoint={ckpt}", f"output_dir={out}", *SETTINGS]
-                       + [f"{k}={v}" for k, v in kw.items()])
-    return OmegaConf.to_object(dcfg)
-
-
-@pytest.fixture(scope="module")
-def baseline(trained):
-    """An uninterrupted run (in-process), given the training output dir rather than the file."""
-    tmp, ckpt = trained
-    out = tmp / "uninterrupted"
-    summary = json.loads(run_scoring(score_config(ckpt.parent.parent, out)).read_text())
-    return out, summary
-
-
-def read_output(out: Path) -> pl.DataFrame:
-    return pl.read_parquet(sorted(out.glob("part-*.parquet")))
 
 
 def launch(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:

@@ -240,7 +240,8 @@ def test_stage_two_memory_is_bounded_by_the_chunk(monkeypatch):
 
 
 def test_ranks_and_top_k_break_ties_by_item_id():
-    from recsys.serving.catalog import target_ranks, top_k
+    from recsys.serving.ranking import target_ranks
+    from recsys.serving.ranking import top_k_positions as top_k
 
     scores = torch.tensor([0.5, 0.9, 0.5, 0.1, 0.9])
     assert top_k(scores, 3).tolist() == [1, 4, 0]
