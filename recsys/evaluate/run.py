@@ -34,6 +34,7 @@ from recsys.evaluate.buckets import bucket_metrics, calibration_table, item_coun
 from recsys.evaluate.catalog import catalog_ranks
 from recsys.evaluate.config import EvaluateConfig, RelevantItems
 from recsys.evaluate.plots import bucket_figure, calibration_figure, roc_figure, save, training_figure
+from recsys.model.metrics import hr_ndcg_at_k
 from recsys.reliability.device import resolve_device
 from recsys.reliability.digest import json_default
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
@@ -42,7 +43,6 @@ from recsys.serving.config import CatalogTarget
 from recsys.serving.inputs import trained_dataset, trained_dataset_inputs
 from recsys.serving.load import load_model, resolve_checkpoint
 from recsys.train.evaluate import Predictions, metrics_report, predict
-from recsys.model.metrics import hr_ndcg_at_k
 
 
 def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,9 @@ from typing import Any
 
 import polars as pl
 
+from recsys.model.metrics import auc, gauc, hr_ndcg_at_k, logloss
 from recsys.serving.cache import CacheStats
 from recsys.serving.partitions import PART_PREFIX
-from recsys.model.metrics import auc, gauc, hr_ndcg_at_k, logloss
 
 
 def read_partitions(output_dir: Path) -> pl.DataFrame | None:

@@ -21,13 +21,13 @@ from recsys.evaluate.config import register_configs as register_eval
 from recsys.evaluate.plots import roc_figure, training_figure
 from recsys.evaluate.run import roc_points, run_evaluation
 from recsys.model.config import ModelConfig
+from recsys.model.metrics import auc
 from recsys.serving.catalog import ranking_scores, with_candidates
 from recsys.serving.config import CatalogTarget
 from recsys.serving.ranking import Catalog
 from recsys.testing import random_request_batch, tiny_schema, torch_threads
 from recsys.train.config import register_configs
 from recsys.train.loop import train
-from recsys.model.metrics import auc
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 register_configs()

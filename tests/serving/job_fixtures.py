@@ -10,13 +10,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from recsys.baselines.factory import build_model, max_s_tokens
 from recsys.data import prepare_dataset
 from recsys.data.config import DataConfig
 from recsys.model.config import ModelConfig, PyramidConfig
-from recsys.serving.config import ScoreConfig, register_configs
 from recsys.reliability.checkpoint import CheckpointManager
+from recsys.serving.config import ScoreConfig, register_configs
 from recsys.train.config import RunConfig
-from recsys.baselines.factory import build_model, max_s_tokens
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SETTINGS = ["progress=false", "num_threads=1", "rows_per_partition=8", "batch_size=4", "candidate_chunk=10"]
