@@ -27,6 +27,7 @@ from recsys.baselines import SASRecModel
 from recsys.data import PreparedDataset, RequestLoader
 from recsys.data.batch import RequestBatch
 from recsys.data.config import LoaderConfig
+from recsys.data.id_features import TIME_GAP_BUCKETS
 from recsys.data.prepare import as_data_config
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
@@ -67,6 +68,11 @@ def eval_config_dict(cfg: EvaluateConfig) -> dict[str, Any]:
 def run_dir_of(ckpt: Path) -> Path:
     """The training run directory of a checkpoint file (``<run>/checkpoints/step_<N>.pt`` -> ``<run>``)."""
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _time_gap_buckets(run_cfg: dict[str, Any]) -> int:
+    """The checkpoint's ``model.time_gap_buckets`` (the loader buckets time gaps the way the model was trained)."""
+    return int(run_cfg["model"].get("time_gap_buckets", TIME_GAP_BUCKETS))
 
 
 def evaluation_inputs(ckpt: Path, run_cfg: dict[str, Any]) -> list[tuple[str, str | Path | None]]:
@@ -116,7 +122,7 @@ def run_evaluation(cfg: EvaluateConfig) -> Path:
     ds = trained_dataset(run_cfg, need=("train", cfg.split))
     data_cfg = as_data_config(OmegaConf.create(run_cfg["data"]))
     loader_cfg = replace(data_cfg.loader, batch_size=cfg.batch_size, shuffle=False, drop_last=False)
-    batches = list(RequestLoader(ds.splits[cfg.split], schema, loader_cfg))  # collated once, outside the timing
+    batches = list(RequestLoader(ds.splits[cfg.split], schema, loader_cfg, time_gap_buckets=_time_gap_buckets(run_cfg)))  # collated once, outside the timing
     opened = OpenedEvaluation(out, ckpt, device, model, schema, run_cfg, ds, loader_cfg, batches, tasks.index(task))
     with lock_run_dir(out):
         return _report(cfg, opened)
@@ -216,7 +222,8 @@ def catalog_report(cfg: EvaluateConfig, opened: OpenedEvaluation) -> dict[str, A
     c, schema = cfg.catalog, opened.schema
     cat_loader = replace(opened.loader_cfg, batch_size=c.batch_size)
     batches: list[RequestBatch] = []
-    for b in RequestLoader(opened.ds.splits[cfg.split], schema, cat_loader):
+    for b in RequestLoader(opened.ds.splits[cfg.split], schema, cat_loader,
+                           time_gap_buckets=_time_gap_buckets(opened.run_cfg)):
         if c.max_requests and sum(x.num_requests for x in batches) >= c.max_requests:
             break
         batches.append(b)

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from kernels.backend import AttentionBackend
 from recsys.data.collate import collate
+from recsys.data.id_features import TIME_GAP_BUCKETS
 from recsys.data.id_maps import with_raw_ids
 from recsys.data.schema import DataSchema
 from recsys.longseq.cache import LongMemoryCache
@@ -187,6 +188,7 @@ def score_partitions(cfg: ScoreConfig, opened: OpenedJob, parts: list[Partition]
     long_max_len = int(opened.ckpt_config["data"]["loader"].get("long_max_len") or 0)  # model.long_seq
     long_max_len = max(long_max_len, opened.max_len) if long_max_len else 0
     reader, run = PartitionReader(schema), RankRun()
+    gap_buckets = int(opened.ckpt_config["model"].get("time_gap_buckets", TIME_GAP_BUCKETS))  # as trained
     t_loop = time.perf_counter()
     bar = tqdm(total=sum(p.num_rows for p in parts), disable=not cfg.progress, desc=f"score[{rank}]", unit="req",
                dynamic_ncols=True, position=rank)
@@ -198,7 +200,7 @@ def score_partitions(cfg: ScoreConfig, opened: OpenedJob, parts: list[Partition]
         table = reader.read(part)
         pieces: list[dict[str, np.ndarray]] = []
         for s in range(0, table.num_rows, cfg.batch_size):
-            batch = collate(table.slice(s, cfg.batch_size), schema, opened.max_len, long_max_len).to(device)
+            batch = collate(table.slice(s, cfg.batch_size), schema, opened.max_len, long_max_len, gap_buckets).to(device)
             t0 = time.perf_counter()
             pieces.append(mode.rows(batch))
             run.score_time_s += time.perf_counter() - t0

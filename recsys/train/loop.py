@@ -194,7 +194,8 @@ class Run:
         model = model if model is not None else self.plain_model()
         if model is None:
             return {}
-        loader = RequestLoader(self.ds.splits["valid"], self.schema, self.cfg.data.loader)
+        loader = RequestLoader(self.ds.splits["valid"], self.schema, self.cfg.data.loader,
+                               time_gap_buckets=self.cfg.model.time_gap_buckets)
         pred = predict(model, loader, self.par.device, self.tc.eval_max_batches, self.tc.bf16)
         return metrics_report(pred, self.schema.tasks, "valid_")
 
@@ -230,7 +231,7 @@ class Run:
         done = bool(tc.max_steps) and p.step >= tc.max_steps
         while p.epoch < tc.epochs and not done:
             loader = RequestLoader(self.ds.splits["train"], self.schema, self.lcfg, rank=self.par.rank,
-                                   world_size=self.par.world, epoch=p.epoch)
+                                   world_size=self.par.world, epoch=p.epoch, time_gap_buckets=self.cfg.model.time_gap_buckets)
             for i, batch in zip(range(self.steps[p.epoch]), loader):
                 if i < p.batch_in_epoch:  # resume: these batches were consumed before the checkpoint
                     continue
