@@ -11,6 +11,8 @@ decision taken once, by rank 0 under N ranks, and its outcome or refusal reaches
 Data under N ranks: every rank reads its own batch (``RequestLoader(rank, world_size)``, full batches
 only) and every rank runs the same number of steps per epoch: the fewest full batches any rank has,
 computed from the Parquet footers. One process reads every batch (the last one may be short).
+Under N ranks the batches go through torchrec's ``TrainPipelineSparseDist`` by default (``dist.pipeline``,
+``recsys.dist.pipeline``: batch i+1's input all-to-all during step i); the step itself is unchanged.
 """
 
 from __future__ import annotations
