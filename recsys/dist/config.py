@@ -38,6 +38,18 @@ class Sharding(str, Enum):
     # match a single process (tests/dist), and an EmbeddingCollection fails outright on CPU.
 
 
+class Pipeline(str, Enum):
+    """How the trainer drives its steps under N ranks (``dist.pipeline``; ``recsys.dist.pipeline``)."""
+
+    auto = "auto"
+    """``sparse_dist`` when world_size > 1 and the model pipelines (``model.item_embedding.hash_buckets=0``),
+    else ``none``."""
+    sparse_dist = "sparse_dist"
+    """torchrec's ``TrainPipelineSparseDist``: batch i+1's copy and input all-to-all start during step i."""
+    none = "none"
+    """Each batch copied, distributed and trained in turn (always so in one process)."""
+
+
 @dataclass
 class DistConfig:
     backend: Backend = Backend.none
@@ -49,10 +61,17 @@ class DistConfig:
     single-process training."""
     keep_checkpoints: int = 2
     """Distributed (DCP) checkpoints kept under ``<output_dir>/dist_checkpoints``."""
+    pipeline: Pipeline = Pipeline.auto
+    """auto | sparse_dist | none (:class:`Pipeline`); only ``none`` without torchrun (``backend=none``).
+    Results are the same either way (tests/dist/test_pipeline.py): it only reorders the input work."""
 
     def __post_init__(self) -> None:
         self.backend = Backend(self.backend)
         self.sharding = Sharding(self.sharding)
+        self.pipeline = Pipeline(self.pipeline)
+        if self.backend == Backend.none and self.pipeline == Pipeline.sparse_dist:
+            raise InputError("dist.pipeline=sparse_dist needs torchrun ranks (dist=gloo|nccl): one process "
+                             "(dist=none) trains each batch in turn; drop dist.pipeline or use dist=gloo")
         if self.fused_eps <= 0:
             raise InputError(f"dist.fused_eps must be > 0, got {self.fused_eps}")
         if self.keep_checkpoints < 1:

@@ -11,6 +11,8 @@ decision taken once, by rank 0 under N ranks, and its outcome or refusal reaches
 Data under N ranks: every rank reads its own batch (``RequestLoader(rank, world_size)``, full batches
 only) and every rank runs the same number of steps per epoch: the fewest full batches any rank has,
 computed from the Parquet footers. One process reads every batch (the last one may be short).
+Under N ranks the batches go through torchrec's ``TrainPipelineSparseDist`` by default (``dist.pipeline``,
+``recsys.dist.pipeline``: batch i+1's input all-to-all during step i); the step itself is unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import random
 import time
 from contextlib import ExitStack
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,8 @@ from recsys.baselines.factory import build_model, max_s_tokens
 from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
 from recsys.data.config import LoaderConfig
 from recsys.data.schema import DataSchema
+from recsys.dist.config import Pipeline
+from recsys.dist.pipeline import Eager, SparseDistPipeline, resolve_pipeline
 from recsys.dist.schedule import lr_multiplier
 from recsys.dist.strategy import SingleProcess, make_strategy
 from recsys.quant.ranker import install_sids, with_resolved_sids
@@ -73,6 +78,17 @@ def steps_in_epoch(files: list[Path], schema: DataSchema, lcfg: LoaderConfig, wo
     """Batches every rank has in ``epoch`` (the minimum over ranks; from Parquet footers, no I/O)."""
     return min(len(RequestLoader(files, schema, lcfg, rank=r, world_size=world_size, epoch=epoch))
                for r in range(world_size))
+
+
+def make_driver(cfg: RunConfig, par: SingleProcess, trainer: Trainer) -> Eager | SparseDistPipeline:
+    """How the epochs feed the trainer (``dist.pipeline``, ``recsys.dist.pipeline``): torchrec's
+    ``TrainPipelineSparseDist`` around the trainer's two halves, or the whole step batch by batch."""
+    mode = resolve_pipeline(cfg.dist.pipeline, par.world, cfg.model.item_embedding.hash_buckets)
+    if par.main and par.world > 1:
+        print(f"[train] dist.pipeline={mode.value}")
+    if mode == Pipeline.sparse_dist:
+        return SparseDistPipeline(trainer.model, trainer.opt.dense, par.device, trainer.forward, trainer.update)
+    return Eager(trainer.step)
 
 
 def seed_everything(seed: int) -> None:
@@ -128,6 +144,7 @@ class Run:
         module, opt = par.wrap(par.instantiate(self.build), oc, lambda s: lr_multiplier(
             s, oc.warmup_steps, self.total, oc.lr_decay.value, oc.min_lr_ratio))
         self.trainer = Trainer(module, par, opt, list(tc.task_weights) or None, tc.bf16, oc.clip_grad_norm)
+        self.driver = make_driver(cfg, par, self.trainer)
         self.store = par.store(self.out_dir, tc.keep_checkpoints)
         self.progress = Progress()
         self.positives = torch.zeros(self.schema.num_items, dtype=torch.float64)  # count-based popularity
@@ -194,7 +211,8 @@ class Run:
         model = model if model is not None else self.plain_model()
         if model is None:
             return {}
-        loader = RequestLoader(self.ds.splits["valid"], self.schema, self.cfg.data.loader)
+        loader = RequestLoader(self.ds.splits["valid"], self.schema, self.cfg.data.loader,
+                               time_gap_buckets=self.cfg.model.time_gap_buckets)
         pred = predict(model, loader, self.par.device, self.tc.eval_max_batches, self.tc.bf16)
         return metrics_report(pred, self.schema.tasks, "valid_")
 
@@ -230,12 +248,14 @@ class Run:
         done = bool(tc.max_steps) and p.step >= tc.max_steps
         while p.epoch < tc.epochs and not done:
             loader = RequestLoader(self.ds.splits["train"], self.schema, self.lcfg, rank=self.par.rank,
-                                   world_size=self.par.world, epoch=p.epoch)
-            for i, batch in zip(range(self.steps[p.epoch]), loader):
-                if i < p.batch_in_epoch:  # resume: these batches were consumed before the checkpoint
-                    continue
-                t0 = time.perf_counter()  # train_time: model step only (reading/collating: bench/data_throughput.py)
-                res = self.trainer.step(batch)
+                                   world_size=self.par.world, epoch=p.epoch,
+                                   time_gap_buckets=self.cfg.model.time_gap_buckets)
+            # resume: the batches consumed before the checkpoint are skipped; every rank runs steps[epoch] batches
+            batches = islice(loader, p.batch_in_epoch, self.steps[p.epoch])
+            for i in range(p.batch_in_epoch, self.steps[p.epoch]):
+                # train_time from t0: eager, the model step only (reading/collating: bench/data_throughput.py);
+                # pipelined, the step with the next batches' reading and input dist it overlaps
+                res, batch, t0 = self.driver.step(batches)
                 if res.skipped is None and p.epoch == 0:
                     self.positives.index_add_(0, batch.cand["item_id"].values().cpu(), batch.labels[:, 0].double().cpu())
                 self.after_step(res, p.epoch, i, t0)
@@ -257,6 +277,7 @@ class Run:
                         desc="train" if self.par.world == 1 else f"train x{self.par.world}", unit="step",
                         dynamic_ncols=True)
         self.epochs()
+        self.driver.close()
         self.bar.close()
         if self.last_saved != self.progress.step:  # not twice at one step: a re-save would race its sidecar digest
             self.checkpoint()

@@ -42,8 +42,8 @@ def write_report(path: Path, run: Any, model: torch.nn.Module, positives: torch.
     """
     cfg, schema, p = run.cfg, run.schema, run.progress
     valid = run.validate(model)
-    test_pred = predict(model, RequestLoader(run.ds.splits["test"], schema, cfg.data.loader), run.par.device, 0,
-                        cfg.train.bf16)
+    test = RequestLoader(run.ds.splits["test"], schema, cfg.data.loader, time_gap_buckets=cfg.model.time_gap_buckets)
+    test_pred = predict(model, test, run.par.device, 0, cfg.train.bf16)
     test = metrics_report(test_pred, schema.tasks, "test_")
     report: dict[str, Any] = {
         **test, **valid,

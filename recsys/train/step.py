@@ -1,8 +1,8 @@
 """One training step, the same for one process and for N ranks (``recsys.dist.strategy``).
 
 :meth:`Trainer.step` takes one batch (this rank's part of the global batch) and applies one update, or
-none: a pipeline (e.g. torchrec's ``TrainPipelineSparseDist``) can drive it batch by batch, the data
-iterator stays outside.
+none; it is :meth:`Trainer.forward` then :meth:`Trainer.update`, the two halves torchrec's
+``TrainPipelineSparseDist`` calls in its own order (``recsys.dist.pipeline``, ``dist.pipeline``).
 
 Order: forward; loss of this rank's candidates scaled by its share of the *global* candidate count
 (all-reduced; 1 in one process, so the loss is the plain mean); global loss and per-task losses
@@ -45,6 +45,22 @@ class StepResult:
     """None: applied; ``"loss"`` / ``"grad"``: nothing was updated (non-finite loss / gradient)."""
 
 
+@dataclass
+class Forward:
+    """What :meth:`Trainer.forward` hands to :meth:`Trainer.update` (one batch's forward and global stats)."""
+
+    loss: torch.Tensor
+    """This rank's share of the global loss (scalar, with its graph)."""
+    stats: torch.Tensor
+    """Global ``[1 + T]``: loss, per-task losses (all-reduced)."""
+    counts: torch.Tensor
+    """Global ``[2]`` float64: candidates, requests."""
+    logits: torch.Tensor
+    """This rank's ``[sum C_b, T]``."""
+    lr: float
+    """Dense learning rate of this step."""
+
+
 class NonFiniteTableUpdate(FloatingPointError):
     """N ranks: a finite loss gave non-finite gradients after the fused table update already ran."""
 
@@ -82,11 +98,17 @@ class Trainer:
         raise :class:`NonFiniteTableUpdate` before the dense step: the fused table update already ran inside
         backward and cannot be taken back, so the run stops and is resumed from its last checkpoint.
         """
-        batch = batch.to(self.par.device)
-        opt = self.opt
-        lr = opt.sched.get_last_lr()[0]
-        loss, stats, counts, logits = self._loss(batch)
-        result = StepResult(float(stats[0]), stats[1:].tolist(), int(counts[0]), int(counts[1]), lr)
+        return self.update(self.forward(batch.to(self.par.device)))
+
+    def forward(self, batch: RequestBatch) -> Forward:
+        """The first half of :meth:`step` on a batch already on the device (a pipeline calls it on its batch)."""
+        lr = self.opt.sched.get_last_lr()[0]
+        return Forward(*self._loss(batch), lr)
+
+    def update(self, fwd: Forward) -> StepResult:
+        """The second half of :meth:`step`: guard, backward, gradient checks, clipping, optimizer steps."""
+        opt, loss, stats, counts, logits = self.opt, fwd.loss, fwd.stats, fwd.counts, fwd.logits
+        result = StepResult(float(stats[0]), stats[1:].tolist(), int(counts[0]), int(counts[1]), fwd.lr)
         opt.zero_grad()
         if not math.isfinite(result.loss):  # every rank holds the same global loss: all skip
             result.skipped = "loss"
