@@ -8,6 +8,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
+# The layer contract (pyproject.toml [tool.importlinter]): imports point down data -> features/embeddings ->
+# model -> {train, serving, evaluate, retrieval}, never back. Fails the run before any test starts.
+.venv/bin/lint-imports --no-cache >&2
 # One pytest worker per core (pytest-xdist), whole files per worker so module-scoped fixtures (a trained
 # checkpoint, a prepared dataset) are built once; one OpenMP thread per worker, since workers x threads
 # above the core count makes every parallel op wait for a descheduled thread. RECSYS_TEST_WORKERS=0 runs in one process.
