@@ -19,7 +19,7 @@ import math
 import dist_scenario as scenario
 import pytest
 import torch
-from test_distributed_training import single_process_reference, torchrun
+from dist_runs import single_process_reference, torchrun
 
 from recsys.dist.meta_init import meta_tensors
 from recsys.embeddings.seeded_init import BLOCK_ROWS, SeededTableInit, builds_tables, seeded_init

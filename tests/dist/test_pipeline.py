@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed_training import single_process_reference, torchrun
+from dist_runs import single_process_reference, torchrun
 
 from recsys.dist.config import DistConfig, Pipeline
 from recsys.dist.pipeline import resolve_pipeline
@@ -37,10 +37,10 @@ import pipeline_worker  # noqa: E402  (its step counts)
 
 
 def run_worker(sharding: str, out: Path) -> None:
-    from test_distributed_training import _free_port
+    from dist_runs import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "pipeline_worker.py"), sharding, str(out)]
+           "--master_port", str(free_port()), str(HERE / "pipeline_worker.py"), sharding, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]

@@ -1,0 +1,83 @@
+"""Running the distributed tests' processes: ``torchrun`` on the worker script or a real ``-m recsys.*``
+command, the single-process reference they are compared with, and how a refusal on the ranks looks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dist_scenario as scenario
+import torch
+
+from recsys.data.schema import DataSchema
+from recsys.dist.optim import make_optimizers
+from recsys.model.heads import multitask_bce
+from recsys.reliability.faults import ENV as FAULT_ENV
+
+WORKER = Path(__file__).resolve().parent / "worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2, check: bool = True, fault: str | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node <nproc> <args>`` (the worker script, or ``-m recsys.train ...``);
+    ``fault``: ``RECSYS_FAULT`` of every rank (recsys/reliability/faults.py)."""
+    target = list(args) if args[0] == "-m" else [str(WORKER), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), *target]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def single_process_reference(steps: int, schema: DataSchema = scenario.SCHEMA, build: Callable[[], Any] | None = None
+                             ) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """What one process does on the whole global batches (the recsys.train step); ``build``: the model
+    (default ``scenario.build(schema)``)."""
+    model = build() if build is not None else scenario.build(schema)
+    oc = scenario.optim_config()
+    opt_sparse, opt_dense = make_optimizers(model, oc)
+    dense = [p for g in opt_dense.param_groups for p in g["params"]]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_dense, scenario.lr_lambda)
+    losses = []
+    for t in range(steps):
+        g = scenario.global_batch(t, schema)
+        loss, _ = multitask_bce(model(g), g.labels)
+        opt_sparse.zero_grad(set_to_none=True)
+        opt_dense.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dense, oc.clip_grad_norm)
+        opt_sparse.step()
+        opt_dense.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_refused_on_the_ranks(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Refused like an operator mistake on the ranks: each exits 2 with one ``error:`` line naming every needle,
+    and no traceback of ours (torchrun then fails too, printing its own launcher traceback). A rank still
+    printing when torchrun stops the others may go unheard, so at least one line, all alike."""
+    out = proc.stdout + proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert proc.returncode != 0 and lines and len(set(lines)) == 1, out[-4000:]
+    assert "exitcode  : 2" in proc.stderr, out[-4000:]
+    assert not [x for x in out.splitlines() if x.lstrip().startswith("File ") and "/recsys/" in x], out[-4000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
