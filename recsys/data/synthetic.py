@@ -192,6 +192,13 @@ def _history_lengths(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarr
     return np.minimum(np.floor(n), cfg.max_history).astype(np.int64)
 
 
+def _pref_cdf(world: World) -> np.ndarray:
+    """``[U+1, C]`` row-wise CDF of each user's category preference, last column exactly 1."""
+    cum = np.cumsum(world.pref, axis=1)
+    cum[:, -1] = 1.0
+    return cum
+
+
 def make_event_log(cfg: SyntheticConfig, world: World, rng: np.random.Generator) -> pl.DataFrame:
     """The behaviour log: user_id, item_id, category, action, kind, timestamp, event_idx (time-sorted per user)."""
     n_u = _history_lengths(cfg, rng)
@@ -205,10 +212,8 @@ def make_event_log(cfg: SyntheticConfig, world: World, rng: np.random.Generator)
     fresh = rng.random(n) >= cfg.stickiness
     fresh[np.r_[True, user[1:] != user[:-1]]] = True
     fresh_idx = np.flatnonzero(fresh)
-    cum = np.cumsum(world.pref, axis=1)
-    cum[:, -1] = 1.0
     cat = np.zeros(n, dtype=np.int64)
-    cat[fresh_idx] = sample_rowwise(cum, user[fresh_idx], rng.random(fresh_idx.size)) + 1
+    cat[fresh_idx] = sample_rowwise(_pref_cdf(world), user[fresh_idx], rng.random(fresh_idx.size)) + 1
     cat = cat[np.maximum.accumulate(np.where(fresh, np.arange(n), 0))]
     item = _ItemSampler(world).in_category(cat, rng.random(n))
     kind_cum = np.cumsum(cfg.kind_rates)
@@ -273,36 +278,26 @@ class SyntheticData:
     timings: dict[str, float]
 
 
-def generate(cfg: SyntheticConfig) -> SyntheticData:
-    """Generates every request row of ``cfg`` (deterministic given ``cfg.seed``)."""
-    t0 = time.perf_counter()
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(5)]
-    world = make_world(cfg, streams[0])
-    cold = cold_item_mask(cfg, world)
-    events = make_event_log(cfg, warm_world(world, cold) if cold.any() else world, streams[1])
-    t_events = time.perf_counter()
-
-    rng = streams[2]
+def _make_requests(cfg: SyntheticConfig, world: World, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``(req_user [R], req_ts [R])``: ``1 + Poisson(requests_per_user - 1)`` requests per user at uniform
+    times of their active window, sorted by (user, ts)."""
     n_req = 1 + rng.poisson(cfg.requests_per_user - 1, size=cfg.num_users)
     req_user = np.repeat(np.arange(1, cfg.num_users + 1), n_req)
     start = world.user_start[req_user]
     req_ts = start + (rng.random(len(req_user)) * (world.t_end - start)).astype(np.int64)
     order = np.lexsort((req_ts, req_user))
-    req_user, req_ts = req_user[order], req_ts[order]
+    return req_user[order], req_ts[order]
+
+
+def _draw_candidates(cfg: SyntheticConfig, world: World, cold: np.ndarray, events: pl.DataFrame,
+                     req_user: np.ndarray, req_ts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``[R * K]`` candidate item ids, K per request in request order: part from the user's preferred
+    categories, part by popularity; cold items only among test requests' candidates."""
     r, k = len(req_user), cfg.candidates_per_request
-
-    cols: RequestColumns = attach_history(events, req_user, req_ts, cfg.sequences)
-    t_history = time.perf_counter()
-
-    # candidates: part from the user's preferred categories, part by popularity
-    rng = streams[3]
-    cand_req = np.repeat(np.arange(r), k)
-    cand_user = req_user[cand_req]
+    cand_user = req_user[np.repeat(np.arange(r), k)]
     sampler = _ItemSampler(world)
     from_pref = rng.random(r * k) < cfg.candidate_pref_fraction
-    cum = np.cumsum(world.pref, axis=1)
-    cum[:, -1] = 1.0
-    pref_cat = sample_rowwise(cum, cand_user, rng.random(r * k)) + 1
+    pref_cat = sample_rowwise(_pref_cdf(world), cand_user, rng.random(r * k)) + 1
     u_cat, u_pop = rng.random(r * k), rng.random(r * k)  # same draw order as one np.where(...) call
     cand_item = np.where(from_pref, sampler.in_category(pref_cat, u_cat), sampler.by_popularity(u_pop))
     if cold.any():  # cold items only among test candidates: other rows draw the same uniforms from warm items
@@ -312,9 +307,14 @@ def generate(cfg: SyntheticConfig) -> SyntheticData:
         cand_item = np.where(not_test, warm_item, cand_item)
         if cold[cand_item[not_test]].any() or cold[events["item_id"].to_numpy()].any():
             raise AssertionError("synthetic: a cold item was drawn outside the test candidates")
-    cand_cat = world.item_category[cand_item]
+    return cand_item
 
-    # the planted model
+
+def _planted_labels(cfg: SyntheticConfig, world: World, cols: RequestColumns, cand_req: np.ndarray,
+                    cand_user: np.ndarray, cand_item: np.ndarray, cand_cat: np.ndarray,
+                    rng: np.random.Generator) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``task -> (label [N] bool, true probability [N] float64)`` of the planted click / like model
+    (see the module docstring) for the N candidates, labels drawn from ``rng``."""
     first_kind = cfg.sequences[0]
     aff, rec = _planted_click_terms(cfg, cols[DataSchema.seq_col(first_kind, "category")], cand_req, cand_cat)
     log_pop = np.log(world.item_pop[1:])
@@ -326,14 +326,21 @@ def generate(cfg: SyntheticConfig) -> SyntheticData:
             cols[DataSchema.seq_col(first_kind, "category")], cfg.long_range_window, cand_req, cand_cat)
     p_click = _sigmoid(logit)
     q_like = _sigmoid(cfg.like_bias + cfg.w_like_quality * world.item_quality[cand_item] + cfg.w_like_affinity * aff)
-    rng = streams[4]
-    click = rng.random(r * k) < p_click
-    like = click & (rng.random(r * k) < q_like)
-    labels = {"click": (click, p_click), "like": (like, p_click * q_like)}
+    n = len(cand_item)
+    click = rng.random(n) < p_click
+    like = click & (rng.random(n) < q_like)
+    return {"click": (click, p_click), "like": (like, p_click * q_like)}
 
+
+def _add_request_columns(cfg: SyntheticConfig, world: World, cols: RequestColumns, req_user: np.ndarray,
+                         req_ts: np.ndarray, cand_item: np.ndarray, cand_cat: np.ndarray,
+                         labels: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Adds to ``cols`` (which holds the histories) the per-request columns (ids, user features, dense
+    activity) and the candidate columns ``[R, K]`` as jagged ones, one label and probability per task."""
+    r, k = len(req_user), cfg.candidates_per_request
     lengths = np.full(r, k, dtype=np.int64)
     hist_len = sum(cols[DataSchema.seq_col(s, "ts")].lengths for s in cfg.sequences)
-    ts_first = cols[DataSchema.seq_col(first_kind, "ts")]
+    ts_first = cols[DataSchema.seq_col(cfg.sequences[0], "ts")]
     recent = (ts_first.values >= np.repeat(req_ts - 86400, ts_first.lengths)).astype(np.int64)
     recent_count = np.bincount(ts_first.row_ids(), weights=recent, minlength=r)
     cols.update({
@@ -353,6 +360,30 @@ def generate(cfg: SyntheticConfig) -> SyntheticData:
         lab, prob = labels[task]
         cols[f"cand_label_{task}"] = Jagged.from_lengths(lab.astype(np.float32), lengths)
         cols[f"cand_prob_{task}"] = Jagged.from_lengths(prob.astype(np.float32), lengths)
+
+
+def generate(cfg: SyntheticConfig) -> SyntheticData:
+    """Generates every request row of ``cfg`` (deterministic given ``cfg.seed``).
+
+    Streams of ``SeedSequence(cfg.seed).spawn(5)``: 0 world, 1 event log, 2 requests, 3 candidates,
+    4 labels (the cold-item mask has its own, see :func:`cold_item_mask`).
+    """
+    t0 = time.perf_counter()
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(5)]
+    world = make_world(cfg, streams[0])
+    cold = cold_item_mask(cfg, world)
+    events = make_event_log(cfg, warm_world(world, cold) if cold.any() else world, streams[1])
+    t_events = time.perf_counter()
+
+    req_user, req_ts = _make_requests(cfg, world, streams[2])
+    cols: RequestColumns = attach_history(events, req_user, req_ts, cfg.sequences)
+    t_history = time.perf_counter()
+
+    cand_item = _draw_candidates(cfg, world, cold, events, req_user, req_ts, streams[3])
+    cand_req = np.repeat(np.arange(len(req_user)), cfg.candidates_per_request)
+    cand_cat = world.item_category[cand_item]
+    labels = _planted_labels(cfg, world, cols, cand_req, req_user[cand_req], cand_item, cand_cat, streams[4])
+    _add_request_columns(cfg, world, cols, req_user, req_ts, cand_item, cand_cat, labels)
     split = time_split(req_ts, cfg.valid_fraction, cfg.test_fraction)
     t_done = time.perf_counter()
     timings = {"events_s": t_events - t0, "history_s": t_history - t_events, "candidates_s": t_done - t_history}

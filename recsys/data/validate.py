@@ -114,20 +114,19 @@ def _to_float32(vals: np.ndarray, where: tuple[str | Path, int, str]) -> np.ndar
     return out
 
 
-def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_group: int) -> pa.Table:
-    """Checks a row group read from ``file`` against ``schema``; returns it (ids remapped under ``oov``).
+Where = tuple[str | Path, int]
+"""``(file, row_group)`` of the table under check."""
 
-    Raises :class:`DataValidationError` naming file, row group, column (and row) on the
-    first violation. Columns not in the schema are dropped from the returned table, and float64 dense
-    columns are cast to float32: the returned table has exactly ``schema.arrow_schema()``, so row groups
-    of files written with either width concatenate.
-    """
-    _check_types(table, schema, file, row_group)
-    table = table.select([f.name for f in schema.arrow_schema()])
-    policy = str(getattr(schema.oov_policy, "value", schema.oov_policy))
+
+def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    """A ``list<int64>`` column from ``offsets [N+1]`` and flat ``values``."""
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
+
+
+def _check_scalar_ids(table: pa.Table, schema: DataSchema, policy: str, at: Where) -> dict[str, pa.Array]:
+    """Sparse feature ids (under the OOV policy) and ``user_id`` (non-negative); returns remapped columns."""
+    file, row_group = at
     replace: dict[str, pa.Array] = {}
-    n = table.num_rows
-
     for f in schema.sparse:
         vals = table.column(f.name).to_numpy()
         new = _check_ids(vals, f.num_embeddings, policy, (file, row_group, f.name), int)
@@ -137,58 +136,91 @@ def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_gr
     if uid.size and uid.min() < 0:
         i = int(np.flatnonzero(uid < 0)[0])
         raise DataValidationError(f"{_where(file, row_group, 'user_id', i)}: negative id {int(uid[i])}")
+    return replace
+
+
+def _check_request_ids(table: pa.Table, at: Where) -> None:
+    """``request_id`` unique inside the row group (across row groups / files it is the writer's contract)."""
+    file, row_group = at
     rid = table.column("request_id").to_numpy()
-    if rid.size > 1:  # unique per row group here; across row groups / files it is the writer's contract
+    if rid.size > 1:
         order = np.argsort(rid, kind="stable")
         dup = np.flatnonzero(rid[order][1:] == rid[order][:-1])
         if dup.size:
             first, again = int(order[dup[0]]), int(order[dup[0] + 1])
             raise DataValidationError(f"{_where(file, row_group, 'request_id', again)}: request_id {int(rid[again])} "
                                       f"already used by row {first} (request ids must be unique)")
+
+
+def _check_dense(table: pa.Table, schema: DataSchema, at: Where) -> dict[str, pa.Array]:
+    """Dense values finite; returns float64 columns cast to float32 (so every row group has one schema)."""
+    file, row_group = at
+    replace: dict[str, pa.Array] = {}
     for d in schema.dense:
         vals = table.column(d).to_numpy()
         bad = np.flatnonzero(~np.isfinite(vals))
         if bad.size:
             i = int(bad[0])
             raise DataValidationError(f"{_where(file, row_group, d, i)}: non-finite dense value {vals[i]}")
-        if vals.dtype != np.float32:  # float64 is accepted and cast here, so every row group has one schema
+        if vals.dtype != np.float32:
             replace[d] = pa.array(_to_float32(vals, (file, row_group, d)), pa.float32())
+    return replace
 
-    request_ts = table.column("request_ts").to_numpy()
-    for kind in schema.sequences:
-        ref_name = schema.seq_col(kind, "ts")
-        ref_off, ts = list_parts(table.column(ref_name))
-        for fld in schema.SEQ_FIELDS:
-            name = schema.seq_col(kind, fld)
-            off, vals = list_parts(table.column(name))
-            if not np.array_equal(off, ref_off):
-                i = int(np.flatnonzero(np.diff(off) != np.diff(ref_off))[0])
-                raise DataValidationError(
-                    f"{_where(file, row_group, name, i)}: length {int(off[i + 1] - off[i])} != "
-                    f"length {int(ref_off[i + 1] - ref_off[i])} of {ref_name!r}")
-            if fld == "ts":
-                continue
-            new = _check_ids(vals, schema.table_size(fld), policy, (file, row_group, name),
-                             lambda i, o=off: _row_of(o, i))
-            if new is not None:
-                replace[name] = pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(new, pa.int64()))
-        lengths = np.diff(ref_off)
-        late = np.flatnonzero(ts >= np.repeat(request_ts, lengths))
-        if late.size:
-            i = int(late[0])
-            row = _row_of(ref_off, i)
+
+def _check_history_ts(ts: np.ndarray, ref_off: np.ndarray, request_ts: np.ndarray, ref_name: str,
+                      at: Where) -> None:
+    """History timestamps (flat, rows by ``ref_off [R+1]``) strictly before ``request_ts [R]`` and
+    non-decreasing inside each row."""
+    file, row_group = at
+    lengths = np.diff(ref_off)
+    late = np.flatnonzero(ts >= np.repeat(request_ts, lengths))
+    if late.size:
+        i = int(late[0])
+        row = _row_of(ref_off, i)
+        raise DataValidationError(
+            f"{_where(file, row_group, ref_name, row)}: history event ts {int(ts[i])} >= request_ts "
+            f"{int(request_ts[row])} (leakage: history must be strictly before the request)")
+    if ts.size > 1:
+        down = np.flatnonzero(ts[1:] < ts[:-1]) + 1
+        # a decrease across a row boundary is fine: keep only those inside one row
+        down = down[~np.isin(down, ref_off)]
+        if down.size:
             raise DataValidationError(
-                f"{_where(file, row_group, ref_name, row)}: history event ts {int(ts[i])} >= request_ts "
-                f"{int(request_ts[row])} (leakage: history must be strictly before the request)")
-        if ts.size > 1:
-            down = np.flatnonzero(ts[1:] < ts[:-1]) + 1
-            # a decrease across a row boundary is fine: keep only those inside one row
-            down = down[~np.isin(down, ref_off)]
-            if down.size:
-                raise DataValidationError(
-                    f"{_where(file, row_group, ref_name, _row_of(ref_off, int(down[0])))}: history timestamps "
-                    "not sorted oldest first")
+                f"{_where(file, row_group, ref_name, _row_of(ref_off, int(down[0])))}: history timestamps "
+                "not sorted oldest first")
 
+
+def _check_sequence(table: pa.Table, schema: DataSchema, kind: str, policy: str,
+                    at: Where) -> dict[str, pa.Array]:
+    """One history kind: every field as long as its ``ts`` column per row, ids under the OOV policy,
+    timestamps before the request and sorted; returns remapped columns."""
+    file, row_group = at
+    replace: dict[str, pa.Array] = {}
+    ref_name = schema.seq_col(kind, "ts")
+    ref_off, ts = list_parts(table.column(ref_name))
+    for fld in schema.SEQ_FIELDS:
+        name = schema.seq_col(kind, fld)
+        off, vals = list_parts(table.column(name))
+        if not np.array_equal(off, ref_off):
+            i = int(np.flatnonzero(np.diff(off) != np.diff(ref_off))[0])
+            raise DataValidationError(
+                f"{_where(file, row_group, name, i)}: length {int(off[i + 1] - off[i])} != "
+                f"length {int(ref_off[i + 1] - ref_off[i])} of {ref_name!r}")
+        if fld == "ts":
+            continue
+        new = _check_ids(vals, schema.table_size(fld), policy, (file, row_group, name),
+                         lambda i, o=off: _row_of(o, i))
+        if new is not None:
+            replace[name] = _list_array(off, new)
+    _check_history_ts(ts, ref_off, table.column("request_ts").to_numpy(), ref_name, at)
+    return replace
+
+
+def _check_candidates(table: pa.Table, schema: DataSchema, policy: str, at: Where) -> dict[str, pa.Array]:
+    """At least one candidate per row; every candidate column as long as ``cand_item_id`` per row; labels
+    in {0, 1}, probabilities in [0, 1], ids under the OOV policy; returns remapped columns."""
+    file, row_group = at
+    replace: dict[str, pa.Array] = {}
     cand_off, _ = list_parts(table.column("cand_item_id"))
     empty = np.flatnonzero(np.diff(cand_off) == 0)
     if empty.size:
@@ -220,8 +252,13 @@ def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_gr
             new = _check_ids(vals, schema.table_size(fld), policy, (file, row_group, name),
                              lambda i, o=off: _row_of(o, i))
             if new is not None:
-                replace[name] = pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(new, pa.int64()))
+                replace[name] = _list_array(off, new)
+    return replace
 
+
+def _apply(table: pa.Table, replace: dict[str, pa.Array], schema: DataSchema) -> pa.Table:
+    """``table`` with the ``replace`` columns swapped in, cast to exactly ``schema.arrow_schema()``."""
+    n = table.num_rows
     for name, arr in replace.items():
         table = table.set_column(table.column_names.index(name), name, arr)
     target = schema.arrow_schema()
@@ -229,3 +266,25 @@ def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_gr
         table = table.cast(target)
     assert table.num_rows == n
     return table
+
+
+def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_group: int) -> pa.Table:
+    """Checks a row group read from ``file`` against ``schema``; returns it (ids remapped under ``oov``).
+
+    Raises :class:`DataValidationError` naming file, row group, column (and row) on the
+    first violation. Columns not in the schema are dropped from the returned table, and float64 dense
+    columns are cast to float32: the returned table has exactly ``schema.arrow_schema()``, so row groups
+    of files written with either width concatenate. Checks run in this order: types and nulls, sparse ids
+    and ``user_id``, ``request_id`` uniqueness, dense values, each history kind, candidates.
+    """
+    _check_types(table, schema, file, row_group)
+    table = table.select([f.name for f in schema.arrow_schema()])
+    policy = str(getattr(schema.oov_policy, "value", schema.oov_policy))
+    at: Where = (file, row_group)
+    replace = _check_scalar_ids(table, schema, policy, at)
+    _check_request_ids(table, at)
+    replace.update(_check_dense(table, schema, at))
+    for kind in schema.sequences:
+        replace.update(_check_sequence(table, schema, kind, policy, at))
+    replace.update(_check_candidates(table, schema, policy, at))
+    return _apply(table, replace, schema)
