@@ -30,6 +30,7 @@ class Arch(str, Enum):
     dlrm = "dlrm"
     din = "din"
     sasrec = "sasrec"
+    two_tower = "two_tower"  # the two-tower retriever (recsys.retrieval.two_tower_model), built by the train layer
 
 
 class Backend(str, Enum):
@@ -63,6 +64,22 @@ class PyramidConfig:
 
 
 @dataclass
+class RetrievalTrainConfig:
+    """``model.arch=two_tower``: vector width, loss and validation settings (recsys.retrieval.two_tower_model)."""
+
+    out_dim: int = 32
+    """Width O of the user / item vectors."""
+    temperature: float = 1.0
+    """Logits are u.v / tau; the vectors are not normalised (serving scores raw inner products)."""
+    num_negatives: int = 512
+    """Uniform negatives per batch on top of the in-batch targets (sampled softmax)."""
+    full_softmax_max_items: int = 4096
+    """Catalogs with at most this many rows use the exact full softmax."""
+    recall_k: int = 10
+    """Validation metric: recall@K of the valid split's positives (exact faiss index, history allowed)."""
+
+
+@dataclass
 class ModelConfig(TokenizerConfig):
     """OneTrans ranker sizes and tokenizer choices. Sizes: configs/model/{debug,small,base}.yaml.
 
@@ -91,6 +108,8 @@ class ModelConfig(TokenizerConfig):
     """Pyramid stacking schedule."""
     attention_backend: Backend = Backend.auto
     """Attention implementation (kernels/); auto = triton on CUDA, torch on CPU."""
+    retrieval: RetrievalTrainConfig = field(default_factory=RetrievalTrainConfig)
+    """two_tower only: retriever vector width, loss, validation recall@K."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +123,8 @@ class ModelConfig(TokenizerConfig):
         if self.history_cap < 0 or self.next_item_weight < 0:
             raise ValueError("model.history_cap and model.next_item_weight must be >= 0")
         AttentionBackend(self.attention_backend.value)  # the kernels know every config name
+        if isinstance(self.retrieval, dict):
+            self.retrieval = RetrievalTrainConfig(**self.retrieval)
         if isinstance(self.pyramid, dict):  # plain construction from a dict (tests, checkpoints)
             self.pyramid = PyramidConfig(**self.pyramid)
         if self.pyramid.mode == "explicit" and len(self.pyramid.queries) != self.n_layers:

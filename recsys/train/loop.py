@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from recsys.baselines.factory import build_model, max_s_tokens
+from recsys.baselines.factory import max_s_tokens
 from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
 from recsys.data.config import LoaderConfig
 from recsys.data.schema import DataSchema
@@ -45,6 +45,7 @@ from recsys.reliability.guards import NonFiniteGuard
 from recsys.reliability.resume import trim_log
 from recsys.reliability.rng import capture_rng, restore_rng
 from recsys.reliability.rundir import check_output_dir
+from recsys.retrieval.train_hooks import build_trainable
 from recsys.train.config import RunConfig
 from recsys.train.evaluate import metrics_report, predict
 from recsys.train.report import write_report
@@ -115,7 +116,7 @@ class Run:
         return ds if ds is not None else prepare_dataset(self.cfg.data, progress=False, need=need)
 
     def build(self) -> torch.nn.Module:
-        model = build_model(self.schema, self.cfg.model, self.s_max)
+        model = build_trainable(self.schema, self.cfg.model, self.s_max)
         if self.sids is not None:
             install_sids(model, self.sids, self.schema.num_items)
         return model
@@ -213,6 +214,8 @@ class Run:
             return {}
         loader = RequestLoader(self.ds.splits["valid"], self.schema, self.cfg.data.loader,
                                time_gap_buckets=self.cfg.model.time_gap_buckets)
+        if (own := getattr(model, "validation_metrics", None)) is not None:  # a retriever: recall@K
+            return own(loader, self.par.device, self.tc.eval_max_batches)
         pred = predict(model, loader, self.par.device, self.tc.eval_max_batches, self.tc.bf16)
         return metrics_report(pred, self.schema.tasks, "valid_")
 
@@ -286,6 +289,8 @@ class Run:
         positives = self.par.sum_(self.positives.clone())
         train_time = float(self.par.max_(torch.tensor([self.progress.train_time], dtype=torch.float64)))
         report_path = self.out_dir / "report.json"
+        if model is not None and hasattr(model, "write_artifact"):  # a retriever: <run dir>/retriever
+            model.write_artifact(self.out_dir, self.schema, self.record["dataset_dir"])
         if model is not None:
             write_report(report_path, self, model, positives, train_time, resumed_from)
         self.par.barrier()

@@ -11,6 +11,10 @@ alike and nothing is updated: under N ranks the sparse optimizer runs fused insi
 backward, so a skip must be decided before it. After backward the gradients are checked (one process:
 tables and dense; N ranks: dense, agreed by all-reduce); see :meth:`Trainer.step` for what a
 non-finite gradient does in each case (docs/reliability.md, "Non-finite losses and gradients").
+
+Loss: the task BCE of ``model(batch)``'s logits, unless the model brings its own loss:
+``model.training_loss(batch) -> (loss, per_task, graph tensor)`` (the two-tower retriever,
+``recsys.retrieval.two_tower_model``; docs/retrieval.md).
 """
 
 from __future__ import annotations
@@ -81,9 +85,10 @@ class Trainer:
         counts = self.par.sum_(torch.tensor([batch.num_candidates, batch.num_requests], dtype=torch.float64,
                                             device=self.par.device))
         share = batch.num_candidates / float(counts[0])  # exactly 1.0 in one process
+        own = getattr(self.model, "training_loss", None)  # a model with its own loss (the two-tower retriever)
         with torch.autocast(self.par.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(batch)
-        loss, per_task = multitask_bce(logits, batch.labels, self.task_weights)
+            out = own(batch) if own is not None else self.model(batch)
+        loss, per_task, logits = out if own is not None else (*multitask_bce(out, batch.labels, self.task_weights), out)
         if isinstance(self.model, Baseline) and (aux := self.model.auxiliary_loss()) is not None:
             loss = loss + aux  # e.g. SASRec's next-item softmax (one process only); per_task stays the task BCE
         loss = loss * share
