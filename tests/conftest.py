@@ -26,9 +26,13 @@ if not torch.cuda.is_available():
 
 SLOWEST_FIRST = (
     "tests/reliability/test_hostile_outputs.py",
+    "tests/dist/test_distributed_training.py",
     "tests/reliability/test_hostile_entry_points.py",
     "tests/reliability/test_train_crash.py",
     "tests/serving/test_job.py",
+    "tests/serving/test_cascade_refusals.py",
+    "tests/serving/test_cascade.py",
+    "tests/serving/test_distributed_job.py",
     "tests/reliability/test_hostile_reader.py",
     "tests/reliability/test_hostile_ingest.py",
     "tests/kernels/test_attention_properties.py",
@@ -39,7 +43,8 @@ SLOWEST_FIRST = (
     "tests/test_packaging.py",
     "tests/evaluate/test_evaluate.py",
 )
-"""Test files by wall time, slowest first (a 2-core run with ``--durations``)."""
+"""Test files by wall time, slowest first (a 2-core run with ``--durations``; the gloo files, which start
+process pairs, and the serving CLI files from single-file runs on the loaded machine, relative to test_job)."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

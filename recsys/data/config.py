@@ -24,6 +24,10 @@ from typing import ClassVar
 
 from recsys.errors import InputError
 
+TIME_GAP_BUCKETS = 32
+"""Default bucket count (``model.time_gap_buckets``); the loader and the model must agree. Here, not in
+``recsys.data.id_features`` (which re-exports it), so that the model config reads it without torch."""
+
 
 class DataSource(str, Enum):
     """Where request rows come from."""

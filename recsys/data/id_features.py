@@ -23,10 +23,9 @@ from __future__ import annotations
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.data.config import TIME_GAP_BUCKETS  # noqa: F401  (re-exported: the loader's and collate's default)
 from recsys.data.jagged import lengths_to_offsets
 
-TIME_GAP_BUCKETS = 32
-"""Default bucket count (``model.time_gap_buckets``); the loader and the model must agree."""
 SEQ_ID_FIELDS = ("item_id", "category", "action", "time_gap")
 """Per-kind keys ``"<kind>.<field>"`` of ``RequestBatch.id_features``."""
 CAND_ID_FIELDS = ("item_id", "category")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from recsys.data.id_features import TIME_GAP_BUCKETS
+from recsys.data.config import TIME_GAP_BUCKETS
 from recsys.embeddings.config import ItemEmbeddingConfig
 from recsys.longseq.config import LongSeqConfig
 

@@ -23,6 +23,13 @@ register_configs()
 @exit_on_input_error
 def main(dcfg: DictConfig) -> None:
     cfg: ScoreConfig = OmegaConf.to_object(dcfg)  # runs every __post_init__ validation
+    # Refusals that need no torch, before the scoring stack is imported (seconds of CPU): a checkpoint
+    # path holding no step_<N>.pt, an input file that does not exist. The job checks both again.
+    from recsys.serving.inputs import expand_files
+    from recsys.serving.load import resolve_checkpoint
+
+    resolve_checkpoint(cfg.checkpoint)
+    expand_files(cfg.inputs)
     from recsys.serving.job import run_scoring  # heavy imports after config validation
 
     print(run_scoring(cfg))

@@ -1,6 +1,9 @@
 """What a scoring job reads: the request files (given, a new event log, or a split of the checkpoint's
 dataset), the dataset the checkpoint was trained on, the id maps of the scored rows, and the scoring
 ``max_len``. ``trained_dataset`` is also how ``recsys.evaluate`` finds the split it reports on.
+
+The data layer (Parquet, polars, the event-log ingest) is imported inside the functions that read data:
+``python -m recsys.score`` checks that the ``inputs`` exist (``expand_files``) before it pays for it.
 """
 
 from __future__ import annotations
@@ -8,16 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import OmegaConf
-
-from recsys.data.config import DataSource
-from recsys.data.eventlog import new_log_config
-from recsys.data.id_maps import IdMaps
-from recsys.data.prepare import PreparedDataset, as_data_config, dataset_inputs, prepare_dataset
 from recsys.errors import InputError
 from recsys.serving.config import ScoreConfig, ScoreMode
+
+if TYPE_CHECKING:
+    from recsys.data.id_maps import IdMaps
+    from recsys.data.prepare import PreparedDataset
 
 
 def expand_files(paths: list[str]) -> list[Path]:
@@ -53,6 +54,10 @@ class ScoreInputs:
 def resolve_inputs(cfg: ScoreConfig, ckpt_config: dict[str, Any]) -> ScoreInputs:
     """The files to score: ``inputs``, a new log (``inputs_eventlog``) encoded with the maps of the
     checkpoint's dataset, or split ``split`` of that dataset."""
+    from recsys.data.eventlog import new_log_config
+    from recsys.data.id_maps import IdMaps
+    from recsys.data.prepare import prepare_dataset
+
     if cfg.inputs:
         files = expand_files(cfg.inputs)
         return ScoreInputs(files, [], [], inputs_id_maps(files))
@@ -78,6 +83,11 @@ def trained_dataset(ckpt_config: dict[str, Any], need: Iterable[str] = ("train",
     else the one its data config names. An event log is never ingested again here: the checkpoint's ids
     are those of the dataset it was trained on. ``need``: splits that must exist and hold rows
     (``InputError`` naming the dataset otherwise)."""
+    from omegaconf import OmegaConf
+
+    from recsys.data.config import DataSource
+    from recsys.data.prepare import as_data_config, prepare_dataset
+
     data = ckpt_config["data"]
     recorded = ckpt_config.get("dataset_dir")
     if recorded and (Path(recorded) / "schema.json").is_file():
@@ -91,6 +101,10 @@ def trained_dataset(ckpt_config: dict[str, Any], need: Iterable[str] = ("train",
 def trained_dataset_inputs(ckpt_config: dict[str, Any]) -> list[tuple[str, str | Path | None]]:
     """What :func:`trained_dataset` may read, as ``(key, path)``: the recorded ``dataset_dir`` and the
     dataset (and raw files) its data config names. An output directory must overlap none of them."""
+    from omegaconf import OmegaConf
+
+    from recsys.data.prepare import as_data_config, dataset_inputs
+
     return [("dataset_dir", ckpt_config.get("dataset_dir")),
             *dataset_inputs(as_data_config(OmegaConf.create(ckpt_config["data"])))]
 
@@ -103,6 +117,8 @@ INGEST_COUNTERS = ("new_users", "unknown_items", "unknown_item_rows", "unknown_a
 def inputs_id_maps(files: list[Path]) -> IdMaps | None:
     """The id maps of the dataset directory holding every input file (``<dir>/<split>/*.parquet`` with
     ``<dir>/id_maps/``), or None when the files are of no single dataset with maps."""
+    from recsys.data.id_maps import IdMaps
+
     dirs = {f.parent.parent for f in files}
     return IdMaps.read(dirs.pop()) if len(dirs) == 1 else None
 

@@ -3,23 +3,24 @@
 ``load_model`` builds whatever ``recsys.train`` wrote (the OneTrans ranker or a baseline,
 ``recsys.baselines.build_model``); ``load_ranker`` is the same load restricted to the ranker (the
 KV-cached scorer needs its two-stage structure).
+
+Torch and the model stack are imported inside the loaders, not here: ``python -m recsys.score`` resolves
+the checkpoint path (``resolve_checkpoint``) before it pays for them, so a wrong path is refused at once.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from omegaconf import OmegaConf
-from torch import nn
-
-from recsys.baselines.factory import build_model
-from recsys.data.schema import DataSchema
 from recsys.errors import InputError
-from recsys.model.config import Backend, ModelConfig
-from recsys.model.ranker import OneTransRanker
-from recsys.reliability.checkpoint import CheckpointManager, load_checkpoint, load_model_state, require_keys
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from recsys.data.schema import DataSchema
+    from recsys.model.ranker import OneTransRanker
 
 SCORING_KEYS = ("model", "schema", "config", "max_s_tokens")
 """What a checkpoint must hold to be scored or evaluated."""
@@ -34,7 +35,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file():
         return p.resolve()
-    for d in (p / "checkpoints", p):
+    dirs = [d for d in (p / "checkpoints", p) if d.is_dir()]
+    if dirs:  # only a directory needs the step-file listing (and the torch import of recsys.reliability.checkpoint)
+        from recsys.reliability.checkpoint import CheckpointManager
+    for d in dirs:
         found = CheckpointManager(d).paths()
         if found:
             return found[-1].resolve()
@@ -50,6 +54,14 @@ def load_model(path: Path, device: torch.device, backend: str | None = None, ite
     its items without a SID get one from the checkpoint's quantizer (SID rankers only), so items unseen in
     training are scored by their SID. ``ranker_only``: refuse a baseline checkpoint (``recsys.score``).
     """
+    from omegaconf import OmegaConf
+
+    from recsys.baselines.factory import build_model
+    from recsys.data.schema import DataSchema
+    from recsys.model.config import Backend, ModelConfig
+    from recsys.model.ranker import OneTransRanker
+    from recsys.reliability.checkpoint import load_checkpoint, load_model_state, require_keys
+
     state = load_checkpoint(path)
     require_keys(state, SCORING_KEYS, path, "be scored")
     schema = DataSchema.from_json(state["schema"])
@@ -76,6 +88,8 @@ def load_model(path: Path, device: torch.device, backend: str | None = None, ite
 def load_ranker(path: Path, device: torch.device, backend: str | None = None, item_content: str | None = None
                 ) -> tuple[OneTransRanker, DataSchema, dict[str, Any]]:
     """:func:`load_model` of a OneTrans ranker checkpoint (a baseline is refused, naming the file)."""
+    from recsys.model.ranker import OneTransRanker
+
     model, schema, config = load_model(path, device, backend, item_content, ranker_only=True)
     assert isinstance(model, OneTransRanker)
     return model, schema, config

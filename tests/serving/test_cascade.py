@@ -1,13 +1,12 @@
 """``mode=cascade``: retrieve (two-tower + SID) -> union -> re-rank, against a slow reference; rows are real,
-distinct catalog items; kill + rerun writes every row once; the retriever artifact's refusals through the CLI."""
+distinct catalog items; kill + rerun writes every row once. The retriever artifact's refusals (in process and
+through the CLI): ``test_cascade_refusals.py`` (a file of its own, so that xdist runs it beside this one)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -16,25 +15,12 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import CASCADE, cascade_overrides
-from job_fixtures import (
-    SETTINGS,
-    make_checkpoint,
-    make_retrievers,
-    read_output,
-    synthetic_sids,
-    tiny_data_config,
-)
+from job_fixtures import read_output, synthetic_sids
 from test_job import launch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
-from hostile_helpers import assert_refused, run_cli  # noqa: E402  (the CLI harness of the hostile-input suite)
-
 from recsys.data.collate import collate
-from recsys.errors import InputError
-from recsys.reliability.checkpoint import load_checkpoint
-from recsys.retrieval.artifact import load_retriever, save_retriever
-from recsys.retrieval.encoder import TwoTowerEncoder
-from recsys.retrieval.sid_decoder import SidDecoder, user_prefix
+from recsys.retrieval.artifact import load_retriever
+from recsys.retrieval.sid_decoder import user_prefix
 from recsys.serving.cascade import union_candidates
 from recsys.serving.catalog import catalog_items, collect_item_categories, with_candidates
 from recsys.serving.load import load_ranker
@@ -182,85 +168,3 @@ def test_kill_then_rerun_writes_every_row_once(trained, retrievers, cascade_run)
     assert resumed["complete"] and resumed["partitions_skipped"] == done
     assert read_output(out).equals(read_output(base))  # every row once, bit-identical
     assert resumed["metrics"] == pytest.approx(summary["metrics"])
-
-
-def test_load_retriever_refusals_in_process(trained, retrievers, tmp_path):
-    tmp, ckpt = trained
-    _, schema, _ = load_ranker(ckpt, CPU)
-    catalog = catalog_items(schema, None, collect_item_categories([], schema))
-    (tmp_path / "text").write_text("not an artifact")
-    for bad, needle in [(tmp_path / "text", "is a file"), (tmp_path / "missing", "does not exist")]:
-        with pytest.raises(InputError, match=needle):
-            load_retriever(bad, schema, catalog)
-    ranker, max_s = load_ranker(ckpt, CPU)[0], int(load_checkpoint(ckpt)["max_s_tokens"])
-    tower = save_retriever(tmp_path / "tower", TwoTowerEncoder(ranker, 4), schema, max_s_tokens=max_s,
-                           dataset_dir=tmp_path / "trained_on")
-    assert load_retriever(tower, schema, catalog, dataset_dir=tmp_path / "trained_on").index is not None
-    with pytest.raises(InputError, match="built for another schema or catalog.*served_on"):
-        load_retriever(tower, schema, catalog, dataset_dir=tmp_path / "served_on")  # another dataset dir
-    garbage = tmp_path / "garbage"
-    shutil.copytree(retrievers["sid"], garbage)
-    (garbage / "state.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(InputError, match="not a readable torch file"):
-        load_retriever(garbage, schema, catalog)
-    with pytest.raises(InputError, match="is a file, not a retriever artifact"):  # overwrite never hits a non-artifact
-        save_retriever(tmp_path / "text", TwoTowerEncoder(ranker, 4), schema, max_s_tokens=max_s, dataset_dir=None,
-                       overwrite=True)
-    assert (tmp_path / "text").read_text() == "not an artifact"
-    with pytest.raises(InputError, match="already exists"):
-        save_retriever(retrievers["sid"], SidDecoder(ranker.cfg, 2, 50), schema, max_s_tokens=max_s, dataset_dir=None,
-                       backbone=ranker, codes=synthetic_sids(schema.num_items))
-
-
-@pytest.fixture(scope="module")
-def hostile(trained, retrievers):
-    """Artifacts the CLI must refuse: one built for another dataset (other item count), one whose code table
-    leaves an item without a SID, and a text file."""
-    tmp, ckpt = trained
-    root = tmp / "hostile_retrievers"
-    data = tiny_data_config(root / "data")
-    data.synthetic.num_items = 150
-    other = make_retrievers(root / "other", make_checkpoint(root / "run", data))
-    ranker, schema, _ = load_ranker(ckpt, CPU)
-    codes = synthetic_sids(schema.num_items)
-    codes[7] = -1
-    torch.manual_seed(0)
-    no_sid = save_retriever(root / "no_sid", SidDecoder(ranker.cfg, 2, int(codes.max()) + 1), schema,
-                            max_s_tokens=int(load_checkpoint(ckpt)["max_s_tokens"]), dataset_dir=None,
-                            backbone=ranker, codes=codes)
-    text = root / "retriever.txt"
-    text.write_text("two_tower\n")
-    return {"other": other["two_tower"], "no_sid": no_sid, "text": text}
-
-
-def cli(ckpt: Path, out: Path, retr: list[Path], *extra: str):
-    return run_cli("recsys.score", f"checkpoint={ckpt}", f"output_dir={out}", *SETTINGS, "mode=cascade",
-                   "cascade.retrievers=[" + ",".join(f"'{p}'" for p in retr) + "]", *extra)
-
-
-@pytest.mark.parametrize("case", ["retrieve_k", "top_n", "other_schema", "no_sid", "text"])
-def test_cli_refusals(trained, retrievers, hostile, case):
-    tmp, ckpt = trained
-    out = tmp / f"refused_{case}"
-    both = [retrievers["two_tower"], retrievers["sid"]]
-    if case == "retrieve_k":
-        proc = cli(ckpt, out, both, "cascade.retrieve_k=500", "cascade.top_n=5")
-        m = load_ranker(ckpt, CPU)[1].num_items - 1  # every id but the padding id 0
-        assert_refused(proc, "cascade.retrieve_k=500", f"catalog's {m} items")
-    elif case == "top_n":
-        proc = cli(ckpt, out, both, "cascade.retrieve_k=4", "cascade.top_n=6")
-        assert_refused(proc, "cascade.top_n=6", "cascade.retrieve_k=4")
-    elif case == "other_schema":
-        proc = cli(ckpt, out, [hostile["other"]])
-        built = json.loads((hostile["other"] / "retriever.json").read_text())["fingerprint"]["num_items"]
-        here = load_ranker(ckpt, CPU)[1].num_items
-        assert built != here
-        assert_refused(proc, str(hostile["other"]), "another schema or catalog", f"'num_items': {built}",
-                       f"'num_items': {here}")
-    elif case == "no_sid":
-        proc = cli(ckpt, out, [hostile["no_sid"]])
-        assert_refused(proc, str(hostile["no_sid"]), "1 catalog item(s) have no semantic ID", "[7]")
-    else:
-        proc = cli(ckpt, out, [hostile["text"]])
-        assert_refused(proc, str(hostile["text"]), "not a retriever artifact directory")
-    assert not out.exists()  # refused before the output directory is touched
