@@ -10,8 +10,9 @@ Public entry points::
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from recsys.reliability.lazy_exports import lazy_exports
 
 # Submodule of every public name, imported on first access (PEP 562): importing one light module
 # (``recsys.data.batch`` for the model, ``recsys.data.schema``) must not pull in the ingest stack
@@ -45,12 +46,7 @@ if TYPE_CHECKING:  # static analysers see the eager imports
     from recsys.data.validate import DataValidationError, validate_table
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

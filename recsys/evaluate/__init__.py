@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from recsys.reliability.lazy_exports import lazy_exports
 
 # Submodule of every public name, imported on first access (PEP 562): an entry point that imports
 # this package's config module refuses a bad config before paying for torch / torchrec.
@@ -15,12 +16,7 @@ if TYPE_CHECKING:  # static analysers see the eager imports
     from recsys.evaluate.run import run_evaluation
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["run_evaluation"]

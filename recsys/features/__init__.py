@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from recsys.reliability.lazy_exports import lazy_exports
 
 # Imported on first access (PEP 562), as in ``recsys.data``: the configs (``recsys.features.config``,
 # read when a CLI validates its overrides) must not pull in torch and torchrec.
@@ -13,12 +14,7 @@ if TYPE_CHECKING:
     from recsys.features.tokenizer import TokenizedBatch, UnifiedTokenizer
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["TokenizedBatch", "UnifiedTokenizer"]
