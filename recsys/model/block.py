@@ -47,6 +47,75 @@ class PerPositionRMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
+def _angles(pos: torch.Tensor, half: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [..., half]`` of integer positions ``pos [...]`` (computed once, shared by q and k)."""
+    inv_freq = base ** (-torch.arange(half, device=pos.device, dtype=torch.float32) / half)
+    ang = pos.to(torch.float32)[..., None] * inv_freq
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """``out = rotate-half(x)`` by the angles: ``x, out [..., H, Dh]``, ``cos, sin [..., 1, Dh/2]``.
+
+    Written into the halves of ``out`` (two products and two fused multiply-adds, no ``cat``); the
+    same rounding as ``cat([x1 c - x2 s, x1 s + x2 c])``.
+    """
+    half = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+
+
+class _RotaryParts(torch.autograd.Function):
+    """Split ``x [..., P, H, Dh]`` into P contiguous ``[..., H, Dh]`` parts, the first ``n_rot`` rotated.
+
+    Hand-written (no library has a CPU rotate-half): one pass over q and k, no ``cat``, and autograd
+    keeps only ``cos, sin`` (the backward of a rotation is the rotation by the opposite angle), not
+    the four products of the obvious form.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, n_rot: int):  # noqa: ANN001, ANN205
+        cos, sin = cos[..., None, :], sin[..., None, :]  # [..., 1, Dh/2]: broadcast over heads
+        ctx.save_for_backward(cos, sin)
+        outs = []
+        for p in range(x.shape[-3]):
+            part = x.select(-3, p)
+            out = torch.empty(part.shape, dtype=x.dtype, device=x.device)
+            if p < n_rot:
+                _rotate_into(out, part, cos, sin)
+            else:
+                out.copy_(part)
+            outs.append(out)
+        ctx.n_rot = n_rot
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: ANN001, ANN205
+        cos, sin = ctx.saved_tensors
+        ref = next(g for g in grads if g is not None)
+        gx = torch.empty(*ref.shape[:-2], len(grads), *ref.shape[-2:], dtype=ref.dtype, device=ref.device)
+        for p, g in enumerate(grads):
+            slot = gx.select(-3, p)
+            if g is None:
+                slot.zero_()
+            elif p < ctx.n_rot:
+                _rotate_into(slot, g, cos, -sin)
+            else:
+                slot.copy_(g)
+        return gx, None, None, None
+
+
+def rotary_parts(x: torch.Tensor, pos: torch.Tensor, n_rot: int, base: float = 10000.0
+                 ) -> tuple[torch.Tensor, ...]:
+    """Rotary on the first ``n_rot`` of the P parts of ``x [..., P, H, Dh]`` (e.g. q, k of a fused
+    qkv projection), integer ``pos [...]`` -> P contiguous ``[..., H, Dh]``; the others are copied."""
+    cos, sin = _angles(pos, x.shape[-1] // 2, base, x.dtype)
+    return _RotaryParts.apply(x, cos, sin, n_rot)
+
+
 def rotary(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     """Rotary position embedding (rotate-half form): ``x [M, H, Dh]``, integer ``pos [M]`` -> ``[M, H, Dh]``.
 
@@ -54,10 +123,14 @@ def rotary(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.T
     recent an S token is. Positions count from the first S token of the sequence, so appending
     events leaves every existing token's rotation unchanged (the KV cache stays exact).
     """
+    return rotary_parts(x.unsqueeze(-3), pos, 1, base)[0]
+
+
+def rotary_reference(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """The obvious form of :func:`rotary` (``cat`` of the two rotated halves), for tests and benches."""
     half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    ang = pos.to(torch.float32)[:, None] * inv_freq  # [M, Dh/2]
-    cos, sin = ang.cos()[:, None, :].to(x.dtype), ang.sin()[:, None, :].to(x.dtype)  # [M, 1, Dh/2]
+    cos, sin = _angles(pos, half, base, x.dtype)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [M, 1, Dh/2]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
@@ -101,10 +174,13 @@ class OneTransBlock(nn.Module):
         w, b = self.s_qkv.weight, self.s_qkv.bias
         d = self.d
         q = F.linear(h[keep], w[:d], b[:d]).view(-1, self.h, self.dh)
-        kv = F.linear(h, w[d:], b[d:])
-        k, v = kv.view(-1, 2, self.h, self.dh).unbind(1)  # [M, H, Dh] each
-        if self.rope:
-            q, k = rotary(q, pos[keep]), rotary(k, pos)
+        kv = F.linear(h, w[d:], b[d:]).view(-1, 2, self.h, self.dh)
+        if not self.rope:
+            k, v = kv.unbind(1)  # [M, H, Dh] each
+            return q, k, v
+        cos, sin = _angles(pos, self.dh // 2, 10000.0, q.dtype)  # once for k, gathered for q
+        k, v = _RotaryParts.apply(kv, cos, sin, 1)
+        (q,) = _RotaryParts.apply(q.unsqueeze(1), cos[keep], sin[keep], 1)
         return q, k, v
 
     def s_finish(self, x_kept: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -118,13 +194,10 @@ class OneTransBlock(nn.Module):
         """``x [C, N, D]``, ``pos [C, N]`` (= the request's S length + n) -> ``q, k, v [C, N, H, Dh]``."""
         self._check_pos(pos)
         qkv = self.ns_qkv(self.ns_norm1(x))  # [C, N, 3D]
-        q, k, v = qkv.view(x.shape[0], x.shape[1], 3, self.h, self.dh).unbind(2)
-        if self.rope:
-            c, n = x.shape[:2]
-            flat = pos.reshape(-1)
-            q = rotary(q.reshape(c * n, self.h, self.dh), flat).view(c, n, self.h, self.dh)
-            k = rotary(k.reshape(c * n, self.h, self.dh), flat).view(c, n, self.h, self.dh)
-        return q, k, v
+        qkv = qkv.view(x.shape[0], x.shape[1], 3, self.h, self.dh)
+        if not self.rope:
+            return qkv.unbind(2)
+        return rotary_parts(qkv, pos, 2)  # q and k rotated in one pass, v copied out contiguous
 
     def ns_finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """``x [C, N, D]``, ``attn [C, N, H, Dh]`` -> ``[C, N, D]``."""

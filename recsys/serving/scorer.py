@@ -19,6 +19,7 @@ Flow of :meth:`CachedScorer.score_batch`:
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import replace
 
@@ -36,24 +37,38 @@ from recsys.serving.events import merged_events
 from recsys.serving.state import UserKVState, empty_state, extend_states, states_to_prefix
 
 
+def _requests_slice(prefix: PrefixKV, host_offsets: list[list[int]], b0: int, b1: int) -> PrefixKV:
+    """Requests ``[b0, b1)`` of ``prefix``: views of their contiguous K/V rows, offsets rebased (no copy)."""
+    keys, values, offsets = [], [], []
+    for layer, po in enumerate(host_offsets):
+        keys.append(prefix.keys[layer][po[b0]:po[b1]])
+        values.append(prefix.values[layer][po[b0]:po[b1]])
+        offsets.append(prefix.offsets[layer][b0:b1 + 1] - po[b0])
+    return PrefixKV(keys, values, offsets)
+
+
 @torch.no_grad()
 def score_in_chunks(model: OneTransRanker, prefix: PrefixKV, ns_tokens: torch.Tensor, cand_offsets: torch.Tensor,
                     candidate_chunk: int) -> torch.Tensor:
     """Stage 2 over candidate rows ``[c0, c0 + candidate_chunk)`` at a time -> logits ``[sum C_b, T]``.
 
-    A chunk may span several requests: its offsets are ``clamp(cand_offsets, c0, c1) - c0``, so
-    requests with no candidate in the chunk simply contribute none; the prefix is never copied.
+    A chunk sees only the requests its candidates belong to (requests are contiguous, so their prefix
+    rows are a view, never a copy): the attention op plans over those few requests, not the batch's.
     """
     if candidate_chunk < 1:
         raise ValueError(f"candidate_chunk must be >= 1, got {candidate_chunk}")
     total = ns_tokens.shape[0]
     if total <= candidate_chunk:
         return model.score_candidates(prefix, ns_tokens, cand_offsets)
+    host = [o.tolist() for o in prefix.offsets]  # one host read per batch, not per chunk and layer
+    co = cand_offsets.tolist()
     out = []
     for c0 in range(0, total, candidate_chunk):
         c1 = min(total, c0 + candidate_chunk)
-        offs = cand_offsets.clamp(c0, c1) - c0  # [B+1]
-        out.append(model.score_candidates(prefix, ns_tokens[c0:c1], offs))
+        b0 = bisect.bisect_right(co, c0) - 1  # request of candidate c0 (skips requests with no candidate)
+        b1 = bisect.bisect_left(co, c1)  # one past the request of candidate c1 - 1
+        offs = cand_offsets[b0:b1 + 1].clamp(c0, c1) - c0  # [b1 - b0 + 1]
+        out.append(model.score_candidates(_requests_slice(prefix, host, b0, b1), ns_tokens[c0:c1], offs))
     return torch.cat(out)
 
 
