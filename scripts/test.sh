@@ -15,6 +15,9 @@ bash scripts/setup.sh
 # checkpoint, a prepared dataset) are built once; one OpenMP thread per worker, since workers x threads
 # above the core count makes every parallel op wait for a descheduled thread. RECSYS_TEST_WORKERS=0 runs in one process.
 # --no-loadscope-reorder: files go out in collection order, which tests/conftest.py sorts slowest first.
+# The worker count is read before OMP_NUM_THREADS is set: GNU nproc honours OMP_NUM_THREADS, so `$(nproc)` after
+# the export says 1 and the suite ran on a single worker.
+WORKERS="${RECSYS_TEST_WORKERS:-$(nproc --all)}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 -n "${RECSYS_TEST_WORKERS:-$(nproc)}" \
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 -n "$WORKERS" \
   --dist loadfile --no-loadscope-reorder "$@"
