@@ -17,7 +17,7 @@ bash scripts/setup.sh
 # --no-loadscope-reorder: files go out in collection order, which tests/conftest.py sorts slowest first.
 # The worker count is read before OMP_NUM_THREADS is set: GNU nproc honours OMP_NUM_THREADS, so `$(nproc)` after
 # the export says 1 and the suite ran on a single worker.
-WORKERS="${RECSYS_TEST_WORKERS:-$(nproc --all)}"
+WORKERS="${RECSYS_TEST_WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"  # the cores this process may use
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 -n "$WORKERS" \
   --dist loadfile --no-loadscope-reorder "$@"
