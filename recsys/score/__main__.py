@@ -1,5 +1,5 @@
 """`python -m recsys.score checkpoint=... output_dir=... [hydra overrides]`: score request files, print the
-summary path last.
+summary path last (rank 0's only under torchrun).
 
 Examples::
 
@@ -9,6 +9,8 @@ Examples::
 """
 
 from __future__ import annotations
+
+import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +34,9 @@ def main(dcfg: DictConfig) -> None:
     expand_files(cfg.inputs)
     from recsys.serving.job import run_scoring  # heavy imports after config validation
 
-    print(run_scoring(cfg))
+    summary = run_scoring(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns it; one line on stdout, not N interleaved
+        print(summary)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def test_training_forward_reads_no_size_back(merge, ns, recent):
 
 @pytest.mark.parametrize("merge", ["time_interleaved", "intent_grouped"])
 def test_cached_scorer_candidate_pass_reads_no_size_back(merge):
-    """Tokenize + stage 2 against a cached prefix (what ``CachedScorer`` runs per candidate chunk)."""
+    """Tokenize + stage 2 against a cached prefix, all candidates in one chunk (``CachedScorer`` below
+    ``candidate_chunk``): no read-back at all."""
     model = make_ranker(seq_merge=merge).eval()
     batch = _batch(seed=1)
     with torch.no_grad():
@@ -58,9 +59,27 @@ def test_cached_scorer_candidate_pass_reads_no_size_back(merge):
         prefix = model.encode_prefix(tok.s_tokens, tok.s_offsets, tok.s_lengths)
         with HostSyncCounter() as c:
             tok = model.tokenizer(batch)
-            fast = score_in_chunks(model, prefix, tok.ns_tokens, tok.cand_offsets, 5)
+            fast = score_in_chunks(model, prefix, tok.ns_tokens, tok.cand_offsets, batch.num_candidates)
         torch.testing.assert_close(fast, model.rank_per_candidate(tok), rtol=1e-5, atol=1e-5)
     assert c.outside(*ALLOWED) == {}, f"host reads in the candidate pass: {dict(c.calls)}"
+
+
+@pytest.mark.parametrize("merge", ["time_interleaved", "intent_grouped"])
+def test_chunked_candidate_pass_reads_offsets_once_per_batch(merge):
+    """Chunked stage 2 plans its per-chunk prefix views from host offsets: one read per layer's offsets and
+    one of the candidate offsets, per batch; never per chunk (2 and 5 candidates a chunk read the same)."""
+    model = make_ranker(seq_merge=merge).eval()
+    batch = _batch(seed=1)
+    reads = {}
+    with torch.no_grad():
+        tok = model.tokenizer(batch)
+        prefix = model.encode_prefix(tok.s_tokens, tok.s_offsets, tok.s_lengths)
+        for chunk in (2, 5):
+            with HostSyncCounter() as c:
+                fast = score_in_chunks(model, prefix, tok.ns_tokens, tok.cand_offsets, chunk)
+            torch.testing.assert_close(fast, model.rank_per_candidate(tok), rtol=1e-5, atol=1e-5)
+            reads[chunk] = sum(c.outside(*ALLOWED).values())
+    assert reads == {2: len(prefix.offsets) + 1, 5: len(prefix.offsets) + 1}, reads
 
 
 @pytest.mark.parametrize("search", ["none", "soft", "hard"])

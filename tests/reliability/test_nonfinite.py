@@ -41,7 +41,7 @@ class Injector:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, bad: dict[int, str]) -> None:
         self.bad, self.calls, self.snapshots = bad, 0, []
         self.model: torch.nn.Module | None = None
-        real_build, real_bce = loop.build_model, step.multitask_bce
+        real_build, real_bce = loop.build_trainable, step.multitask_bce
 
         def build(*a, **kw):
             self.model = real_build(*a, **kw)
@@ -58,7 +58,7 @@ class Injector:
                 logits.register_hook(lambda g: g * float("inf"))  # finite loss, inf*0 / inf grads downstream
             return loss, per_task
 
-        monkeypatch.setattr(loop, "build_model", build)
+        monkeypatch.setattr(loop, "build_trainable", build)
         monkeypatch.setattr(step, "multitask_bce", bce)
 
 
