@@ -3,8 +3,6 @@ command, the single-process reference they are compared with, and how a refusal 
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +11,7 @@ from typing import Any
 
 import dist_scenario as scenario
 import torch
+from cli_runner import cli_env, free_port, run_ranks
 
 from recsys.data.schema import DataSchema
 from recsys.dist.optim import make_optimizers
@@ -24,23 +23,26 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str, nproc: int = 2, check: bool = True, fault: str | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node <nproc> <args>`` (the worker script, or ``-m recsys.train ...``);
-    ``fault``: ``RECSYS_FAULT`` of every rank (recsys/reliability/faults.py)."""
-    target = list(args) if args[0] == "-m" else [str(WORKER), *args]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), *target]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    env.pop(FAULT_ENV, None)
-    if fault:
-        env[FAULT_ENV] = fault
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+def torchrun(*args: str, nproc: int = 2, check: bool = True, fault: str | None = None, launcher: str = "fork"
+             ) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node <nproc> <args>`` (the worker script, another ``.py`` script, or
+    ``-m recsys.train ...``); ``fault``: ``RECSYS_FAULT`` of every rank (recsys/reliability/faults.py).
+    ``launcher="fork"``: the ranks forked with torchrun's environment (``cli_runner.run_ranks``, no interpreter
+    start-up per rank); ``"torchrun"``: the real launcher, for the tests of the command itself."""
+    if args[0] == "-m":
+        target, rest = args[1], args[2:]
+    elif args[0].endswith(".py"):
+        target, rest = args[0], args[1:]
+    else:
+        target, rest = str(WORKER), args
+    env = {"PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT), **({FAULT_ENV: fault} if fault else {})}
+    if launcher == "fork":
+        proc = run_ranks(target, *rest, nproc=nproc, env=env)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), *([] if target.endswith(".py") else ["-m"]), target,
+               *rest]
+        proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(env), capture_output=True, text=True, timeout=240)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

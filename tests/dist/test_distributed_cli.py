@@ -37,8 +37,9 @@ def test_dist_cli_refuses_resume_false_over_checkpoints_and_a_locked_dir(tmp_pat
             "train.progress=false", "train.max_steps=2"]
     locked = tmp_path / "locked"
     with hold_lock(locked) as holder, ThreadPoolExecutor(max_workers=2) as pool:
-        resume_false = pool.submit(torchrun, *args, f"output_dir={old}", "train.resume=false", check=False)
-        in_use = pool.submit(torchrun, *args, f"output_dir={locked}", check=False)
+        resume_false = pool.submit(torchrun, *args, f"output_dir={old}", "train.resume=false", check=False,
+                                   launcher="torchrun")
+        in_use = pool.submit(torchrun, *args, f"output_dir={locked}", check=False, launcher="torchrun")
         resume_false, in_use = resume_false.result(), in_use.result()
     assert_refused_on_the_ranks(resume_false, f"output_dir={old} already holds checkpoints",
                                 f"step_4 in {old / 'dist_checkpoints'}", "train.fresh_run=true")
@@ -49,8 +50,8 @@ def test_dist_cli_refuses_resume_false_over_checkpoints_and_a_locked_dir(tmp_pat
 
 
 def test_sigkill_between_checkpoints_under_two_ranks_then_resume_is_bit_exact(tmp_path):
-    """Real ``torchrun -m recsys.train`` runs: every rank SIGKILLs itself after its 5th step (fault point
-    ``train.after_step``, checkpoint at 3); the restart resumes the DCP checkpoint (each rank's RNG, the global
+    """``torchrun -m recsys.train`` runs (the killed one under the real launcher, the others forked with its
+    environment): every rank SIGKILLs itself after its 5th step (fault point ``train.after_step``, checkpoint at 3); the restart resumes the DCP checkpoint (each rank's RNG, the global
     popularity counts) and ends with the same report, log and weights as an uninterrupted run, bit for bit."""
     args = ["-m", "recsys.train", "dist=gloo", "dist.sharding=row_wise", "model=debug", "model.attention_backend=torch",
             "data=tiny", f"data.root={tmp_path / 'data'}", "train.progress=false", "train.log_every=1",
@@ -58,7 +59,7 @@ def test_sigkill_between_checkpoints_under_two_ranks_then_resume_is_bit_exact(tm
             "train.optim.lr_decay=cosine", "data.loader.batch_size=8", "data.loader.shuffle=true"]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     torchrun(*args, f"output_dir={straight}")  # also prepares the data the other runs read
-    killed = torchrun(*args, f"output_dir={crashed}", fault="train.after_step@5", check=False)
+    killed = torchrun(*args, f"output_dir={crashed}", fault="train.after_step@5", check=False, launcher="torchrun")
     assert killed.returncode != 0 and "exitcode  : -9" in killed.stderr, killed.stderr[-3000:]
     assert not (crashed / "report.json").exists()
     assert sorted(p.name for p in (crashed / "dist_checkpoints").iterdir()) == ["step_3"]

@@ -37,13 +37,7 @@ import pipeline_worker  # noqa: E402  (its step counts)
 
 
 def run_worker(sharding: str, out: Path) -> None:
-    from dist_runs import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "pipeline_worker.py"), sharding, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    torchrun(str(HERE / "pipeline_worker.py"), sharding, str(out))
 
 
 @pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])

@@ -1,4 +1,4 @@
-"""Shared pieces of the hostile-input suite: run a real CLI as a subprocess, and prove that it left its
+"""Shared pieces of the hostile-input suite: run a real CLI in a child process (``cli_runner.run_cli``), and prove that it left its
 inputs untouched (SHA-256 of every file under a tree, taken before and compared after), and damage one data
 page of a Parquet file."""
 
@@ -8,11 +8,12 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from cli_runner import run_cli  # noqa: F401  (re-exported: the hostile tests' CLI harness)
 
 from recsys.reliability.entry import INPUT_ERROR_EXIT
 
@@ -28,16 +29,6 @@ def file_digests(root: Path) -> dict[str, str]:
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     return {str(p.relative_to(root)) if p != root else p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in files}
-
-
-def run_cli(module: str, *overrides: str, timeout: float = 240, env: dict[str, str] | None = None,
-            preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
-    """``python -m <module> <overrides...>`` from the repo root, one thread, output captured as text.
-    ``preexec_fn`` runs in the child before ``exec`` (e.g. ``resource.setrlimit`` for that process only)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("RECSYS_FAULT", None)
-    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> None:

@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,11 +60,9 @@ def train_args(data_root: Path, out: Path, *extra: str) -> list[str]:
     return [*ARGS, f"data.root={data_root}", f"output_dir={out}", *extra]
 
 
-def limit_file_size() -> None:
-    """``preexec_fn``: RLIMIT_FSIZE of 256 KiB in the child, so writing the ~1 MB checkpoint of the debug
-    model fails with EFBIG, a real failed write as on a full disk (Python ignores SIGXFSZ: the write raises
-    instead of killing the process)."""
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+FILE_SIZE_LIMIT = {resource.RLIMIT_FSIZE: 256 * 1024}
+"""RLIMIT_FSIZE of 256 KiB in the child, so writing the ~1 MB checkpoint of the debug model fails with EFBIG, a
+real failed write as on a full disk (Python ignores SIGXFSZ: the write raises instead of killing the process)."""
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +117,6 @@ def _commands(w: dict[str, Path]) -> dict[str, tuple[str, list[str]]]:
     }
 
 
-def _wait_for(cond, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def cli(world) -> dict[str, subprocess.CompletedProcess | dict]:
     """Runs the disk-full training and every command of :func:`_commands`, three at a time, while another
@@ -141,9 +131,7 @@ def cli(world) -> dict[str, subprocess.CompletedProcess | dict]:
     try:
         with ThreadPoolExecutor(max_workers=3) as pool:
             full = pool.submit(run_cli, "recsys.train", *train_args(world["data_root"], tmp / "run-disk-full",
-                                                                   "train.max_steps=2"), preexec_fn=limit_file_size)
-            # preexec_fn runs between fork and exec: fork it before any other thread is busy
-            _wait_for(lambda: (tmp / "run-disk-full" / LOCK_NAME).exists() or full.done())
+                                                                   "train.max_steps=2"), rlimits=FILE_SIZE_LIMIT)
             futures = {name: pool.submit(run_cli, module, *args) for name, (module, args) in commands.items()}
             results: dict = {name: f.result() for name, f in futures.items()}
             results["train_disk_full"] = full.result()

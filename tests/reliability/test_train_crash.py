@@ -1,4 +1,4 @@
-"""Real `python -m recsys.train` subprocesses killed with SIGKILL (between steps and mid checkpoint write),
+"""Real `python -m recsys.train` processes (``cli_runner``) killed with SIGKILL (between steps and mid checkpoint write),
 restarted until done: the final report and weights equal an uninterrupted run's, bit for bit."""
 
 from __future__ import annotations
@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import CliProcess, launch_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -29,16 +28,13 @@ ARGS = ["model=debug", "model.attention_backend=torch", "data=tiny", "train.prog
 TIMING_KEYS = {"train_samples_per_s", "train_requests_per_s", "train_time_s", "resumed_from"}
 
 
-def launch(out: Path, data_root: Path, fault: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every run: same float reductions
-    env.pop("RECSYS_FAULT", None)
-    if fault:
-        env["RECSYS_FAULT"] = fault
-    cmd = [sys.executable, "-m", "recsys.train", *ARGS, f"data.root={data_root}", f"output_dir={out}"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def launch(out: Path, data_root: Path, fault: str | None = None) -> CliProcess:
+    """``python -m recsys.train`` in a child process; one thread in every run: same float reductions."""
+    return launch_cli("recsys.train", *ARGS, f"data.root={data_root}", f"output_dir={out}",
+                      env={"RECSYS_FAULT": fault} if fault else None)
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
+def finish(proc: CliProcess) -> tuple[int, str]:
     """(return code, stdout + stderr)."""
     out, err = proc.communicate(timeout=300)
     return proc.returncode, out + err

@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from cli_runner import CliProcess, launch_cli
 from hydra import compose, initialize_config_dir
 from job_fixtures import CONFIGS, SETTINGS, read_output, score_config
 from omegaconf import OmegaConf
@@ -27,12 +26,10 @@ from recsys.serving.load import load_ranker, resolve_checkpoint
 from recsys.serving.partitions import plan_partitions
 from recsys.serving.reader import PartitionReader
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def launch(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "recsys.score", f"checkpoint={ckpt}", f"output_dir={out}", *SETTINGS, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def launch(ckpt: Path, out: Path, *extra: str) -> CliProcess:
+    """``python -m recsys.score`` in a child process (``cli_runner``)."""
+    return launch_cli("recsys.score", f"checkpoint={ckpt}", f"output_dir={out}", *SETTINGS, *extra)
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_output(trained, baseline):
