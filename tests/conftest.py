@@ -25,26 +25,29 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SLOWEST_FIRST = (
-    "tests/reliability/test_hostile_outputs.py",
-    "tests/dist/test_distributed_training.py",
-    "tests/reliability/test_hostile_entry_points.py",
-    "tests/reliability/test_train_crash.py",
-    "tests/serving/test_job.py",
-    "tests/serving/test_cascade_refusals.py",
-    "tests/serving/test_cascade.py",
+    "tests/dist/test_distributed_cli.py",
+    "tests/dist/test_pipeline.py",
     "tests/serving/test_distributed_job.py",
-    "tests/reliability/test_hostile_reader.py",
-    "tests/reliability/test_hostile_ingest.py",
     "tests/kernels/test_attention_properties.py",
-    "tests/reliability/test_eventlog_cli.py",
+    "tests/dist/test_distributed_training.py",
+    "tests/kernels/test_candidate_prefix_attention.py",
+    "tests/reliability/test_train_crash.py",
+    "tests/reliability/test_hostile_outputs.py",
     "tests/baselines/test_baselines_train.py",
+    "tests/serving/test_cascade.py",
+    "tests/test_packaging.py",
     "tests/train/test_train.py",
     "tests/kernels/test_attention_dispatch.py",
-    "tests/test_packaging.py",
+    "tests/kernels/test_jagged_causal_attention.py",
+    "tests/reliability/test_hostile_reader.py",
+    "tests/dist/test_meta_init.py",
+    "tests/serving/test_ranking.py",
     "tests/evaluate/test_evaluate.py",
+    "tests/serving/test_job.py",
+    "tests/reliability/test_hostile_entry_points.py",
 )
-"""Test files by wall time, slowest first (a 2-core run with ``--durations``; the gloo files, which start
-process pairs, and the serving CLI files from single-file runs on the loaded machine, relative to test_job)."""
+"""Test files of 8 s or more, slowest first (``bash scripts/test.sh --durations=0`` on 2 cores, seconds summed per
+file)."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -82,8 +82,9 @@ class Trainer:
 
     def _loss(self, batch: RequestBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(this rank's share of the global loss, global stats ``[1 + T]``, global counts ``[2]``, logits)."""
+        # One process: the counts stay on the host (Python ints from the loader), so reading them is no device sync
         counts = self.par.sum_(torch.tensor([batch.num_candidates, batch.num_requests], dtype=torch.float64,
-                                            device=self.par.device))
+                                            device=self.par.device if self.par.world > 1 else "cpu"))
         share = batch.num_candidates / float(counts[0])  # exactly 1.0 in one process
         own = getattr(self.model, "training_loss", None)  # a model with its own loss (the two-tower retriever)
         with torch.autocast(self.par.device.type, dtype=torch.bfloat16, enabled=self.bf16):
