@@ -17,8 +17,11 @@
 #   2+3 are one call. The same steps serve the cuda flavour (there the extra supplies the fbgemm-gpu
 # torchrec wants). `pip check` complains that torchrec wants fbgemm-gpu on CPU: expected, harmless.
 #
-# The installer is uv (parallel downloads and unpacking, no byte-compiling of torch's files: a fresh
-# install in a fraction of pip's time), itself installed into the venv by pip. uv reads no pip config,
+# The installer is uv (parallel downloads, unpacking and byte-compiling: a fresh install in a fraction
+# of pip's time), itself installed into the venv by pip. Byte-compiling at install (--compile-bytecode,
+# ~35 s on 2 cores) is not optional where PYTHONDONTWRITEBYTECODE is set (this machine, CI): without the
+# .pyc files every process compiles torch and torchrec from source again, 27 s instead of 10 s to import
+# the scoring job, in every CLI run and every test worker. uv reads no pip config,
 # so the machine's pip config (`pip config list`: find-links, index-url, extra-index-url, constraint,
 # cert; files and PIP_* variables) is handed to it as flags, with pip's choice among several indexes
 # (the best version wherever it lies: the local CPU torch wheel, 2.13.0+cpu, beats PyPI's 2.13.0);
@@ -53,7 +56,7 @@ start=$(date +%s)
 # those lines of noise, keep every real error (pipefail keeps pip's exit status).
 pipi() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
   | { grep -vE "is ignored: it is neither a file nor a directory|requires fbgemm-gpu, which is not installed|dependency resolver does not currently" || true; } >&2; }
-uvi() { env "${UV_ENV[@]}" "$VENV/bin/uv" pip install --no-config --python "$VENV/bin/python" -q "${UV_OPTS[@]}" "$@"; }
+uvi() { env "${UV_ENV[@]}" "$VENV/bin/uv" pip install --no-config --compile-bytecode --python "$VENV/bin/python" -q "${UV_OPTS[@]}" "$@"; }
 
 INSTALLER="${RECSYS_INSTALLER:-uv}"
 if [[ "$INSTALLER" == uv ]] && ! pipi "uv==$UV_VERSION"; then

@@ -27,7 +27,7 @@ from recsys.reliability.rundir import LOCK_NAME
 
 def test_dist_cli_refuses_resume_false_over_checkpoints_and_a_locked_dir(tmp_path):
     """Both refusals happen before the dataset is prepared or a step is trained, on rank 0, and reach every
-    rank (torchrun ends; a deadlocked rank would hit the timeout)."""
+    rank (the job ends; a deadlocked rank would hit the timeout). The lock refusal under the real launcher."""
     old = tmp_path / "old-run"
     (old / "dist_checkpoints" / "step_4").mkdir(parents=True)
     for name in (".metadata", "trainer.pt"):  # what marks a complete DCP checkpoint; never read here
@@ -37,8 +37,7 @@ def test_dist_cli_refuses_resume_false_over_checkpoints_and_a_locked_dir(tmp_pat
             "train.progress=false", "train.max_steps=2"]
     locked = tmp_path / "locked"
     with hold_lock(locked) as holder, ThreadPoolExecutor(max_workers=2) as pool:
-        resume_false = pool.submit(torchrun, *args, f"output_dir={old}", "train.resume=false", check=False,
-                                   launcher="torchrun")
+        resume_false = pool.submit(torchrun, *args, f"output_dir={old}", "train.resume=false", check=False)
         in_use = pool.submit(torchrun, *args, f"output_dir={locked}", check=False, launcher="torchrun")
         resume_false, in_use = resume_false.result(), in_use.result()
     assert_refused_on_the_ranks(resume_false, f"output_dir={old} already holds checkpoints",

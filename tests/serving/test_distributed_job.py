@@ -1,7 +1,8 @@
 """``torchrun --nproc_per_node 2 -m recsys.score``: real gloo processes, a SIGKILL of one rank, a rerun.
 
 Rank 1 is killed (SIGKILL, from outside, like the OOM killer) right after its first partition; torchrun
-then tears the job down. The rerun on 2 ranks completes the job: every (request, item) exactly once,
+then tears the job down. The rerun on 2 ranks (forked with torchrun's environment, ``cli_runner.run_ranks``)
+completes the job: every (request, item) exactly once,
 bit-identical to the 1-process run of the same job (conftest ``baseline``), with the summary metrics
 computed over all partitions, whichever rank or run wrote them.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,21 +19,16 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from cli_runner import free_port, run_ranks
 from job_fixtures import SETTINGS, read_output
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_score(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
     """``torchrun --nproc_per_node 2 -m recsys.score ...`` (gloo, CPU), started in the background."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "recsys.score", f"checkpoint={ckpt}", f"output_dir={out}",
+           "--master_port", str(free_port()), "-m", "recsys.score", f"checkpoint={ckpt}", f"output_dir={out}",
            "device=cpu", *SETTINGS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -75,10 +70,10 @@ def test_sigkill_of_one_rank_then_rerun_equals_one_process(trained, baseline):
     assert 2 <= len(done) < n_parts, done  # both ranks had written, the job was really cut short
     assert not (out / "summary.json").exists()
 
-    proc = torchrun_score(ckpt, out)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-4000:]
-    resumed = json.loads(Path(stdout.strip().splitlines()[-1]).read_text())
+    proc = run_ranks("recsys.score", f"checkpoint={ckpt}", f"output_dir={out}", "device=cpu", *SETTINGS,
+                     env={"PYTHONWARNINGS": "ignore"}, timeout=300)  # the rerun's ranks forked with torchrun's env
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
     assert resumed["complete"] and resumed["world_size"] == 2
     assert resumed["partitions_skipped"] == len(done) and resumed["partitions_written"] == n_parts - len(done)
     assert sum(resumed["partitions_per_rank"]) == n_parts - len(done) and min(resumed["partitions_per_rank"]) >= 1
