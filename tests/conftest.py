@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
 
 SLOWEST_FIRST = (
     "tests/dist/test_distributed_cli.py",
+    "tests/dist/test_distributed_resume_cli.py",
     "tests/dist/test_pipeline.py",
     "tests/serving/test_distributed_job.py",
     "tests/kernels/test_attention_properties.py",

@@ -17,8 +17,6 @@ test_distributed_training.py's, whose ``torchrun -m recsys.train`` runs use the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
