@@ -30,7 +30,17 @@ from recsys.model.config import ModelConfig
 from recsys.model.heads import multitask_bce
 from recsys.reliability.guards import grads_finite
 from recsys.train.config import OptimConfig
-from recsys.train.loop import build_model, make_optimizers
+
+try:  # the one trainer's layout
+    from recsys.baselines.factory import build_model as _build_model
+    from recsys.baselines.factory import max_s_tokens
+    from recsys.dist.optim import make_optimizers
+except ImportError:  # an arm at a commit before it (bench/train_throughput.py --a-commit)
+    from recsys.train.loop import build_model, make_optimizers
+else:
+    def build_model(schema, cfg: ModelConfig, max_len: int) -> torch.nn.Module:
+        """``recsys.train``'s model for histories cut to ``max_len`` events (the older signature)."""
+        return _build_model(schema, cfg, max_s_tokens(schema, cfg, max_len))
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = ("default", "long")
