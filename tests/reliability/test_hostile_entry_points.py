@@ -1,5 +1,5 @@
 """The run-directory rules of ``recsys.train`` / ``recsys.score`` on the other entry points: ``python -m
-recsys.evaluate | compare | quant | data``, each a real CLI subprocess.
+recsys.evaluate | compare | quant | data``, each a real CLI process (``cli_runner``).
 
 No data loss: an output directory that is, lies inside or contains one of the command's inputs (checkpoint,
 train log, dataset, content file, raw files) is refused before anything is written, and the inputs' SHA-256

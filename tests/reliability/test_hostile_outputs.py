@@ -1,11 +1,11 @@
-"""Operator mistakes around output directories, checkpoints and scoring outputs, run as real CLI subprocesses.
+"""Operator mistakes around output directories, checkpoints and scoring outputs, run as real CLI processes (``cli_runner``).
 
 No data loss (an output dir overlapping an input is refused, ``overwrite=true`` included), no silently
 wrong model (retention keeps the newest checkpoint, ``resume=false`` into an old run is refused, a resume
 of another run configuration is refused), no exit 0 on a wrong setting (``+train.foo``, ``max_len``), and
 clear errors instead of raw crashes (a text file named ``step_5.pt``, a full disk, two jobs in one dir).
 
-Every reported case runs as a real CLI subprocess. The CLI runs are independent, so one module fixture
+Every reported case runs as a real CLI process. The CLI runs are independent, so one module fixture
 launches them together (three at a time: each spends most of its ~10 s importing torch) and every test
 asserts on its own result; the inputs' SHA-256 digests are taken before the batch and compared after it.
 Variants of the same checks (other kinds of overlap, the scoring lock, a fresh run, a resume skipping a

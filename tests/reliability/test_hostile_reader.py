@@ -2,7 +2,7 @@
 ignores or that does not exist, an empty split, a float64 dense part file, truncated / 0-byte / corrupted part
 files, a garbage or mis-structured schema.json, a codebook larger than the catalog.
 
-Every refusal is checked the way the user sees it (``python -m recsys.train|data|quant`` as a real subprocess:
+Every refusal is checked the way the user sees it (``python -m recsys.train|data|quant`` as a real process (``cli_runner``):
 exit 2, one ``error:`` line naming the culprit, no traceback) or through the API where a subprocess adds
 nothing; every damaged dataset is a copy of one prepared ``data=tiny`` dataset, and its files are shown to be
 byte-identical after the command (SHA-256 before / after). The CLI runs are independent: one module fixture
