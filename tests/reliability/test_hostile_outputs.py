@@ -6,7 +6,7 @@ of another run configuration is refused), no exit 0 on a wrong setting (``+train
 clear errors instead of raw crashes (a text file named ``step_5.pt``, a full disk, two jobs in one dir).
 
 Every reported case runs as a real CLI process. The CLI runs are independent, so one module fixture
-launches them together (three at a time: each spends most of its ~10 s importing torch) and every test
+launches them together (three at a time) and every test
 asserts on its own result; the inputs' SHA-256 digests are taken before the batch and compared after it.
 Variants of the same checks (other kinds of overlap, the scoring lock, a fresh run, a resume skipping a
 bad file) run in-process on the same files, which costs no imports.
