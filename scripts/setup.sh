@@ -19,9 +19,9 @@
 #
 # The installer is uv (parallel downloads, unpacking and byte-compiling: a fresh install in a fraction
 # of pip's time), itself installed into the venv by pip. Byte-compiling at install (--compile-bytecode,
-# ~35 s on 2 cores) is not optional where PYTHONDONTWRITEBYTECODE is set (this machine, CI): without the
-# .pyc files every process compiles torch and torchrec from source again, 27 s instead of 10 s to import
-# the scoring job, in every CLI run and every test worker. uv reads no pip config,
+# 8-14 s more of a fresh setup on 2 cores) is not optional where PYTHONDONTWRITEBYTECODE is set (this
+# machine, CI): without the .pyc files every process compiles torch and torchrec from source again, 27 s
+# instead of 10 s to import the scoring job, in every CLI run and every test worker. uv reads no pip config,
 # so the machine's pip config (`pip config list`: find-links, index-url, extra-index-url, constraint,
 # cert; files and PIP_* variables) is handed to it as flags, with pip's choice among several indexes
 # (the best version wherever it lies: the local CPU torch wheel, 2.13.0+cpu, beats PyPI's 2.13.0);
