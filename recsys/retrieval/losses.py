@@ -81,6 +81,43 @@ def sampled_softmax_loss(user: torch.Tensor, target_ids: torch.Tensor, target_ve
     return torch.logsumexp(logits, dim=1) - logits[own, own]
 
 
+def deduplicated_sampled_softmax_loss(user: torch.Tensor, target_ids: torch.Tensor, item_vecs: torch.Tensor,
+                                      target_log_q: torch.Tensor, sampled_ids: torch.Tensor | None = None,
+                                      sampled_log_q: torch.Tensor | None = None, temperature: float = 1.0
+                                      ) -> torch.Tensor:
+    """Per-row loss ``[B]`` equal to :func:`sampled_softmax_loss` with ``target_vecs = item_vecs[target_ids]`` and
+    ``sampled_vecs = item_vecs[sampled_ids]``, computed over ``U`` distinct in-batch items instead of ``B`` columns.
+
+    With one target per history position, ``B`` (tens of thousands of positions) is far above the number of
+    distinct items among them, and the ``[B, B + N]`` logits and hit mask dominate the step. The ``c_u`` columns
+    of item ``u`` have one logit per row, so they are one column with ``log c_u`` added; for a row whose target
+    is ``u`` the other copies are accidental hits, so its own column counts once. Exact when ``target_log_q``
+    is a function of the item (the stream frequency the trainer passes is); otherwise the materialised form.
+    ``item_vecs [I, D]``; logits ``[B, U + N]``.
+    """
+    uniq, inverse, counts = torch.unique(target_ids, return_inverse=True, return_counts=True)
+    b, u = target_ids.shape[0], uniq.shape[0]
+    first = torch.full((u,), b, dtype=torch.int64, device=user.device).scatter_reduce_(
+        0, inverse, torch.arange(b, device=user.device), reduce="amin")
+    uniq_log_q = target_log_q[first]
+    if not torch.equal(uniq_log_q[inverse], target_log_q):  # a per-row log q: columns of one item differ
+        return sampled_softmax_loss(user, target_ids, item_vecs[target_ids], target_log_q, sampled_ids,
+                                    None if sampled_ids is None else item_vecs[sampled_ids], sampled_log_q,
+                                    temperature)
+    logits = user @ item_vecs[uniq].T / temperature - uniq_log_q  # [B, U]
+    own = torch.arange(b, device=user.device)
+    positive = logits[own, inverse]
+    weighted = logits + counts.to(logits.dtype).log()
+    weighted[own, inverse] = positive  # the row's own item: its own column only, the other copies are hits
+    if sampled_ids is not None:
+        if sampled_log_q is None or sampled_log_q.shape != sampled_ids.shape:
+            raise InputError("sampled softmax: sampled_ids [N] needs sampled_log_q [N]")
+        sampled = user @ item_vecs[sampled_ids].T / temperature - sampled_log_q  # [B, N]
+        sampled = sampled.masked_fill(sampled_ids.unsqueeze(0) == target_ids.unsqueeze(1), float("-inf"))
+        weighted = torch.cat([weighted, sampled], dim=1)
+    return torch.logsumexp(weighted, dim=1) - positive
+
+
 def full_softmax_loss(user: torch.Tensor, target_ids: torch.Tensor, item_vecs: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """Per-row loss ``[B]`` over every catalog row: ``user [B, D]``, ``target_ids [B]`` in ``1..I-1``,
@@ -112,9 +149,8 @@ def retrieval_loss(user: torch.Tensor, target_ids: torch.Tensor, target_log_q: t
                          f"[{int(target_ids.min())}, {int(target_ids.max())}]")
     if num_items <= cfg.full_softmax_max_items:
         return full_softmax_loss(user, target_ids, item_vecs, cfg.temperature).mean()
-    sampled = sampled_vecs = sampled_log_q = None
+    sampled = sampled_log_q = None
     if cfg.num_negatives:
         sampled, sampled_log_q = uniform_negatives(num_items, cfg.num_negatives, generator, user.device)
-        sampled_vecs = item_vecs[sampled]
-    return sampled_softmax_loss(user, target_ids, item_vecs[target_ids], target_log_q, sampled, sampled_vecs,
-                                sampled_log_q, cfg.temperature).mean()
+    return deduplicated_sampled_softmax_loss(user, target_ids, item_vecs, target_log_q, sampled, sampled_log_q,
+                                             cfg.temperature).mean()

@@ -10,6 +10,7 @@ import torch
 from recsys.errors import InputError
 from recsys.retrieval.losses import (
     RetrievalLossConfig,
+    deduplicated_sampled_softmax_loss,
     full_softmax_loss,
     retrieval_loss,
     sampled_softmax_loss,
@@ -59,6 +60,44 @@ def test_sampled_softmax_matches_loop_reference(seed, b, n, d, num_items, dup):
     g_got, = torch.autograd.grad(got.sum(), user)
     g_want, = torch.autograd.grad(want.sum(), user)
     torch.testing.assert_close(g_got, g_want)
+
+
+@pytest.mark.parametrize("seed,b,n,num_items,item_log_q", [(0, 40, 9, 6, True), (1, 64, 0, 12, True),
+                                                              (2, 30, 5, 2, True), (3, 25, 7, 8, False),
+                                                              (4, 5, 3, 100, True)])
+def test_deduplicated_sampled_softmax_equals_the_materialised_form(seed, b, n, num_items, item_log_q):
+    """Many positions, few distinct target items (the two-tower case), values and gradients of the user vectors
+    and of the item table; ``item_log_q=False``: log q per row (not a function of the item), the fallback."""
+    g = torch.Generator().manual_seed(seed)
+    t_ids = torch.randint(1, num_items, (b,), generator=g)
+    s_ids = torch.randint(1, num_items, (n,), generator=g)
+    table = torch.randn(num_items, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    user = torch.randn(b, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    per_item = torch.rand(num_items, generator=g, dtype=torch.float64).log()
+    t_logq = per_item[t_ids] if item_log_q else torch.rand(b, generator=g, dtype=torch.float64).log()
+    s_logq = torch.full((n,), math.log(max(n, 1) / (num_items - 1)), dtype=torch.float64)
+    sampled = (s_ids, s_logq) if n else (None, None)
+    got = deduplicated_sampled_softmax_loss(user, t_ids, table, t_logq, *sampled, temperature=0.4)
+    want = sampled_softmax_loss(user, t_ids, table[t_ids], t_logq, sampled[0],
+                                table[s_ids] if n else None, sampled[1], 0.4)
+    torch.testing.assert_close(got, want)
+    if b <= 40:  # and the loop reference
+        torch.testing.assert_close(got, reference_sampled(user, t_ids, table[t_ids], t_logq, s_ids, table[s_ids],
+                                                          s_logq, 0.4))
+    for g_got, g_want in zip(torch.autograd.grad(got.sum(), (user, table)),
+                             torch.autograd.grad(want.sum(), (user, table))):
+        torch.testing.assert_close(g_got, g_want)
+
+
+def test_deduplicated_sampled_softmax_one_item_everywhere():
+    """Every position has the same target: each row sees only its own column (plus non-hit draws)."""
+    user = torch.randn(7, 3, dtype=torch.float64)
+    table = torch.randn(4, 3, dtype=torch.float64)
+    t_ids = torch.full((7,), 2)
+    got = deduplicated_sampled_softmax_loss(user, t_ids, table, torch.zeros(7, dtype=torch.float64))
+    torch.testing.assert_close(got, torch.zeros(7, dtype=torch.float64))
+    want = sampled_softmax_loss(user, t_ids, table[t_ids], torch.zeros(7, dtype=torch.float64))
+    torch.testing.assert_close(got, want)
 
 
 def test_all_hits_leave_only_the_positive():
