@@ -62,6 +62,24 @@ def _expected_types(schema: DataSchema) -> dict[str, pa.DataType]:
     return {f.name: f.type for f in schema.arrow_schema()}
 
 
+def _narrow_large_types(table: pa.Table, schema: DataSchema, file: str | Path, row_group: int) -> pa.Table:
+    """``large_list<T>`` / ``large_string`` columns where the schema says ``list<T>`` / ``string`` cast to the schema's
+    type: the same values with 64-bit offsets, as polars writes lists by default."""
+    want = _expected_types(schema)
+    for i, field in enumerate(table.schema):
+        expected, got = want.get(field.name), field.type
+        large = expected is not None and (
+            (pat.is_large_list(got) and pat.is_list(expected) and got.value_type.equals(expected.value_type))
+            or (pat.is_large_string(got) and pat.is_string(expected)))
+        if large:
+            try:
+                table = table.set_column(i, field.name, table.column(i).cast(expected))
+            except pa.ArrowInvalid as e:  # more elements than 32-bit offsets hold: a row group too large
+                raise DataValidationError(f"{_where(file, row_group, field.name)}: {got} does not fit {expected} "
+                                          f"({e}); write smaller row groups") from None
+    return table
+
+
 def _check_types(table: pa.Table, schema: DataSchema, file: str | Path, row_group: int) -> None:
     dense = set(schema.dense)
     for name, want in _expected_types(schema).items():
@@ -273,10 +291,11 @@ def validate_table(table: pa.Table, schema: DataSchema, file: str | Path, row_gr
 
     Raises :class:`DataValidationError` naming file, row group, column (and row) on the
     first violation. Columns not in the schema are dropped from the returned table, and float64 dense
-    columns are cast to float32: the returned table has exactly ``schema.arrow_schema()``, so row groups
-    of files written with either width concatenate. Checks run in this order: types and nulls, sparse ids
+    columns are cast to float32 and ``large_list`` / ``large_string`` columns (polars' default) to ``list`` / ``string``:
+    the returned table has exactly ``schema.arrow_schema()``, so row groups of files written either way concatenate. Checks run in this order: types and nulls, sparse ids
     and ``user_id``, ``request_id`` uniqueness, dense values, each history kind, candidates.
     """
+    table = _narrow_large_types(table, schema, file, row_group)
     _check_types(table, schema, file, row_group)
     table = table.select([f.name for f in schema.arrow_schema()])
     policy = str(getattr(schema.oov_policy, "value", schema.oov_policy))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from recsys.data.config import LoaderConfig
 from recsys.data.loader import RequestLoader
@@ -68,6 +69,23 @@ def test_dense_accepts_float64(tmp_path, tiny_prepared):
         return t.set_column(i, "activity", t["activity"].cast(pa.float64()))
     batches = read_all(write_bad(tmp_path, tiny_prepared, edit), tiny_prepared.schema)
     assert sum(b.num_requests for b in batches) == ROWS
+
+
+def test_a_file_written_by_polars_reads_like_the_pyarrow_one(tmp_path, tiny_prepared):
+    """polars writes lists as ``large_list`` (64-bit offsets): same values, accepted, same batches."""
+    import polars as pl
+
+    table = pq.read_table(tiny_prepared.splits["train"][0]).slice(0, ROWS)
+    path = tmp_path / "polars.parquet"
+    pl.from_arrow(table).write_parquet(path, row_group_size=GROUP)
+    assert pa.types.is_large_list(pq.read_schema(path).field("seq_click_item_id").type)  # the case under test
+    got, want = read_all(path, tiny_prepared.schema), read_all(write_bad(tmp_path, tiny_prepared, lambda t: t),
+                                                               tiny_prepared.schema)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.sizes == b.sizes and torch.equal(a.labels, b.labels) and torch.equal(a.cand_offsets, b.cand_offsets)
+        for key in b.id_features.keys():
+            assert torch.equal(a.id_features[key].values(), b.id_features[key].values()), key
 
 
 def test_negative_id(tmp_path, tiny_prepared):
