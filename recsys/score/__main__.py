@@ -35,7 +35,7 @@ def main(dcfg: DictConfig) -> None:
     from recsys.serving.job import run_scoring  # heavy imports after config validation
 
     summary = run_scoring(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns it; one line on stdout, not N interleaved
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns it; one line on stdout, not N interleaved
         print(summary)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from cli_runner import free_port, run_ranks
+from cli_runner import cli_env, free_port, run_ranks
 from job_fixtures import SETTINGS, read_output
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ def torchrun_score(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", "recsys.score", f"checkpoint={ckpt}", f"output_dir={out}",
            "device=cpu", *SETTINGS, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    env = cli_env({"PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)})
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
