@@ -28,6 +28,7 @@ from recsys.data import PreparedDataset, RequestLoader
 from recsys.data.batch import RequestBatch
 from recsys.data.config import LoaderConfig
 from recsys.data.id_features import TIME_GAP_BUCKETS
+from recsys.data.item_categories import collect_item_categories
 from recsys.data.prepare import as_data_config
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
@@ -39,7 +40,7 @@ from recsys.model.metrics import hr_ndcg_at_k
 from recsys.reliability.device import resolve_device
 from recsys.reliability.digest import json_default
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
-from recsys.serving.catalog import catalog_items, collect_item_categories
+from recsys.serving.catalog import catalog_items
 from recsys.serving.config import CatalogTarget
 from recsys.serving.inputs import trained_dataset, trained_dataset_inputs
 from recsys.serving.load import load_model, resolve_checkpoint

@@ -19,23 +19,25 @@ Per batch:
    ``ranking.target_ranks``: the catalog ranking's rules, with the union as the candidate set).
 
 Rows per request: its top ``top_n`` (``rank`` 0..), then each target outside them (its rank among the
-union, or ``-1`` when no retriever found it; ``retrieved_by`` empty then). Targets = the request's listed
-candidates labelled 1 on the ranked task (catalog mode's ``catalog.target=positives``).
-Columns: ``request_id, user_id, item_id, rank, is_target, retrieved_by, score_<task>...`` (sigmoid).
+union, or ``-1`` when no retriever found it; ``retrieved_by`` empty then). Targets (``cascade.target``) = the
+request's listed candidates labelled 1 on the ranked task (``positives``, default) or every listed candidate
+(``candidates``, leave-one-out next-item data).
+Columns: ``request_id, user_id, item_id, rank, is_target, retrieved_by, rank_<retriever>..., score_<task>...``
+(sigmoid); ``rank_<retriever>`` is the item's 0-based rank in that retriever's own top ``k`` list (``-1``: not in
+it), so each retriever alone is measured on the same rows (``summary.cascade_metrics``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
+from recsys.data.candidates import with_request_candidates
 from recsys.errors import InputError
 from recsys.retrieval.artifact import LoadedRetriever
 from recsys.serving.config import CatalogTarget
@@ -44,15 +46,17 @@ from recsys.serving.scorer import CachedScorer
 from recsys.serving.summary import cascade_metrics
 
 
-def with_request_candidates(batch: RequestBatch, items: torch.Tensor, cats: torch.Tensor, offsets: torch.Tensor
-                            ) -> RequestBatch:
-    """The batch with request ``b``'s candidates replaced by ``items[offsets[b]:offsets[b+1]]`` (jagged
-    ``[sum m_b]``, categories ``cats``; labels zero)."""
-    lengths = offsets[1:] - offsets[:-1]
-    cand = KeyedJaggedTensor(keys=["item_id", "category"], values=torch.cat([items, cats]),
-                             lengths=torch.cat([lengths, lengths]))
-    labels = torch.zeros(items.numel(), batch.labels.shape[1], device=batch.labels.device)
-    return replace(batch, cand=cand, cand_offsets=offsets, labels=labels, true_prob=None)
+def positions_in(retrieved: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """0-based rank of each of ``items [n]`` among the returned ids of one request's retrieved list ``[k]``
+    (distinct ids best first, ``-1`` = none: an excluded SID beam is a gap that does not count), ``-1`` where
+    absent."""
+    kept = retrieved[retrieved >= 0]
+    if kept.size == 0:
+        return np.full(items.size, -1, dtype=np.int64)
+    order = np.argsort(kept, kind="stable")
+    sorted_ids, sorted_pos = kept[order], order
+    i = np.minimum(np.searchsorted(sorted_ids, items), sorted_ids.size - 1)
+    return np.where(sorted_ids[i] == items, sorted_pos[i], -1).astype(np.int64)
 
 
 def union_candidates(retrieved: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -76,7 +80,7 @@ class CascadeMode:
 
     def __init__(self, scorer: CachedScorer, tasks: list[str], kinds: list[str], catalog: Catalog,
                  retrievers: list[LoadedRetriever], rank_t: int, retrieve_k: int, top_n: int, exclude_seen: bool,
-                 k: int) -> None:
+                 k: int, target: CatalogTarget = CatalogTarget.positives) -> None:
         names = [r.kind for r in retrievers]
         if len(set(names)) != len(names):
             raise InputError(f"cascade.retrievers holds two retrievers of one kind ({names}); give at most one "
@@ -88,6 +92,7 @@ class CascadeMode:
         self.scorer, self.tasks, self.kinds, self.catalog = scorer, tasks, kinds, catalog
         self.retrievers, self.names, self.rank_t = retrievers, names, rank_t
         self.retrieve_k, self.top_n, self.exclude_seen, self.k = retrieve_k, top_n, exclude_seen, k
+        self.target = CatalogTarget(target)
         self.cats = np.zeros(catalog.num_items, dtype=np.int64)
         self.cats[catalog.items] = catalog.cats
         self.stage_times: dict[str, float] = {"retrieve": 0.0, "rank": 0.0}
@@ -95,7 +100,7 @@ class CascadeMode:
                                        **{f"{n}_empty_results": 0 for n in names}}
         self.record: dict[str, Any] = {"retrievers": [r.identity for r in retrievers], "retrieve_k": retrieve_k,
                                        "top_n": top_n, "exclude_seen": exclude_seen, "k": k,
-                                       "rank_task": tasks[rank_t]}
+                                       "rank_task": tasks[rank_t], "target": self.target.value}
         self._last_candidates = 0
 
     # ---- stages -------------------------------------------------------------------
@@ -129,11 +134,12 @@ class CascadeMode:
 
     def rows(self, batch: RequestBatch) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        ids, bits = union_candidates(self.retrieve(batch))
+        retrieved = self.retrieve(batch)
+        ids, bits = union_candidates(retrieved)
         t1 = time.perf_counter()
         logits = self.rank(batch, ids)
-        targets = request_targets(batch, CatalogTarget.positives, self.rank_t)
-        cols = self._rows(batch, ids, bits, logits, targets)
+        targets = request_targets(batch, self.target, self.rank_t)
+        cols = self._rows(batch, retrieved, ids, bits, logits, targets)
         self.stage_times["retrieve"] += t1 - t0
         self.stage_times["rank"] += time.perf_counter() - t1
         n = sum(u.size for u in ids)
@@ -142,10 +148,11 @@ class CascadeMode:
         self._last_candidates = n
         return cols
 
-    def _rows(self, batch: RequestBatch, ids: list[np.ndarray], bits: list[np.ndarray], logits: torch.Tensor,
-              targets: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def _rows(self, batch: RequestBatch, retrieved: list[np.ndarray], ids: list[np.ndarray], bits: list[np.ndarray],
+              logits: torch.Tensor, targets: list[np.ndarray]) -> dict[str, np.ndarray]:
+        own = [f"rank_{n}" for n in self.names]
         out: dict[str, list[np.ndarray]] = {k: [] for k in ("request_id", "user_id", "item_id", "rank", "is_target",
-                                                            "bits")}
+                                                            "bits", *own)}
         scores: list[np.ndarray] = []
         rid, uid = batch.request_id.cpu().numpy(), batch.user_id.cpu().numpy()
         probs = torch.sigmoid(logits.float()).cpu().numpy().astype(np.float32)  # [sum m_b, T]
@@ -168,6 +175,8 @@ class CascadeMode:
             out["item_id"].append(items)
             out["rank"].append(np.concatenate([np.arange(top.size), rank[extra]]))
             out["is_target"].append(np.isin(items, tgt))
+            for name, r in zip(own, retrieved):
+                out[name].append(positions_in(r[b], items))
             ok = pos_all >= 0
             out["bits"].append(np.where(ok, bit[np.maximum(pos_all, 0)] if cand.size else 0, 0))
             sc = np.full((n, len(self.tasks)), np.nan, dtype=np.float32)
@@ -178,6 +187,7 @@ class CascadeMode:
         bits_col = cols.pop("bits")
         cols["retrieved_by"] = np.array(["+".join(n for j, n in enumerate(self.names) if x >> j & 1) for x in bits_col],
                                         dtype=np.str_)
+        cols.update({name: cols.pop(name) for name in own})  # after retrieved_by, before the scores
         sc = np.concatenate(scores)
         for t, task in enumerate(self.tasks):
             cols[f"score_{task}"] = sc[:, t]
@@ -191,4 +201,4 @@ class CascadeMode:
         return cascade_metrics(df, self.names, self.retrieve_k, self.k)
 
 
-__all__ = ["CascadeMode", "union_candidates", "with_request_candidates"]
+__all__ = ["CascadeMode", "positions_in", "union_candidates"]

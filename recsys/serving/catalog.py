@@ -2,12 +2,10 @@
 
 Shape legend: ``B`` requests, ``M`` catalog items, ``T`` tasks.
 
-Item -> category. The model's candidate NS tokens need each item's category. Request rows
-carry ``(item_id, category)`` pairs in the candidate columns and in every behaviour sequence;
-:func:`collect_item_categories` reads those columns of the given files (the job passes the
-inputs and, when scoring the checkpoint's own dataset, all of its splits) and keeps the last
-category seen per item. Items never seen get category 0 (the reserved *unknown* id the
-tables already have); the job reports the coverage and any item seen with two categories.
+Item -> category. The model's candidate NS tokens need each item's category:
+``recsys.data.item_categories.collect_item_categories`` reads the job's inputs and, when scoring the
+checkpoint's own dataset, all of its splits. Items never seen get category 0 (the reserved *unknown* id
+the tables already have); the job reports the coverage and any item seen with two categories.
 
 Scoring. Stage 1 (the user prefix) runs once per request through the user cache; then the
 catalog is walked in chunks: a chunk of items becomes every request's candidate list, the
@@ -22,62 +20,21 @@ family (the ranker through the cached path above, SASRec's next-item score, othe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
-
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.baselines import SASRecModel
 from recsys.data.batch import RequestBatch
-from recsys.data.parquet_io import open_parquet, read_parquet_table
+from recsys.data.candidates import with_request_candidates
+from recsys.data.item_categories import ItemCategories
+from recsys.data.parquet_io import read_parquet_table
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
 from recsys.model.ranker import OneTransRanker
 from recsys.serving.ranking import Catalog
 from recsys.serving.scorer import CachedScorer, score_in_chunks
 from recsys.serving.state import states_to_prefix
-
-
-@dataclass
-class ItemCategories:
-    """``category[item_id]`` for ``item_id`` in ``0 .. num_items-1`` (0 = unknown) and how it was found."""
-
-    category: np.ndarray
-    """[num_items] int64."""
-    seen: np.ndarray
-    """[num_items] bool: the item appeared in some file."""
-    conflicts: int
-    """Items seen with more than one category (the last one seen is kept)."""
-
-
-def collect_item_categories(files: list[Path], schema: DataSchema) -> ItemCategories:
-    """Item -> category from the candidate and behaviour columns of request-row files (see module doc)."""
-    n = schema.num_items
-    category = np.zeros(n, dtype=np.int64)
-    seen = np.zeros(n, dtype=bool)
-    conflict = np.zeros(n, dtype=bool)
-    pairs = [("cand_item_id", "cand_category")] + [
-        (schema.seq_col(k, "item_id"), schema.seq_col(k, "category")) for k in schema.sequences]
-    for f in files:
-        pf = open_parquet(f)  # a damaged file: an InputError naming it (and the row group), not a pyarrow error
-        names = set(pf.schema_arrow.names)
-        for item_col, cat_col in pairs:
-            if item_col not in names or cat_col not in names:
-                continue
-            table = read_parquet_table(f, [item_col, cat_col], pf)
-            items = pc.list_flatten(table.column(item_col)).to_numpy().astype(np.int64)
-            cats = pc.list_flatten(table.column(cat_col)).to_numpy().astype(np.int64)
-            ok = (items >= 0) & (items < n) & (cats >= 0) & (cats < schema.num_categories)
-            items, cats = items[ok], cats[ok]
-            before = category[items]
-            conflict[items[seen[items] & (before != cats)]] = True
-            category[items] = cats
-            seen[items] = True
-    return ItemCategories(category, seen, int(conflict.sum()))
 
 
 def catalog_items(schema: DataSchema, items_file: str | None, categories: ItemCategories) -> Catalog:
@@ -105,12 +62,8 @@ def catalog_items(schema: DataSchema, items_file: str | None, categories: ItemCa
 def with_candidates(batch: RequestBatch, items: torch.Tensor, cats: torch.Tensor) -> RequestBatch:
     """The batch with every request's candidates replaced by the same ``items [m]`` (labels zero)."""
     b, m = batch.num_requests, items.numel()
-    lengths = torch.full((b,), m, dtype=torch.int64, device=items.device)
-    cand = KeyedJaggedTensor(keys=["item_id", "category"], values=torch.cat([items.repeat(b), cats.repeat(b)]),
-                             lengths=torch.cat([lengths, lengths]))
     offsets = torch.arange(b + 1, dtype=torch.int64, device=items.device) * m
-    labels = torch.zeros(b * m, batch.labels.shape[1], device=batch.labels.device)
-    return replace(batch, cand=cand, cand_offsets=offsets, labels=labels, true_prob=None)
+    return with_request_candidates(batch, items.repeat(b), cats.repeat(b), offsets)
 
 
 @torch.no_grad()

@@ -98,8 +98,13 @@ class CascadeConfig:
     exclude_seen: bool = False
     """Retrieve no item of the request's (loader-truncated) history. Default False: seen items may be
     retrieved, like catalog mode's default."""
+    target: CatalogTarget = CatalogTarget.positives
+    """The request's relevant items: its candidates labelled 1 on the ranked task (default: clicked
+    impressions), or every listed candidate (``candidates``: leave-one-out next-item data such as ml-100k,
+    where the held-out item counts whatever its rating)."""
 
     def __post_init__(self) -> None:
+        self.target = CatalogTarget(self.target)
         if self.retrieve_k < 1 or self.top_n < 1:
             raise InputError(f"cascade.retrieve_k and cascade.top_n must be >= 1, got {self.retrieve_k}, {self.top_n}")
         if self.top_n > self.retrieve_k:

@@ -18,12 +18,13 @@ import polars as pl
 import torch
 
 from recsys.data.batch import RequestBatch
+from recsys.data.item_categories import collect_item_categories
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
 from recsys.retrieval.artifact import load_retriever
 from recsys.serving.cascade import CascadeMode
-from recsys.serving.catalog import catalog_items, collect_item_categories, score_catalog
-from recsys.serving.config import ScoreConfig, ScoreMode
+from recsys.serving.catalog import catalog_items, score_catalog
+from recsys.serving.config import CatalogTarget, ScoreConfig, ScoreMode
 from recsys.serving.inputs import ScoreInputs, expand_files
 from recsys.serving.ranking import Catalog, RankedRequest, history_items, rank_requests, request_targets
 from recsys.serving.scorer import CachedScorer
@@ -158,17 +159,20 @@ def cascade_mode(ctx: ModeContext) -> CascadeMode:
         raise InputError(f"cascade.retrievers lists one artifact twice: {list(cfg.retrievers)}")
     retrievers = [load_retriever(p, ctx.schema, catalog, ctx.device, ctx.dataset_dir) for p in cfg.retrievers]
     mode = CascadeMode(ctx.scorer, list(ctx.schema.tasks), list(ctx.schema.sequences), catalog, retrievers, rank_t,
-                       cfg.retrieve_k, cfg.top_n, cfg.exclude_seen, ctx.cfg.catalog.k)
+                       cfg.retrieve_k, cfg.top_n, cfg.exclude_seen, ctx.cfg.catalog.k, cfg.target)
     task = info["rank_task"]
     info.update({
         "retrievers": [{"kind": r.kind, "path": str(r.path), "fingerprint": r.fingerprint} for r in retrievers],
-        "retrieve_k": cfg.retrieve_k, "top_n": cfg.top_n, "exclude_seen": cfg.exclude_seen, "target": "positives",
+        "retrieve_k": cfg.retrieve_k, "top_n": cfg.top_n, "exclude_seen": cfg.exclude_seen, "target": cfg.target.value,
         "protocol": (f"retrieve {cfg.retrieve_k} of {catalog.items.size} items per retriever "
                      f"({'+'.join(mode.names)}; history " + ("excluded" if cfg.exclude_seen else "allowed") +
                      f"), union re-ranked by score_{task}, top {cfg.top_n} written; targets = the request's "
-                     f"candidates labelled 1 on {task} (catalog.target=positives); recall@{cfg.retrieve_k} per "
-                     f"retriever and of the union over targets; HR@{ctx.cfg.catalog.k}/NDCG@{ctx.cfg.catalog.k} "
-                     "of the cascade over targets (a target no retriever found is a miss); ties by item id")})
+                     + (f"candidates labelled 1 on {task} (cascade.target=positives)"
+                        if cfg.target == CatalogTarget.positives else
+                        "listed candidates whatever their labels (cascade.target=candidates)")
+                     + f"; recall@{cfg.retrieve_k} per retriever and of the union over targets; "
+                     f"HR@{ctx.cfg.catalog.k}/NDCG@{ctx.cfg.catalog.k} of the cascade over targets (a target no "
+                     "retriever found is a miss) and of each retriever's own list; ties by item id")})
     mode.info = info
     return mode
 

@@ -52,7 +52,8 @@ def catalog_metrics(df: pl.DataFrame, k: int) -> dict[str, Any]:
 def cascade_metrics(df: pl.DataFrame, names: list[str], retrieve_k: int, k: int) -> dict[str, Any]:
     """Over the target rows of cascade output: recall@``retrieve_k`` of each retriever and of the union
     (fraction of targets it retrieved, averaged over targets), HR@k / NDCG@k of the re-ranked union
-    (a target no retriever found, rank -1, is a miss)."""
+    (a target no retriever found, rank -1, is a miss), and ``hr@k_<name>`` / ``ndcg@k_<name>`` of each
+    retriever's own list (``rank_<name>``; only where ``k <= retrieve_k`` is that the retriever's full HR@k)."""
     targets = df.filter(pl.col("is_target"))
     found = targets["retrieved_by"].to_list()
     out: dict[str, Any] = {"output_rows": df.height, "targets": targets.height,
@@ -61,9 +62,15 @@ def cascade_metrics(df: pl.DataFrame, names: list[str], retrieve_k: int, k: int)
         out[f"recall@{retrieve_k}_{name}"] = (float(np.mean([name in f.split("+") for f in found]))
                                               if found else None)
     out[f"recall@{retrieve_k}_union"] = float(np.mean([f != "" for f in found])) if found else None
+    miss = np.iinfo(np.int64).max // 2
     rank = targets["rank"].to_numpy()
-    hr, ndcg = hr_ndcg_at_k(np.where(rank < 0, np.iinfo(np.int64).max // 2, rank), k)
+    hr, ndcg = hr_ndcg_at_k(np.where(rank < 0, miss, rank), k)
     out.update({f"hr@{k}": hr, f"ndcg@{k}": ndcg})
+    for name in names:  # each retriever alone: its own order of its own top retrieve_k
+        if f"rank_{name}" in targets.columns:
+            own = targets[f"rank_{name}"].to_numpy()
+            hr, ndcg = hr_ndcg_at_k(np.where(own < 0, miss, own), k)
+            out.update({f"hr@{k}_{name}": hr, f"ndcg@{k}_{name}": ndcg})
     return finite(out)
 
 

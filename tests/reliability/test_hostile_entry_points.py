@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from recsys.data import prepare_dataset
+from recsys.data.item_categories import ItemCategories, collect_item_categories
 from recsys.data.parquet_io import read_parquet_table
 from recsys.data.schema import DataSchema
 from recsys.data.validate import DataValidationError
@@ -39,7 +40,7 @@ from recsys.evaluate.buckets import item_counts
 from recsys.quant.content import read_content_parquet, write_content_parquet
 from recsys.reliability.checkpoint import CheckpointManager, retention_doomed
 from recsys.reliability.rundir import LOCK_NAME
-from recsys.serving.catalog import ItemCategories, catalog_items, collect_item_categories
+from recsys.serving.catalog import catalog_items
 from recsys.testing import torch_threads
 from recsys.train.config import RunConfig, register_configs
 from recsys.train.loop import open_run, train

@@ -11,22 +11,27 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 import torch
 from conftest import CASCADE, cascade_overrides
-from job_fixtures import read_output, synthetic_sids
+from job_fixtures import read_output, score_config, synthetic_sids
 from test_job import launch
 
 from recsys.data.collate import collate
+from recsys.data.item_categories import collect_item_categories
 from recsys.retrieval.artifact import load_retriever
 from recsys.retrieval.sid_decoder import user_prefix
 from recsys.serving.cascade import union_candidates
-from recsys.serving.catalog import catalog_items, collect_item_categories, with_candidates
+from recsys.serving.catalog import catalog_items, with_candidates
+from recsys.serving.config import CatalogTarget
+from recsys.serving.job import run_scoring
 from recsys.serving.load import load_ranker
 from recsys.serving.partitions import plan_partitions
-from recsys.serving.ranking import history_items
+from recsys.serving.ranking import history_items, request_targets
 from recsys.serving.reader import PartitionReader
+from recsys.testing import torch_threads
 
 CPU = torch.device("cpu")
 K, TOP_N = CASCADE["cascade.retrieve_k"], CASCADE["cascade.top_n"]
@@ -61,9 +66,15 @@ def brute_force_retrieval(retrievers: dict[str, Path], schema, catalog, batch) -
     return [two_tower, best]
 
 
+def own_ranks(lists: list[list[int]], item: int) -> tuple[int, ...]:
+    """The item's index in each retriever's returned ids (-1: not returned)."""
+    return tuple(lst.index(item) if item in lst else -1 for lst in lists)
+
+
 def reference_rows(ckpt: Path, retrievers: dict[str, Path], summary: dict) -> dict[int, list[tuple]]:
-    """request_id -> [(item, rank, is_target, retrieved_by, score_click, score_like)], the slow way: brute-force
-    retrieval, union, every candidate scored alone by the plain (uncached) ranker, Python sort."""
+    """request_id -> [(item, rank, is_target, retrieved_by, rank_two_tower, rank_sid, score_click, score_like)],
+    the slow way: brute-force retrieval, union, every candidate scored alone by the plain (uncached) ranker,
+    Python sort; a retriever's own rank = the item's index among that retriever's returned (non -1) ids."""
     model, schema, _ = load_ranker(ckpt, CPU)
     table = scored_requests(summary, schema)
     batch = collate(table, schema, summary["max_len"])
@@ -84,16 +95,18 @@ def reference_rows(ckpt: Path, retrievers: dict[str, Path], summary: dict) -> di
                 sub = with_candidates(one, torch.tensor([item]), torch.tensor([int(cats.category[item])]))
                 scores[item] = torch.sigmoid(model(sub)[0]).tolist()
         order = sorted(found, key=lambda i: (-scores[i][0], i))
+        lists = [[int(i) for i in r[b] if i >= 0] for r in retrieved]
+
         cand = one.cand["item_id"].values().numpy()
         labels = one.labels[:, 0].numpy()
         targets = sorted({int(i) for i, y in zip(cand, labels) if y > 0.5 and i > 0})
-        rows = [(i, r, i in targets, "+".join(n for n in names if n in found[i]), *scores[i])
+        rows = [(i, r, i in targets, "+".join(n for n in names if n in found[i]), *own_ranks(lists, i), *scores[i])
                 for r, i in enumerate(order[:TOP_N])]
         for t in targets:
             if t not in order[:TOP_N]:
                 rank = order.index(t) if t in found else -1
                 by = "+".join(n for n in names if n in found.get(t, ()))
-                rows.append((t, rank, True, by, *(scores[t] if t in found else (float("nan"),) * 2)))
+                rows.append((t, rank, True, by, *own_ranks(lists, t), *(scores[t] if t in found else (float("nan"),) * 2)))
         out[int(one.request_id[0])] = rows
     return out
 
@@ -111,21 +124,30 @@ def test_cascade_rows_equal_the_slow_reference(trained, retrievers, cascade_run)
     n_both = 0
     for rid, rows in want.items():
         mine = by_request[rid]
-        assert [(r["item_id"], r["rank"], r["is_target"], r["retrieved_by"]) for r in mine] == \
-            [w[:4] for w in rows], rid
+        assert [(r["item_id"], r["rank"], r["is_target"], r["retrieved_by"], r["rank_two_tower"], r["rank_sid"])
+                for r in mine] == [w[:6] for w in rows], rid
         s = np.array([(r["score_click"], r["score_like"]) for r in mine], dtype=np.float64)
-        np.testing.assert_allclose(s, np.array([w[4:] for w in rows]), rtol=1e-5, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(s, np.array([w[6:] for w in rows]), rtol=1e-5, atol=1e-6, equal_nan=True)
         n_both += sum(w[3] == "two_tower+sid" for w in rows)
     m = summary["metrics"]
     assert m["targets"] == sum(w[2] for rows in want.values() for w in rows)
     flat = [w for rows in want.values() for w in rows if w[2]]
     assert m[f"recall@{K}_union"] == pytest.approx(np.mean([w[3] != "" for w in flat]))
     assert m[f"recall@{K}_sid"] == pytest.approx(np.mean(["sid" in w[3] for w in flat]))
+    for j, name in enumerate(names_of(summary)):  # each retriever alone, from its own ranks
+        ranks = np.array([w[4 + j] for w in flat])
+        hit = (ranks >= 0) & (ranks < 10)
+        assert m[f"hr@10_{name}"] == pytest.approx(hit.mean())
+        assert m[f"ndcg@10_{name}"] == pytest.approx(np.where(hit, 1 / np.log2(np.maximum(ranks, 0) + 2), 0).mean())
     assert set(summary["stage_time_s"]) == {"retrieve", "rank", "write"}
     counts = summary["mode_counts"]
     assert counts["candidates_ranked"] == summary["candidates"]
     # 4 level-1 SID prefixes <= the beam width: every beam search was exact, and certified so
     assert counts["sid_beam_certified"] == counts["sid_beam_requests"] == summary["requests"]
+
+
+def names_of(summary: dict) -> list[str]:
+    return [r["kind"] for r in summary["retrievers"]]
 
 
 def test_written_items_are_real_and_distinct(cascade_run):
@@ -168,3 +190,23 @@ def test_kill_then_rerun_writes_every_row_once(trained, retrievers, cascade_run)
     assert resumed["complete"] and resumed["partitions_skipped"] == done
     assert read_output(out).equals(read_output(base))  # every row once, bit-identical
     assert resumed["metrics"] == pytest.approx(summary["metrics"])
+
+
+def test_target_candidates_counts_every_listed_item(trained, retrievers, cascade_run):
+    """``cascade.target=candidates`` (leave-one-out next-item data): every listed candidate is a target, whatever
+    its label; the default counts only the ranked task's positives, so it finds fewer on the same requests."""
+    tmp, ckpt = trained
+    _, positives = cascade_run
+    out = tmp / "cascade_candidates"
+    with torch_threads(1):
+        summary = json.loads(run_scoring(score_config(ckpt, out, **cascade_overrides(retrievers),
+                                                      **{"cascade.target": "candidates"})).read_text())
+    model, schema, _ = load_ranker(ckpt, CPU)
+    batch = collate(scored_requests(summary, schema), schema, summary["max_len"])
+    listed = request_targets(batch, CatalogTarget.candidates, 0)
+    assert summary["metrics"]["targets"] == sum(t.size for t in listed) > positives["metrics"]["targets"]
+    assert summary["target"] == "candidates" and positives["target"] == "positives"
+    df = read_output(out).filter(pl.col("is_target"))
+    got = {rid: sorted(g["item_id"].to_list()) for (rid,), g in df.group_by("request_id")}
+    want = {int(r): t.tolist() for r, t in zip(batch.request_id.tolist(), listed) if t.size}
+    assert got == want

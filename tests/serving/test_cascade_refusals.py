@@ -18,12 +18,13 @@ from job_fixtures import SETTINGS, make_checkpoint, make_retrievers, synthetic_s
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 from hostile_helpers import assert_refused, run_cli  # noqa: E402  (the CLI harness of the hostile-input suite)
 
+from recsys.data.item_categories import collect_item_categories
 from recsys.errors import InputError
 from recsys.reliability.checkpoint import load_checkpoint
 from recsys.retrieval.artifact import load_retriever, save_retriever
 from recsys.retrieval.encoder import TwoTowerEncoder
 from recsys.retrieval.sid_decoder import SidDecoder
-from recsys.serving.catalog import catalog_items, collect_item_categories
+from recsys.serving.catalog import catalog_items
 from recsys.serving.load import load_ranker
 
 CPU = torch.device("cpu")

@@ -19,8 +19,9 @@ from job_fixtures import CONFIGS, SETTINGS, read_output, score_config
 from omegaconf import OmegaConf
 
 from recsys.data.collate import collate
+from recsys.data.item_categories import collect_item_categories
 from recsys.errors import InputError
-from recsys.serving.catalog import collect_item_categories, with_candidates
+from recsys.serving.catalog import with_candidates
 from recsys.serving.job import run_scoring
 from recsys.serving.load import load_ranker, resolve_checkpoint
 from recsys.serving.partitions import plan_partitions

@@ -20,9 +20,10 @@ import torch
 from job_fixtures import read_output, score_config
 
 from recsys.data.collate import collate
+from recsys.data.item_categories import collect_item_categories
 from recsys.errors import InputError
 from recsys.evaluate.catalog import catalog_ranks
-from recsys.serving.catalog import catalog_items, collect_item_categories, with_candidates
+from recsys.serving.catalog import catalog_items, with_candidates
 from recsys.serving.config import CatalogTarget
 from recsys.serving.job import run_scoring
 from recsys.serving.load import load_ranker, resolve_checkpoint
