@@ -10,6 +10,7 @@ checkpoint (everything that changes the trained weights), :func:`run_fingerprint
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -20,6 +21,37 @@ from recsys.errors import InputError
 from recsys.model.config import ModelConfig
 from recsys.reliability.device import Device
 from recsys.reliability.digest import json_digest
+
+
+class ListedLabel(str, Enum):
+    """Labels of a request's listed candidates when hard negatives are added."""
+
+    keep = "keep"
+    """As read (impression logs: clicked and unclicked impressions, negatives beside them)."""
+    positive = "positive"
+    """1 on every task: the listed item is what the user took next (leave-one-out next-item data such as
+    ml-100k, where the ranker then learns the next item against the retriever's near misses)."""
+
+
+@dataclass
+class HardNegativesConfig:
+    """Negatives from a retriever's top K appended to every training request (``recsys/train/hard_negatives.py``)."""
+
+    retriever: str | None = None
+    """A retriever artifact directory trained on the same dataset (``<two-tower run>/retriever``); None = off."""
+    retrieve_k: int = 100
+    """Top K the negatives are drawn from (the cascade's ``retrieve_k``: the ranker then trains on the
+    candidate set it will re-rank)."""
+    num: int = 4
+    """Negatives per request, drawn uniformly without replacement from the top K minus the listed items."""
+    listed_label: ListedLabel = ListedLabel.keep
+    """keep | positive (see :class:`ListedLabel`); negatives are 0 on every task."""
+
+    def __post_init__(self) -> None:
+        self.listed_label = ListedLabel(self.listed_label)
+        if self.num < 1 or self.retrieve_k < self.num:
+            raise InputError(f"train.hard_negatives needs 1 <= num <= retrieve_k, got num={self.num}, "
+                             f"retrieve_k={self.retrieve_k}")
 
 
 @dataclass
@@ -62,6 +94,8 @@ class TrainConfig:
     many in a row stops training with FloatingPointError (0 = stop at the first)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizers."""
+    hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
+    """Retrieved negatives for a cascade's ranker (off unless ``hard_negatives.retriever`` is set)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

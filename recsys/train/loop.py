@@ -48,6 +48,7 @@ from recsys.reliability.rundir import check_output_dir
 from recsys.retrieval.train_hooks import build_trainable
 from recsys.train.config import RunConfig
 from recsys.train.evaluate import metrics_report, predict
+from recsys.train.hard_negatives import HardNegatives
 from recsys.train.report import write_report
 from recsys.train.rundir import claim_run_dir, config_record, open_run, train_inputs
 from recsys.train.state import Progress
@@ -151,6 +152,8 @@ class Run:
         self.positives = torch.zeros(self.schema.num_items, dtype=torch.float64)  # count-based popularity
         self.guard = NonFiniteGuard(tc.max_consecutive_nonfinite)
         self.record = {**config_record(cfg), **self.scoring_record()}  # the config does not change during the run
+        self.hard = (HardNegatives(tc.hard_negatives, self.schema, files, self.ds.path.resolve(), tc.seed, par.rank)
+                     if tc.hard_negatives.retriever is not None else None)
 
     def scoring_record(self) -> dict[str, Any]:
         """What ``recsys.score`` / ``recsys.evaluate`` read from a checkpoint beside the model."""
@@ -255,6 +258,8 @@ class Run:
                                    time_gap_buckets=self.cfg.model.time_gap_buckets)
             # resume: the batches consumed before the checkpoint are skipped; every rank runs steps[epoch] batches
             batches = islice(loader, p.batch_in_epoch, self.steps[p.epoch])
+            if self.hard is not None:  # seeded by the batch's index in the epoch: a resumed run draws the same
+                batches = self.hard.stream(batches, p.epoch, p.batch_in_epoch)
             for i in range(p.batch_in_epoch, self.steps[p.epoch]):
                 # train_time from t0: eager, the model step only (reading/collating: bench/data_throughput.py);
                 # pipelined, the step with the next batches' reading and input dist it overlaps

@@ -1,0 +1,105 @@
+"""Hard negatives for a cascade's ranker: items a retriever ranks high for the request, appended to its
+listed candidates with label 0 on every task.
+
+A ranker trained only on its log's impressions never sees the items a retriever puts beside the true one;
+in a cascade those are exactly what it must push down. Per training request ``b`` (``B`` requests, listed
+candidates ``C_b``):
+
+1. the retriever (``recsys.retrieval.artifact``, trained on the same dataset) returns its top
+   ``retrieve_k`` items for the request's history (history items included: the served cascade may
+   retrieve them too);
+2. ``num`` of them that are not among the request's listed items are drawn uniformly without replacement
+   (fewer when fewer remain); their categories come from the train split (``collect_item_categories``);
+3. candidates ``[C_b listed | n_b negatives]`` (jagged ``[sum (C_b + n_b)]``), labels of the listed ones as
+   read (``listed_label=keep``) or 1 on every task (``positive``, leave-one-out next-item data), the
+   negatives' 0.
+
+The draw uses a generator seeded by ``(seed, rank, epoch, batch index)``, so a resumed run draws the
+negatives the uninterrupted run drew (the bit-exact resume guarantee holds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsys.data.batch import RequestBatch
+from recsys.data.candidates import with_request_candidates
+from recsys.data.item_categories import collect_item_categories
+from recsys.data.schema import DataSchema
+from recsys.errors import InputError
+from recsys.retrieval.artifact import load_retriever
+from recsys.train.config import HardNegativesConfig, ListedLabel
+
+
+class ItemSet:
+    """Every item ``1 .. num_items-1`` with its category: the retriever's catalog (``CatalogLike``)."""
+
+    def __init__(self, category: np.ndarray) -> None:
+        self.items = np.arange(1, category.size, dtype=np.int64)
+        self.cats = category[self.items]
+
+
+class HardNegatives:
+    """``augment(batch, epoch, index) -> batch`` with retrieved negatives (see the module docstring)."""
+
+    def __init__(self, cfg: HardNegativesConfig, schema: DataSchema, train_files: list[Path], dataset_dir: Path,
+                 seed: int, rank: int) -> None:
+        if cfg.retriever is None:
+            raise InputError("train.hard_negatives.retriever is not set")
+        self.category = collect_item_categories(train_files, schema).category
+        catalog = ItemSet(self.category)
+        if cfg.retrieve_k > catalog.items.size:
+            raise InputError(f"train.hard_negatives.retrieve_k={cfg.retrieve_k} exceeds the catalog's "
+                             f"{catalog.items.size} items; lower it")
+        self.retriever = load_retriever(cfg.retriever, schema, catalog, torch.device("cpu"), dataset_dir)
+        self.cfg, self.seed, self.rank = cfg, seed, rank
+
+    def _generator(self, epoch: int, index: int) -> torch.Generator:
+        state = np.random.SeedSequence([self.seed, self.rank, epoch, index]).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def draw(self, batch: RequestBatch, epoch: int, index: int) -> list[np.ndarray]:
+        """Per request, its negative item ids ``[n_b]`` (``n_b <= num``), in the order drawn."""
+        ids, _ = self.retriever.retrieve(batch.to("cpu"), self.cfg.retrieve_k)  # [B, K], -1 = none
+        ids = ids.numpy()
+        listed = batch.cand["item_id"].values().cpu().numpy()
+        off = batch.cand_offsets.cpu().numpy()
+        keys = torch.rand(ids.shape, generator=self._generator(epoch, index)).numpy()  # [B, K]
+        out = []
+        for b in range(ids.shape[0]):
+            ok = (ids[b] > 0) & ~np.isin(ids[b], listed[off[b]:off[b + 1]])
+            pick = np.flatnonzero(ok)[np.argsort(keys[b][ok], kind="stable")[:self.cfg.num]]
+            out.append(ids[b][pick])
+        return out
+
+    def stream(self, batches: Iterable[RequestBatch], epoch: int, first: int) -> Iterator[RequestBatch]:
+        """``augment`` over an epoch's batches, the first being batch ``first`` of epoch ``epoch``."""
+        for index, batch in enumerate(batches, start=first):
+            yield self.augment(batch, epoch, index)
+
+    @torch.no_grad()
+    def augment(self, batch: RequestBatch, epoch: int, index: int) -> RequestBatch:
+        """``batch`` with every request's candidates ``[listed | negatives]`` and their labels."""
+        negatives = self.draw(batch, epoch, index)
+        dev = batch.cand_offsets.device
+        listed = batch.cand["item_id"].values()
+        listed_cats = batch.cand["category"].values()
+        off = batch.cand_offsets.cpu().tolist()
+        labels = batch.labels if self.cfg.listed_label == ListedLabel.keep else torch.ones_like(batch.labels)
+        items, cats, rows = [], [], []
+        for b, neg in enumerate(negatives):
+            n = torch.as_tensor(neg, dtype=listed.dtype, device=dev)
+            items += [listed[off[b]:off[b + 1]], n]
+            cats += [listed_cats[off[b]:off[b + 1]], torch.as_tensor(self.category[neg], dtype=listed_cats.dtype,
+                                                                      device=dev)]
+            rows += [labels[off[b]:off[b + 1]], labels.new_zeros(neg.size, labels.shape[1])]
+        sizes = torch.as_tensor([0] + [off[b + 1] - off[b] + neg.size for b, neg in enumerate(negatives)])
+        return with_request_candidates(batch, torch.cat(items), torch.cat(cats), sizes.cumsum(0).to(dev),
+                                       torch.cat(rows))
+
+
+__all__ = ["HardNegatives", "ItemSet"]

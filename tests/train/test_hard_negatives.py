@@ -1,0 +1,142 @@
+"""Training-time hard negatives (``train.hard_negatives``): each request's negatives are real items of the
+retriever's own top K (brute force over its towers), never a listed item, labelled 0 beside the listed
+labels; the draw is a function of (seed, epoch, batch index), so a resumed run trains on the same batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from recsys.data import prepare_dataset
+from recsys.data.item_categories import collect_item_categories
+from recsys.data.loader import RequestLoader
+from recsys.errors import InputError
+from recsys.testing import torch_threads
+from recsys.train.config import HardNegativesConfig, RunConfig, register_configs
+from recsys.train.hard_negatives import HardNegatives
+from recsys.train.loop import train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+K, NUM = 12, 5
+register_configs()
+
+
+def run_config(root: Path, out: str, *overrides: str) -> RunConfig:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["data=tiny", "model=debug", f"data.root={root / 'data'}",
+                                          f"output_dir={root / out}", "train.progress=false",
+                                          "train.tensorboard=false", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="module")
+def retriever(tmp_path_factory):
+    """(root, retriever artifact) of a two-tower trained 3 steps on the tiny dataset."""
+    root = tmp_path_factory.mktemp("hard")
+    with torch_threads(1):
+        train(run_config(root, "tt", "model=two_tower", "train.max_steps=3"))
+    return root, root / "tt" / "retriever"
+
+
+def first_batch(root: Path):
+    cfg = run_config(root, "unused")
+    ds = prepare_dataset(cfg.data, progress=False)
+    loader = RequestLoader(ds.splits["train"], ds.schema, cfg.data.loader, time_gap_buckets=cfg.model.time_gap_buckets)
+    return ds, next(iter(loader))
+
+
+def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever):
+    root, path = retriever
+    ds, batch = first_batch(root)
+    hard = HardNegatives(HardNegativesConfig(str(path), K, NUM, "keep"), ds.schema, ds.splits["train"],
+                         ds.path.resolve(), seed=0, rank=0)
+    out = hard.augment(batch, epoch=0, index=0)
+    model = hard.retriever.model
+    items = torch.arange(1, ds.schema.num_items)
+    category = collect_item_categories(ds.splits["train"], ds.schema).category
+    with torch.no_grad():  # brute force over the retriever's own towers
+        scores = model.user_vectors(batch) @ model.item_vectors(items, torch.as_tensor(category[1:])).T
+    top = items[scores.topk(K, dim=1).indices].numpy()  # [B, K]
+    old, new = batch.cand_offsets.tolist(), out.cand_offsets.tolist()
+    old_items, new_items = batch.cand["item_id"].values().numpy(), out.cand["item_id"].values().numpy()
+    new_cats = out.cand["category"].values().numpy()
+    drawn_any = False
+    for b in range(batch.num_requests):
+        listed = old_items[old[b]:old[b + 1]]
+        got = new_items[new[b]:new[b + 1]]
+        np.testing.assert_array_equal(got[:listed.size], listed)
+        torch.testing.assert_close(out.labels[new[b]:new[b] + listed.size], batch.labels[old[b]:old[b + 1]])
+        neg = got[listed.size:]
+        pool = set(top[b].tolist()) - set(listed.tolist())
+        assert neg.size == min(NUM, len(pool)) and len(set(neg.tolist())) == neg.size
+        assert set(neg.tolist()) <= pool
+        assert (out.labels[new[b] + listed.size:new[b + 1]] == 0).all()
+        np.testing.assert_array_equal(new_cats[new[b] + listed.size:new[b + 1]], category[neg])
+        drawn_any |= neg.size > 0
+    assert drawn_any
+    assert out.seq.values().equal(batch.seq.values()) and out.seq.lengths().equal(batch.seq.lengths())  # histories kept
+    again = hard.augment(batch, epoch=0, index=0)
+    assert again.cand["item_id"].values().equal(out.cand["item_id"].values())  # a function of (epoch, index)
+    other = hard.augment(batch, epoch=0, index=1)
+    assert not other.cand["item_id"].values().equal(out.cand["item_id"].values())
+
+
+def test_listed_label_positive_sets_every_task_of_the_listed_items(retriever):
+    root, path = retriever
+    ds, batch = first_batch(root)
+    hard = HardNegatives(HardNegativesConfig(str(path), K, NUM, "positive"), ds.schema, ds.splits["train"],
+                         ds.path.resolve(), seed=0, rank=0)
+    out = hard.augment(batch, 0, 0)
+    listed = torch.isin(out.cand["item_id"].values(), batch.cand["item_id"].values())
+    old, new = batch.cand_offsets.tolist(), out.cand_offsets.tolist()
+    is_listed = torch.zeros(out.labels.shape[0], dtype=torch.bool)
+    for b in range(batch.num_requests):
+        is_listed[new[b]:new[b] + old[b + 1] - old[b]] = True
+    assert listed[is_listed].all()
+    assert (out.labels[is_listed] == 1).all() and (out.labels[~is_listed] == 0).all()
+
+
+def test_training_with_hard_negatives_resumes_to_the_same_losses(retriever):
+    root, path = retriever
+    common = ("train.log_every=1", "train.checkpoint_every=3", "train.optim.warmup_steps=2",
+              "train.optim.lr_decay=constant", f"train.hard_negatives.retriever={path}",
+              f"train.hard_negatives.retrieve_k={K}", f"train.hard_negatives.num={NUM}")
+    with torch_threads(1):
+        straight = json.loads(train(run_config(root, "a", "train.max_steps=7", *common)).read_text())
+        train(run_config(root, "b", "train.max_steps=3", *common))  # "crash" after step 3
+        resumed = json.loads(train(run_config(root, "b", "train.max_steps=7", *common)).read_text())
+        plain = json.loads(train(run_config(root, "c", "train.max_steps=7", *common[:4])).read_text())
+    assert resumed["resumed_from"].endswith("step_3.pt")
+
+    def losses(out: str) -> dict[int, float]:
+        rows = [json.loads(x) for x in (root / out / "train_log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    a, b = losses("a"), losses("b")
+    for step in range(4, 8):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+    # the negatives are trained on: more candidates per step than the plain run's listed ones
+    assert straight["train_samples"] > plain["train_samples"]
+
+
+def test_refusals(retriever, tmp_path):
+    root, path = retriever
+    ds, _ = first_batch(root)
+    with pytest.raises(InputError, match="num <= retrieve_k"):
+        HardNegativesConfig(str(path), retrieve_k=3, num=4)
+    with pytest.raises(InputError, match="exceeds the catalog"):
+        HardNegatives(HardNegativesConfig(str(path), 10_000, NUM), ds.schema, ds.splits["train"], ds.path, 0, 0)
+    other = run_config(tmp_path, "x", "data.synthetic.seed=3", "data.synthetic.num_items=150")
+    other_ds = prepare_dataset(other.data, progress=False)
+    with pytest.raises(InputError, match="another schema or catalog"):
+        HardNegatives(HardNegativesConfig(str(path), K, NUM), other_ds.schema, other_ds.splits["train"],
+                      other_ds.path, 0, 0)
+    with pytest.raises(InputError, match="does not exist"):
+        HardNegatives(HardNegativesConfig(str(tmp_path / "missing"), K, NUM), ds.schema, ds.splits["train"],
+                      ds.path, 0, 0)
