@@ -38,6 +38,15 @@ def candidate_owner(batch: RequestBatch) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(batch.num_requests, device=counts.device), counts)
 
 
+def positives_in_top_k(batch: RequestBatch, top: torch.Tensor) -> tuple[int, int]:
+    """(hits, positives): how many candidates labelled 1 on task 0 are in their request's row of ``top [B, k]``
+    (item ids); the next-item validation recall of the retrievers and SASRec."""
+    pos = batch.labels[:, 0].cpu() > 0.5
+    owner = candidate_owner(batch).cpu()[pos]
+    target = batch.cand["item_id"].values().cpu().long()[pos]
+    return int((top.cpu()[owner] == target.unsqueeze(1)).any(1).sum()), int(pos.sum())
+
+
 @dataclass
 class History:
     """Every request's events of all kinds merged oldest first (ties: kind order).

@@ -15,6 +15,10 @@ query row only). The query's output ``u [B, D]`` is the user state.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +26,14 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from kernels.jagged_causal_attention import jagged_causal_attention
-from recsys.baselines.common import Baseline, candidate_owner, history_and_candidate_ids, merged_history, mlp
+from recsys.baselines.common import (
+    Baseline,
+    candidate_owner,
+    history_and_candidate_ids,
+    merged_history,
+    mlp,
+    positives_in_top_k,
+)
 from recsys.data.batch import RequestBatch
 from recsys.data.jagged import lengths_to_offsets, positions_in_sequence
 from recsys.data.schema import DataSchema
@@ -73,6 +84,7 @@ class SASRecModel(Baseline):
         self.norm = nn.RMSNorm(d, eps=1e-6)
         self.head = mlp([3 * d, cfg.head_hidden, len(self.tasks)])
         self.next_item_weight = cfg.next_item_weight
+        self.recall_k = cfg.retrieval.recall_k
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def sparse_parameters(self) -> list[nn.Parameter]:
@@ -122,6 +134,27 @@ class SASRecModel(Baseline):
         logits = uc @ self.item_table.T  # [C, M]
         logits[:, 0] = float("-inf")  # the reserved unknown id is never a next item
         return self.next_item_weight * F.cross_entropy(logits.float(), target)
+
+    @torch.no_grad()
+    def validation_metrics(self, batches: Iterable[RequestBatch], device: torch.device, max_batches: int = 0,
+                           prefix: str = "valid_") -> dict[str, Any]:
+        """``{prefix}recall@K`` (``model.retrieval.recall_k``): share of positive candidates (task 0) in their
+        request's exact top K of every item ``1..M-1`` by the next-item score (history allowed), the two-tower
+        retriever's validation figure."""
+        was = self.training
+        self.eval()
+        items = torch.arange(1, self.item_table.shape[0], device=device)
+        k = min(self.recall_k, items.numel())
+        found, total = 0, 0
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            batch = batch.to(device)
+            hits, n = positives_in_top_k(batch, items[self.catalog_scores(batch, items).topk(k, dim=1).indices])
+            found, total = found + hits, total + n
+        self.train(was)
+        return {f"{prefix}recall@{self.recall_k}": found / total if total else math.nan,
+                f"{prefix}recall_targets": total, f"{prefix}recall_catalog": int(items.numel())}
 
     @torch.no_grad()
     def catalog_scores(self, batch: RequestBatch, items: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from kernels.jagged_causal_attention import jagged_causal_attention
-from recsys.baselines.common import Baseline, candidate_owner, merged_history
+from recsys.baselines.common import Baseline, candidate_owner, merged_history, positives_in_top_k
 from recsys.data.batch import RequestBatch
 from recsys.data.jagged import keep_last, positions_in_sequence
 from recsys.data.schema import DataSchema
@@ -155,11 +155,8 @@ class TwoTowerModel(Baseline):
                 break
             batch = batch.to(device)
             _, top = index.search(self.encoder.user_vectors(batch).float().cpu(), k)  # [B, k]
-            pos = batch.labels[:, 0].cpu() > 0.5
-            owner = candidate_owner(batch).cpu()[pos]
-            target = batch.cand["item_id"].values().cpu().long()[pos]
-            found += int((top[owner] == target.unsqueeze(1)).any(1).sum())
-            total += int(pos.sum())
+            hits, n = positives_in_top_k(batch, top)
+            found, total = found + hits, total + n
         self.train(was)
         return {f"{prefix}recall@{self.recall_k}": found / total if total else math.nan,
                 f"{prefix}recall_targets": total, f"{prefix}recall_catalog": index_size}

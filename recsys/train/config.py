@@ -54,6 +54,35 @@ class HardNegativesConfig:
                              f"retrieve_k={self.retrieve_k}")
 
 
+class StopMode(str, Enum):
+    max = "max"
+    """Higher is better (AUC, recall)."""
+    min = "min"
+    """Lower is better (log loss)."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when a validation metric stops improving (``recsys/train/early_stopping.py``)."""
+
+    metric: str | None = None
+    """A key of the validation record (``valid_auc``, ``valid_logloss``, a retriever's ``valid_recall@10``);
+    None = off. Needs ``train.eval_every > 0``."""
+    patience: int = 3
+    """Validations in a row without a strict improvement before training stops."""
+    mode: StopMode = StopMode.max
+    """max | min."""
+    restore_best: bool = True
+    """At the stop, put back the weights of the best validation (kept in ``<output_dir>/best_weights.pt``,
+    written at every new best); the optimizer state stays the stop step's. One process only. False: the
+    stop step's weights are the result."""
+
+    def __post_init__(self) -> None:
+        self.mode = StopMode(self.mode)
+        if self.patience < 1:
+            raise InputError(f"train.early_stopping.patience must be >= 1, got {self.patience}")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -96,6 +125,8 @@ class TrainConfig:
     """Optimizers."""
     hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
     """Retrieved negatives for a cascade's ranker (off unless ``hard_negatives.retriever`` is set)."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Stop on a validation metric's plateau (off unless ``early_stopping.metric`` is set)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -106,6 +137,8 @@ class TrainConfig:
         self.device = Device(self.device)
         if self.keep_checkpoints < 1:
             raise InputError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.early_stopping.metric is not None and self.eval_every == 0:
+            raise InputError("train.early_stopping.metric needs train.eval_every > 0 (the validations it watches)")
 
 
 @dataclass
@@ -134,7 +167,7 @@ RESUME_NEUTRAL_KEYS = (
     "model.attention_backend",
     "train.epochs", "train.max_steps", "train.eval_every", "train.eval_max_batches", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.fresh_run", "train.progress",
-    "train.tensorboard", "train.device", "train.max_consecutive_nonfinite",
+    "train.tensorboard", "train.device", "train.max_consecutive_nonfinite", "train.early_stopping",
 )
 
 

@@ -38,6 +38,7 @@ from recsys.dist.config import Pipeline
 from recsys.dist.pipeline import Eager, SparseDistPipeline, resolve_pipeline
 from recsys.dist.schedule import lr_multiplier
 from recsys.dist.strategy import SingleProcess, make_strategy
+from recsys.errors import InputError
 from recsys.quant.ranker import install_sids, with_resolved_sids
 from recsys.reliability.digest import json_default
 from recsys.reliability.faults import fault_point
@@ -47,6 +48,7 @@ from recsys.reliability.rng import capture_rng, restore_rng
 from recsys.reliability.rundir import check_output_dir
 from recsys.retrieval.train_hooks import build_trainable
 from recsys.train.config import RunConfig
+from recsys.train.early_stopping import BestWeights, EarlyStopper
 from recsys.train.evaluate import metrics_report, predict
 from recsys.train.hard_negatives import HardNegatives
 from recsys.train.report import write_report
@@ -124,6 +126,9 @@ class Run:
 
     def setup(self) -> None:
         cfg, tc, par = self.cfg, self.tc, self.par
+        if tc.early_stopping.metric is not None and tc.early_stopping.restore_best and par.world > 1:
+            raise InputError("train.early_stopping.restore_best is one process only (the weights are sharded over "
+                             "the ranks); set it to false under torchrun")
         self.ds = self.prepare()
         self.schema = self.ds.schema
         self.s_max = max_s_tokens(self.schema, cfg.model, cfg.data.loader.max_len)
@@ -151,6 +156,8 @@ class Run:
         self.progress = Progress()
         self.positives = torch.zeros(self.schema.num_items, dtype=torch.float64)  # count-based popularity
         self.guard = NonFiniteGuard(tc.max_consecutive_nonfinite)
+        self.stopper = EarlyStopper(tc.early_stopping)
+        self.best_weights = BestWeights(self.out_dir)
         self.record = {**config_record(cfg), **self.scoring_record()}  # the config does not change during the run
         self.hard = (HardNegatives(tc.hard_negatives, self.schema, files, self.ds.path.resolve(), tc.seed, par.rank)
                      if tc.hard_negatives.retriever is not None else None)
@@ -176,6 +183,7 @@ class Run:
         restore_rng(ranks[par.rank] if ranks and len(ranks) == par.world
                     else state["rng"] if "rng" in state else {"torch": state["torch_rng"]})
         self.guard.load_state_dict(state.get("nonfinite", {}))
+        self.stopper.load_state_dict(state.get("early_stopping", {}))
         saved_world = state.get("world_size", 1)
         if saved_world != par.world:
             # Tables and optimizer state were resharded by DCP; the per-rank data position is not
@@ -196,7 +204,8 @@ class Run:
         positives = par.sum_(self.positives.clone())  # every rank counted its own batches
         rngs = par.gather_objects(capture_rng())
         state = {"popularity": positives, "rng": rngs[0], **({"rng_ranks": rngs} if par.world > 1 else {}),
-                 "nonfinite": self.guard.state_dict(), **p.state_dict(), **self.record}
+                 "nonfinite": self.guard.state_dict(), "early_stopping": self.stopper.state_dict(),
+                 **p.state_dict(), **self.record}
         par.save(self.store, p.step, self.trainer.model, self.trainer.opt, state)
         self.last_saved = p.step
 
@@ -217,10 +226,11 @@ class Run:
             return {}
         loader = RequestLoader(self.ds.splits["valid"], self.schema, self.cfg.data.loader,
                                time_gap_buckets=self.cfg.model.time_gap_buckets)
-        if (own := getattr(model, "validation_metrics", None)) is not None:  # a retriever: recall@K
-            return own(loader, self.par.device, self.tc.eval_max_batches)
         pred = predict(model, loader, self.par.device, self.tc.eval_max_batches, self.tc.bf16)
-        return metrics_report(pred, self.schema.tasks, "valid_")
+        out = metrics_report(pred, self.schema.tasks, "valid_")
+        if (own := getattr(model, "validation_metrics", None)) is not None:  # retrievers, SASRec: next-item recall@K
+            out.update(own(loader, self.par.device, self.tc.eval_max_batches))
+        return out
 
     def after_step(self, res: StepResult, epoch: int, i: int, t0: float) -> None:
         """Counters, log, validation and checkpoint of one applied or skipped step."""
@@ -245,13 +255,31 @@ class Run:
             valid = self.validate()
             if valid:
                 self.log({"step": p.step, "epoch": epoch, **valid})
+            if self.stopper.enabled:
+                self.early_stopping(valid)
         if tc.checkpoint_every and p.step % tc.checkpoint_every == 0:
             self.checkpoint()
+
+    def early_stopping(self, valid: dict[str, Any]) -> None:
+        """Rank 0 has the metrics: it decides, every rank gets the counters; a new best's weights are kept
+        and put back at the stop (before any checkpoint of this step), see ``recsys.train.early_stopping``."""
+        es, step = self.tc.early_stopping, self.progress.step
+        self.stopper.load_state_dict(self.par.decide(lambda: self.stopper.observe(valid, step)))
+        if es.restore_best and self.stopper.best_step == step:
+            self.best_weights.save(self.trainer.model, step)
+        if not self.stopper.stopped:
+            return
+        if es.restore_best and self.stopper.best_step != step:
+            self.best_weights.restore(self.trainer.model, self.stopper.best_step)
+        if self.par.main:
+            print(f"[train] early stopping at step {step}: {es.metric} best {self.stopper.best:.6g} at step "
+                  f"{self.stopper.best_step}, no improvement in {es.patience} validations"
+                  + ("; its weights restored" if es.restore_best else ""))
 
     def epochs(self) -> None:
         """Train until ``train.epochs`` or ``train.max_steps``; the data iterator is this loop's, the step the trainer's."""
         p, tc = self.progress, self.tc
-        done = bool(tc.max_steps) and p.step >= tc.max_steps
+        done = bool(tc.max_steps) and p.step >= tc.max_steps or self.stopper.stopped
         while p.epoch < tc.epochs and not done:
             loader = RequestLoader(self.ds.splits["train"], self.schema, self.lcfg, rank=self.par.rank,
                                    world_size=self.par.world, epoch=p.epoch,
@@ -268,7 +296,7 @@ class Run:
                     self.positives.index_add_(0, batch.cand["item_id"].values().cpu(), batch.labels[:, 0].double().cpu())
                 self.after_step(res, p.epoch, i, t0)
                 fault_point("train.after_step")
-                if tc.max_steps and p.step >= tc.max_steps:
+                if tc.max_steps and p.step >= tc.max_steps or self.stopper.stopped:
                     done = True
                     break
             else:

@@ -53,7 +53,7 @@ def write_report(path: Path, run: Any, model: torch.nn.Module, positives: torch.
         "train_requests_per_s": p.requests / max(train_time, 1e-9),
         "train_time_s": train_time, "steps": p.step, "train_samples": p.samples,
         "resumed_from": str(resumed_from) if resumed_from else None,
-        **run.guard.report(),
+        **run.guard.report(), **run.stopper.report(),
         **model_facts(model, run.s_max, cfg.model),
         **run.par.describe(), "dropped_rows_per_epoch_max": run.dropped,
         "tasks": list(schema.tasks), "data": run.ds.summary, "device": str(run.par.device),

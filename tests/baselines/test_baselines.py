@@ -179,6 +179,31 @@ def test_sasrec_next_item_loss_and_catalog_scores_match_a_direct_computation():
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 3, 1000])
+def test_sasrec_validation_recall_counts_positives_ranked_in_the_top_k(k):
+    schema = tiny_schema()
+    torch.manual_seed(1)
+    model = build_model(schema, small_cfg("sasrec"), 64)
+    model.recall_k = k
+    batches = [random_request_batch(schema, [(3, 1), (0, 0), (5, 2)], [2, 1, 3], seed=s) for s in (3, 4)]
+    got = model.validation_metrics(batches, torch.device("cpu"))
+    hits = total = 0
+    with torch.no_grad():  # each positive's rank among items 1..M-1, one at a time
+        for batch in batches:
+            u, _ = model._embed(batch)
+            off = batch.cand_offsets.tolist()
+            for b in range(batch.num_requests):
+                for j in range(off[b], off[b + 1]):
+                    if batch.labels[j, 0] > 0.5:
+                        item = int(batch.cand["item_id"].values()[j])
+                        s = u[b] @ model.item_table[1:].T
+                        total += 1
+                        hits += int(item >= 1 and int((s > s[item - 1]).sum()) < k)
+    assert total > 0 and got["valid_recall_targets"] == total
+    assert got[f"valid_recall@{k}"] == pytest.approx(hits / total)
+    assert got["valid_recall_catalog"] == schema.num_items - 1
+
+
 @pytest.mark.parametrize("arch", ARCHS + ["onetrans"])
 def test_sparse_parameters_are_exactly_the_torchrec_tables(arch):
     schema = tiny_schema()

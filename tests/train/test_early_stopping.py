@@ -1,0 +1,95 @@
+"""``train.early_stopping``: the stop step and the best value follow from the validation records alone (a
+replay of train_log.jsonl), the counters survive a resume, and a wrong metric is a clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from recsys.errors import InputError
+from recsys.testing import torch_threads
+from recsys.train.config import EarlyStoppingConfig, RunConfig, register_configs
+from recsys.train.early_stopping import EarlyStopper
+from recsys.train.loop import train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+register_configs()
+
+
+def run_config(root: Path, out: str, *overrides: str) -> RunConfig:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["data=tiny", "model=debug", f"data.root={root / 'data'}",
+                                          f"output_dir={root / out}", "train.progress=false",
+                                          "train.tensorboard=false", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+def replay(values: list[float], patience: int, higher: bool = True) -> tuple[float, int, int | None]:
+    """(best, its 1-based position, 1-based position of the stop or None): the rule written out plainly."""
+    best, at, bad = None, None, 0
+    for i, v in enumerate(values, start=1):
+        if best is None or (v > best if higher else v < best):
+            best, at, bad = v, i, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                return best, at, i
+    return best, at, None
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_stopper_follows_the_rule(mode):
+    seqs = [[0.5, 0.6, 0.55, 0.6, 0.59, 0.7], [0.3, 0.2, 0.1, 0.05], [0.4], [0.1, 0.1, 0.1]]
+    for values in seqs:
+        for patience in (1, 2, 3):
+            s = EarlyStopper(EarlyStoppingConfig("valid_auc", patience, mode))
+            for i, v in enumerate(values, start=1):
+                s.update({"valid_auc": v}, step=10 * i)
+                if s.stopped:
+                    break
+            best, at, stop = replay(values, patience, mode == "max")
+            assert (s.best, s.best_step, s.stopped_at) == (best, 10 * at, None if stop is None else 10 * stop)
+
+
+def test_refusals():
+    s = EarlyStopper(EarlyStoppingConfig("valid_recall@10", 2))
+    with pytest.raises(InputError, match=r"valid_recall@10.*not among.*\['valid_auc'\]"):
+        s.update({"valid_auc": 0.7}, 5)
+    s = EarlyStopper(EarlyStoppingConfig("valid_gauc", 2))
+    with pytest.raises(InputError, match="undefined"):
+        s.update({"valid_gauc": None}, 5)
+    with pytest.raises(InputError, match="patience"):
+        EarlyStoppingConfig("valid_auc", 0)
+    with pytest.raises(InputError, match="eval_every"):
+        run_config(Path("/tmp"), "x", "train.early_stopping.metric=valid_auc")
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_training_stops_where_the_log_says_and_a_resume_adds_no_step(tmp_path, restore):
+    args = ("train.eval_every=1", "train.epochs=20", "train.early_stopping.metric=valid_logloss",
+            "train.early_stopping.mode=min", "train.early_stopping.patience=2", "train.optim.dense_lr=0.05",
+            "train.log_every=1", f"train.early_stopping.restore_best={str(restore).lower()}")
+    with torch_threads(1):
+        report = json.loads(train(run_config(tmp_path, "run", *args)).read_text())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    valid = [(r["step"], r["valid_logloss"]) for r in rows if "valid_logloss" in r]
+    best, at, stop = replay([v for _, v in valid], 2, higher=False)
+    es = report["early_stopping"]
+    planned = 20 * math.ceil(report["data"]["splits"]["train"]["requests"] / 16)  # 20 epochs of batch 16
+    assert stop is not None, "a lr this high should plateau within 20 epochs"
+    assert es["best"] == pytest.approx(best) and es["best_step"] == valid[at - 1][0]
+    assert es["stopped_at_step"] == valid[stop - 1][0] == report["steps"] == valid[-1][0]
+    assert report["steps"] < planned
+    assert valid[-1][1] != pytest.approx(best)  # so the two weight sets below are told apart
+    # the report validates the final checkpoint's weights: the best step's with restore_best, else the stop step's
+    assert report["valid_logloss"] == pytest.approx(best if restore else valid[-1][1], rel=1e-5)
+    assert (tmp_path / "run" / "best_weights.pt").exists() == restore
+    with torch_threads(1):  # resumed from the final checkpoint: already stopped, nothing more is trained
+        again = json.loads(train(run_config(tmp_path, "run", *args)).read_text())
+    assert again["steps"] == report["steps"] and again["early_stopping"] == es
+    assert again["valid_logloss"] == pytest.approx(report["valid_logloss"], rel=1e-6)
