@@ -62,6 +62,12 @@ def row_group_units(files: list[Path]) -> list[ReadUnit]:
     return [u for u in units if u.num_rows > 0]
 
 
+def file_key(path: str) -> str:
+    """``<parent>/<name>`` of a data file (``train/part-00000.parquet``): what seeds its in-row-group shuffle."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
+
+
 def plan_shards(units: list[ReadUnit], num_shards: int, *, shuffle: bool = False, seed: int = 0) -> list[list[ReadUnit]]:
     """What each of ``num_shards`` shards reads; together exactly every row of ``units``, once."""
     if num_shards < 1:
@@ -106,9 +112,10 @@ class RequestStream(IterableDataset):
                                unit.row_group)
         if unit.start or unit.stop < table.num_rows:
             table = table.slice(unit.start, unit.num_rows)
-        if self.cfg.shuffle:
-            rng = np.random.default_rng([self.cfg.seed, self.epoch, zlib.crc32(unit.file.encode()), unit.row_group,
-                                         unit.start])
+        if self.cfg.shuffle:  # seeded by the file's split/name, not its path: the order must not depend on where
+            # the dataset lives or how data.root was spelled (relative vs absolute gave other batches)
+            rng = np.random.default_rng([self.cfg.seed, self.epoch, zlib.crc32(file_key(unit.file).encode()),
+                                         unit.row_group, unit.start])
             table = table.take(rng.permutation(table.num_rows))
         return table
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -104,6 +106,22 @@ def test_shuffle_depends_on_epoch_and_is_reproducible(tiny_prepared):
     assert a0 == b0 and a0 != a1 and sorted(a0) == sorted(a1)
     plain = _ids(RequestLoader(files, tiny_prepared.schema, dataclasses.replace(cfg, shuffle=False)))
     assert sorted(plain) == sorted(a0)
+
+
+def test_shuffle_does_not_depend_on_where_the_dataset_lives(tiny_prepared, tmp_path, monkeypatch):
+    """The same files by an absolute path, by a relative one, and copied to another directory: the same order
+    (the in-row-group shuffle used to be seeded by the path string, so data.root's spelling changed training)."""
+    files = tiny_prepared.splits["train"]
+    cfg = LoaderConfig(batch_size=8, shuffle=True, seed=3)
+    want = _ids(RequestLoader([f.resolve() for f in files], tiny_prepared.schema, cfg, epoch=1))
+    monkeypatch.chdir(files[0].parent.parent)
+    relative = [f.resolve().relative_to(Path.cwd()) for f in files]
+    assert not relative[0].is_absolute()
+    assert _ids(RequestLoader(relative, tiny_prepared.schema, cfg, epoch=1)) == want
+    copy = tmp_path / "elsewhere" / files[0].parent.name
+    copy.mkdir(parents=True)
+    moved = [Path(shutil.copy(f, copy / f.name)) for f in files]
+    assert _ids(RequestLoader(moved, tiny_prepared.schema, cfg, epoch=1)) == want
 
 
 def test_drop_last_and_len(tiny_prepared):
