@@ -9,8 +9,9 @@ output directory per run), interleaved ``catalog, cascade, catalog, cascade, ...
 (medians reported; other jobs share the machine, so the load average is recorded). Per mode:
 ``per_request_ms`` = the job's loop time (read + score + write) / requests, ``model_per_request_ms`` =
 its model time / requests, and the metrics over its output: NDCG@10 / HR@10 of both with the same
-relevant items (``catalog.target=positives``: the request's candidates labelled 1 on the ranked task,
-the cascade's convention), the cascade's recall@K per retriever and of the union, and its per-stage
+relevant items (``--target``: ``positives``, the request's candidates labelled 1 on the ranked task, or
+``candidates``, every listed one, for leave-one-out data such as ml-100k; ``--exclude-seen`` drops history
+items from both rankings), the cascade's recall@K per retriever and of the union, and its per-stage
 seconds. ``time_ratio`` = cascade / catalog per-request time (< 1: the cascade is faster).
 
 ``--demo`` only checks that the bench runs: a random ranker and untrained retrievers, whose recall and
@@ -53,13 +54,15 @@ def demo_inputs(tmp: Path) -> tuple[Path, list[Path]]:
 
 def run_mode(args: argparse.Namespace, ckpt: Path, retrievers: list[Path], mode: str, out: Path) -> dict[str, Any]:
     overrides = [f"checkpoint={ckpt}", f"output_dir={out}", f"mode={mode}", "progress=false",
-                 f"num_threads={args.threads}", f"batch_size={args.batch_size}", "catalog.target=positives",
-                 f"catalog.k={args.k}", f"catalog.top_k={args.top_n}"]
+                 f"num_threads={args.threads}", f"batch_size={args.batch_size}", f"catalog.target={args.target}",
+                 f"catalog.k={args.k}", f"catalog.top_k={args.top_n}",
+                 f"catalog.exclude_history={str(args.exclude_seen).lower()}"]
     if args.inputs:
         overrides.append("inputs=[" + ",".join(f"'{p}'" for p in args.inputs) + "]")
     if mode == "cascade":
         overrides += ["cascade.retrievers=[" + ",".join(f"'{p}'" for p in retrievers) + "]",
-                      f"cascade.retrieve_k={args.retrieve_k}", f"cascade.top_n={args.top_n}"]
+                      f"cascade.retrieve_k={args.retrieve_k}", f"cascade.top_n={args.top_n}",
+                      f"cascade.target={args.target}", f"cascade.exclude_seen={str(args.exclude_seen).lower()}"]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("score", overrides=overrides))
     s = json.loads(run_scoring(cfg).read_text())
@@ -80,6 +83,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--target", choices=["positives", "candidates"], default="positives",
+                   help="relevant items: clicked candidates (default) or every listed one (leave-one-out, ml-100k)")
+    p.add_argument("--exclude-seen", action="store_true",
+                   help="history items out of both rankings (catalog.exclude_history / cascade.exclude_seen)")
     p.add_argument("--demo", action="store_true")
     args = p.parse_args()
     register_configs()
@@ -104,6 +111,7 @@ def main() -> None:
     result = {
         "demo_untrained": args.demo, "checkpoint": str(ckpt), "retrievers": [str(r) for r in retrievers],
         "retrieve_k": args.retrieve_k, "top_n": args.top_n, "batch_size": args.batch_size, "repeats": args.repeats,
+        "target": args.target, "exclude_seen": args.exclude_seen,
         "machine": machine(), "loadavg": load,
         "median": med, "time_ratio": med["cascade"]["per_request_ms"] / med["catalog"]["per_request_ms"],
         "model_time_ratio": med["cascade"]["model_per_request_ms"] / med["catalog"]["model_per_request_ms"],

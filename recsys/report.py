@@ -16,7 +16,12 @@ TRAIN = [
     ("train_samples_per_s", "train samples/s"), ("train_time_s", "train time (s)"), ("steps", "steps"),
     ("pyramid", "pyramid S queries per layer"),
 ]
+RETRIEVER = [("valid_recall@10", "valid recall@10 (positives in the exact top 10)"),
+             ("valid_recall_catalog", "catalog items"), ("train_samples_per_s", "train samples/s"),
+             ("train_time_s", "train time (s)"), ("steps", "steps")]
 SCORE = [("auc", "AUC"), ("gauc", "GAUC"), ("logloss", "log loss"), ("hr@10", "HR@10"), ("ndcg@10", "NDCG@10")]
+CASCADE_PREFIXES = ("recall@", "hr@10_", "ndcg@10_")
+"""Cascade summaries add recall@<K>_<retriever> / _union and each retriever alone (hr@10_<kind>, ...)."""
 SCORE_TOP = [("requests_per_s", "requests/s"), ("candidates_per_s", "candidates/s"),
              ("cache_hit_rate", "user KV-cache hit rate")]
 
@@ -33,9 +38,17 @@ def _rows(src: dict[str, Any], keys: list[tuple[str, str]]) -> list[tuple[str, s
 def format_report(report: dict[str, Any]) -> str:
     if "mode" in report:  # a scoring summary
         title = f"scoring ({report['mode']} mode, {report.get('requests')} requests)"
-        rows = _rows(report.get("metrics", {}), SCORE) + _rows(report, SCORE_TOP)
+        metrics = report.get("metrics", {})
+        extra = [(k, k) for k in metrics if k.startswith(CASCADE_PREFIXES)]
+        rows = _rows(metrics, SCORE + extra) + _rows(report, SCORE_TOP)
         if report.get("protocol"):
             rows.append(("protocol", report["protocol"]))
+    elif "valid_recall@10" in report and report.get("config", {}).get("model", {}).get("arch") == "two_tower":
+        title = "retriever training (two-tower)"
+        rows = _rows(report, RETRIEVER)
+        if (es := report.get("early_stopping")) is not None:
+            end = f"stopped at step {es['stopped_at_step']}" if es["stopped_at_step"] else "not stopped early"
+            rows.append(("early stopping", f"{es['metric']} best at step {es['best_step']}, {end}"))
     else:
         title = f"training (tasks {report.get('tasks')})"
         rows = _rows(report, TRAIN)

@@ -1,0 +1,155 @@
+"""MovieLens-100k next-item full ranking (EVALUATION.md), every system on the same split, several seeds.
+
+    .venv/bin/python bench/ml100k_next_item.py [--seeds 0 1 2] [--out runs/ml100k_next_item] [--threads 2]
+
+Per seed, through the product's own commands (``python -m recsys.train`` / ``recsys.score``, one at a time):
+
+1. **two-tower retriever**: ``model=two_tower data=ml100k``, next item at every history position, full
+   softmax over the 1,682 items, early stopping on ``valid_recall@10`` (best weights restored);
+2. **SASRec baseline** (in-product, ``model=sasrec``): trained until early stopping on its own
+   ``valid_recall@10`` (at most ``--sasrec-epochs`` epochs), every item ranked by its next-item score
+   (``python -m recsys.evaluate``'s full-catalog protocol);
+3. **ranker for the cascade**: the ``small`` OneTrans ranker with hard negatives from (1)'s top
+   ``--retrieve-k`` (``train.hard_negatives``, ``listed_label=positive``: the ranked task is "the next item");
+4. **cascade**: ``mode=cascade`` with (1), ``retrieve_k`` candidates re-ranked by (3), top 10; the same run
+   reports the two-tower alone (its own order, ``hr@10_two_tower``).
+
+Every figure is on the 943 test rows (each user's last rating; the relevant item is that rated movie,
+whatever the rating: ``cascade.target=candidates`` / ``catalog.target=candidates``), in both conventions:
+seen items kept, and excluded (``cascade.exclude_seen`` / ``catalog.exclude_history``). Mean and
+standard deviation over seeds; the load average is recorded. Output: ``<out>/summary.json`` and a
+markdown table on stdout; reruns resume (trainings from their checkpoints, finished scoring jobs reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from common import machine  # noqa: E402
+
+RECBOLE_SASREC = {"hr@10": 0.1188, "ndcg@10": 0.0581}
+"""RecBole's published SASRec on ml-100k (seen items kept, as the issue quotes it)."""
+
+
+def run(args: argparse.Namespace, module: str, *overrides: str) -> Path:
+    """``python -m <module> overrides``; the path its last stdout line names."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", module, *overrides]
+    print("+", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def train(args: argparse.Namespace, out: Path, *overrides: str) -> dict[str, Any]:
+    common = ["data=ml100k", f"data.root={args.data_root}", "train.progress=false", f"output_dir={out}"]
+    t0 = time.perf_counter()
+    report = json.loads(run(args, "recsys.train", *common, *overrides).read_text())
+    report["wall_s"] = time.perf_counter() - t0
+    return report
+
+
+def score(args: argparse.Namespace, ckpt: Path, out: Path, *overrides: str) -> dict[str, Any]:
+    common = [f"checkpoint={ckpt}", f"output_dir={out}", "progress=false", f"num_threads={args.threads}"]
+    return json.loads(run(args, "recsys.score", *common, *overrides).read_text())
+
+
+def evaluate(args: argparse.Namespace, ckpt: Path, out: Path, *overrides: str) -> dict[str, Any]:
+    """``recsys.evaluate`` (every arch; ``recsys.score`` serves the OneTrans ranker only): its metrics.json."""
+    common = [f"checkpoint={ckpt}", f"output_dir={out}", "progress=false", f"num_threads={args.threads}"]
+    return json.loads(run(args, "recsys.evaluate", *common, *overrides).read_text())
+
+
+def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    base = args.out / f"seed{seed}"
+    seeds = [f"train.seed={seed}", f"data.loader.seed={seed}"]
+    stop = ["train.early_stopping.metric=valid_recall@10", f"train.early_stopping.patience={args.patience}"]
+    tt = train(args, base / "two_tower", "model=two_tower", "train.epochs=1", f"train.eval_every={args.eval_every}",
+               *stop, *seeds)
+    sas = train(args, base / "sasrec", "model=sasrec", f"train.epochs={args.sasrec_epochs}",
+                f"train.eval_every={args.eval_every}", *stop, *seeds)
+    retriever = base / "two_tower" / "retriever"
+    rk = train(args, base / "ranker", f"model={args.ranker}", f"train.epochs={args.ranker_epochs}", *seeds,
+               f"train.hard_negatives.retriever={retriever}", f"train.hard_negatives.retrieve_k={args.retrieve_k}",
+               f"train.hard_negatives.num={args.negatives}", "train.hard_negatives.listed_label=positive")
+    out: dict[str, Any] = {"train": {name: {k: r.get(k) for k in ("steps", "train_time_s", "wall_s", "early_stopping")}
+                                     for name, r in (("two_tower", tt), ("sasrec", sas), ("ranker", rk))}}
+    for conv, flag in (("kept", "false"), ("excluded", "true")):
+        cas = score(args, base / "ranker", base / f"cascade_{conv}", "mode=cascade", f"cascade.retrievers=['{retriever}']",
+                    f"cascade.retrieve_k={args.retrieve_k}", "cascade.top_n=10", "cascade.target=candidates",
+                    f"cascade.exclude_seen={flag}")
+        c = evaluate(args, base / "sasrec", base / f"sasrec_eval_{conv}", "catalog.target=candidates",
+                     f"catalog.exclude_history={flag}")
+        m = cas["metrics"]
+        out[conv] = {
+            "cascade": {"hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"],
+                        f"recall@{args.retrieve_k}": m[f"recall@{args.retrieve_k}_two_tower"]},
+            "two_tower": {"hr@10": m["hr@10_two_tower"], "ndcg@10": m["ndcg@10_two_tower"]},
+            "sasrec": {"hr@10": c["hr@10"], "ndcg@10": c["ndcg@10"]},
+            "targets": m["targets"],
+        }
+    return out
+
+
+def table(per_seed: dict[int, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    rows, agg = [], {}
+    for conv in ("kept", "excluded"):
+        for system in ("cascade", "two_tower", "sasrec"):
+            cell = {}
+            for metric in ("hr@10", "ndcg@10"):
+                vals = [r[conv][system][metric] for r in per_seed.values()]
+                cell[metric] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                                "per_seed": vals}
+            agg[f"{conv}/{system}"] = cell
+            rows.append(f"| {conv} | {system} | " + " | ".join(
+                f"{cell[m]['mean']:.4f} ± {cell[m]['std']:.4f}" for m in ("hr@10", "ndcg@10")) + " | "
+                + ", ".join(f"{v:.4f}" for v in cell["hr@10"]["per_seed"]) + " |")
+    head = "| seen items | system | HR@10 | NDCG@10 | HR@10 per seed |\n| --- | --- | ---: | ---: | --- |\n"
+    return head + "\n".join(rows), agg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "ml100k_next_item")
+    ap.add_argument("--data-root", type=Path, default=ROOT / "data")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--patience", type=int, default=4)
+    ap.add_argument("--sasrec-epochs", type=int, default=3)
+    ap.add_argument("--ranker", default="small")
+    ap.add_argument("--ranker-epochs", type=int, default=1)
+    ap.add_argument("--retrieve-k", type=int, default=100)
+    ap.add_argument("--negatives", type=int, default=4)
+    args = ap.parse_args()
+    t0, load0 = time.time(), os.getloadavg()
+    per_seed = {s: one_seed(args, s) for s in args.seeds}
+    md, agg = table(per_seed)
+    wins = {conv: all(per_seed[s][conv]["cascade"][m] > RECBOLE_SASREC[m] for s in args.seeds for m in RECBOLE_SASREC)
+            for conv in ("kept",)}
+    payload = {"protocol": __doc__.split("\n\n")[2:4], "args": {k: str(v) for k, v in vars(args).items()},
+               "summary": agg, "per_seed": per_seed, "recbole_sasrec_kept": RECBOLE_SASREC,
+               "cascade_beats_recbole_every_seed": wins, "wall_s": time.time() - t0,
+               "loadavg_start": load0, "loadavg_end": os.getloadavg(), **machine(),
+               "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout.strip()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(payload, indent=2))
+    print(md)
+    print(args.out / "summary.json")
+
+
+if __name__ == "__main__":
+    main()
