@@ -8,25 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from tiny_runs import run_config
 
 from recsys.errors import InputError
 from recsys.testing import torch_threads
-from recsys.train.config import EarlyStoppingConfig, RunConfig, register_configs
+from recsys.train.config import EarlyStoppingConfig
 from recsys.train.early_stopping import EarlyStopper
 from recsys.train.loop import train
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-register_configs()
-
-
-def run_config(root: Path, out: str, *overrides: str) -> RunConfig:
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=["data=tiny", "model=debug", f"data.root={root / 'data'}",
-                                          f"output_dir={root / out}", "train.progress=false",
-                                          "train.tensorboard=false", *overrides])
-    return OmegaConf.to_object(cfg)
 
 
 def replay(values: list[float], patience: int, higher: bool = True) -> tuple[float, int, int | None]:

@@ -10,29 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from tiny_runs import run_config
 
 from recsys.data import prepare_dataset
 from recsys.data.item_categories import collect_item_categories
 from recsys.data.loader import RequestLoader
 from recsys.errors import InputError
 from recsys.testing import torch_threads
-from recsys.train.config import HardNegativesConfig, RunConfig, register_configs
+from recsys.train.config import HardNegativesConfig
 from recsys.train.hard_negatives import HardNegatives
 from recsys.train.loop import train
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 K, NUM = 12, 5
-register_configs()
-
-
-def run_config(root: Path, out: str, *overrides: str) -> RunConfig:
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=["data=tiny", "model=debug", f"data.root={root / 'data'}",
-                                          f"output_dir={root / out}", "train.progress=false",
-                                          "train.tensorboard=false", *overrides])
-    return OmegaConf.to_object(cfg)
 
 
 @pytest.fixture(scope="module")

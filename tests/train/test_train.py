@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from tiny_runs import CONFIGS, run_config
 
 from recsys.errors import InputError
-from recsys.train.config import RunConfig, register_configs
 from recsys.train.loop import train
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-register_configs()
-
-
-def run_config(tmp_path: Path, out: str, *overrides: str) -> RunConfig:
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "data=tiny", "model=debug", f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / out}",
-            "train.progress=false", *overrides])
-    return OmegaConf.to_object(cfg)
 
 
 def null_auc_sigma(n_pos: int, n_neg: int) -> float:
