@@ -73,9 +73,9 @@ class EarlyStoppingConfig:
     mode: StopMode = StopMode.max
     """max | min."""
     restore_best: bool = True
-    """At the stop, put back the weights of the best validation (kept in ``<output_dir>/best_weights.pt``,
-    written at every new best); the optimizer state stays the stop step's. One process only. False: the
-    stop step's weights are the result."""
+    """When training ends (stopped early or not), put back the weights of the best validation (kept in
+    ``<output_dir>/best_weights.pt``, written at every new best); the optimizer state stays the last step's.
+    One process only. False: the last step's weights are the result."""
 
     def __post_init__(self) -> None:
         self.mode = StopMode(self.mode)

@@ -4,10 +4,12 @@ Every ``train.eval_every`` steps the loop validates; :class:`EarlyStopper` keeps
 ``metric`` (a key of that validation record, e.g. ``valid_auc`` or a retriever's ``valid_recall@10``) and
 the step it was reached at, and asks the loop to stop after ``patience`` validations in a row without a
 strict improvement. With ``restore_best`` (the default) every new best's model weights are written to
-``<output_dir>/best_weights.pt`` (atomically, so a killed run still has them) and put back at the stop,
-before the stop step's checkpoint is written: that checkpoint, the one scoring reads, holds the best
-weights (its optimizer state is the stop step's). ``report.json`` records the best value, its step and
-the stop step. The counters are checkpointed, so a resumed run stops where the uninterrupted one would.
+``<output_dir>/best_weights.pt`` (atomically, so a killed run still has them) and put back when training
+ends, stopped early or not (the steps after the best validation are not validated ones): the final
+checkpoint, the one scoring reads, holds the best weights (its optimizer state is the last step's; a
+checkpoint already written at that step is written again). ``report.json`` records the best value, its
+step, the stop step and whether the weights were restored. The counters are checkpointed, so a resumed
+run stops where the uninterrupted one would and does not restore twice.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class EarlyStopper:
         self.best_step: int | None = None
         self.bad = 0
         self.stopped_at: int | None = None
+        self.restored = False
 
     @property
     def enabled(self) -> bool:
@@ -69,11 +72,18 @@ class EarlyStopper:
         return self.state_dict()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped_at": self.stopped_at}
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped_at": self.stopped_at,
+                "restored": self.restored}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_step = state.get("best"), state.get("best_step")
         self.bad, self.stopped_at = int(state.get("bad", 0)), state.get("stopped_at")
+        self.restored = bool(state.get("restored", False))
+
+    def should_restore(self, step: int) -> bool:
+        """At the end of training: the best weights differ from the weights at ``step`` and are not back yet."""
+        return (self.enabled and self.cfg.restore_best and not self.restored and self.best_step is not None
+                and self.best_step != step)
 
     def report(self) -> dict[str, Any]:
         """``report.json``'s ``early_stopping`` entry (None when off)."""
@@ -81,6 +91,7 @@ class EarlyStopper:
             return {"early_stopping": None}
         return {"early_stopping": {"metric": self.cfg.metric, "mode": self.cfg.mode.value, "best": self.best,
                                    "best_step": self.best_step, "stopped_at_step": self.stopped_at,
+                                   "restored_best": self.restored,
                                    "patience": self.cfg.patience}}
 
 

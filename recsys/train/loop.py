@@ -262,19 +262,26 @@ class Run:
 
     def early_stopping(self, valid: dict[str, Any]) -> None:
         """Rank 0 has the metrics: it decides, every rank gets the counters; a new best's weights are kept
-        and put back at the stop (before any checkpoint of this step), see ``recsys.train.early_stopping``."""
+        (:meth:`restore_best` puts them back after the last step)."""
         es, step = self.tc.early_stopping, self.progress.step
         self.stopper.load_state_dict(self.par.decide(lambda: self.stopper.observe(valid, step)))
         if es.restore_best and self.stopper.best_step == step:
             self.best_weights.save(self.trainer.model, step)
-        if not self.stopper.stopped:
-            return
-        if es.restore_best and self.stopper.best_step != step:
-            self.best_weights.restore(self.trainer.model, self.stopper.best_step)
-        if self.par.main:
+        if self.stopper.stopped and self.par.main:
             print(f"[train] early stopping at step {step}: {es.metric} best {self.stopper.best:.6g} at step "
-                  f"{self.stopper.best_step}, no improvement in {es.patience} validations"
-                  + ("; its weights restored" if es.restore_best else ""))
+                  f"{self.stopper.best_step}, no improvement in {es.patience} validations")
+
+    def restore_best(self) -> bool:
+        """After the last step: the best validation's weights back into the model (one process; see
+        ``recsys.train.early_stopping``); True when they were (the final checkpoint must then be written)."""
+        step = self.progress.step
+        if not self.stopper.should_restore(step):
+            return False
+        self.best_weights.restore(self.trainer.model, self.stopper.best_step)
+        self.stopper.restored = True
+        print(f"[train] best weights restored: step {self.stopper.best_step} ({self.tc.early_stopping.metric} "
+              f"{self.stopper.best:.6g}), trained to step {step}")
+        return True
 
     def epochs(self) -> None:
         """Train until ``train.epochs`` or ``train.max_steps``; the data iterator is this loop's, the step the trainer's."""
@@ -315,7 +322,9 @@ class Run:
         self.epochs()
         self.driver.close()
         self.bar.close()
-        if self.last_saved != self.progress.step:  # not twice at one step: a re-save would race its sidecar digest
+        restored = self.restore_best()
+        # not twice at one step unless the weights changed: a re-save rewrites the step's file and its digest
+        if self.last_saved != self.progress.step or restored:
             self.checkpoint()
         model = self.plain_model()
         self.par.export(self.out_dir, self.tc.keep_checkpoints, self.progress.step, model, self.record)

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_runs import run_config
 
 from recsys.errors import InputError
@@ -81,3 +82,27 @@ def test_training_stops_where_the_log_says_and_a_resume_adds_no_step(tmp_path, r
         again = json.loads(train(run_config(tmp_path, "run", *args)).read_text())
     assert again["steps"] == report["steps"] and again["early_stopping"] == es
     assert again["valid_logloss"] == pytest.approx(report["valid_logloss"], rel=1e-6)
+    assert es["restored_best"] == restore
+
+
+def test_best_weights_are_restored_when_training_ends_without_a_stop(tmp_path):
+    """Patience never reached (2 epochs, patience 50): the final checkpoint still holds the best validation's
+    weights, re-written when a periodic checkpoint had been saved at the last step already."""
+    steps = 2 * math.ceil(275 / 16)  # the tiny train split: 275 requests, batch 16
+    args = ("train.eval_every=2", "train.epochs=2", "train.early_stopping.metric=valid_logloss",
+            "train.early_stopping.mode=min", "train.early_stopping.patience=50", "train.optim.dense_lr=0.05",
+            f"train.checkpoint_every={steps}")
+    with torch_threads(1):
+        report = json.loads(train(run_config(tmp_path, "run", *args)).read_text())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    valid = [(r["step"], r["valid_logloss"]) for r in rows if "valid_logloss" in r]
+    best_step, best = min(valid, key=lambda sv: sv[1])
+    es = report["early_stopping"]
+    assert report["steps"] == steps and es["stopped_at_step"] is None
+    assert es["best_step"] == best_step != steps and es["restored_best"]
+    assert report["valid_logloss"] == pytest.approx(best, rel=1e-5)
+    final = torch.load(tmp_path / "run" / "checkpoints" / f"step_{steps}.pt", weights_only=False)["model"]
+    kept = torch.load(tmp_path / "run" / "best_weights.pt", weights_only=False)
+    assert kept["step"] == best_step and final.keys() == kept["model"].keys()
+    for name, value in kept["model"].items():  # the checkpoint scoring reads holds the best weights
+        assert torch.equal(final[name], value), name
