@@ -68,3 +68,36 @@ def test_ns_finish_equals_per_token_reference():
     x = torch.randn(6, 3, 16)
     attn = torch.randn(6, 3, 2, 8)
     torch.testing.assert_close(blk.ns_finish(x, attn), per_token_ns_finish(blk, x, attn), atol=1e-5, rtol=1e-5)
+
+
+def test_per_position_linear_runs_in_bf16_under_autocast():
+    """Under ``train.bf16`` (CPU autocast) the NS maps give bf16 like the S side's ``F.linear``, so the attention op
+    sees one dtype (an einsum stayed fp32 and met bf16 prefix keys); values within bf16 rounding of fp32."""
+    torch.manual_seed(0)
+    lin = PerPositionLinear(3, 16, 24)
+    x = torch.randn(9, 3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), per_token_linear(x, lin.weight, lin.bias), atol=5e-2, rtol=2e-2)
+
+
+def test_ranker_trains_a_step_under_bf16_autocast():
+    """The ranker's training forward + backward under CPU bf16 autocast: logits within bf16 rounding of fp32."""
+    from recsys.model.config import ModelConfig
+    from recsys.model.heads import multitask_bce
+    from recsys.model.ranker import OneTransRanker
+    from recsys.testing import random_request_batch, tiny_schema
+
+    schema = tiny_schema()
+    torch.manual_seed(0)
+    model = OneTransRanker(schema, ModelConfig(d_model=32, n_heads=2, n_layers=2, n_ns_tokens=2, emb_dim=8,
+                                               head_hidden=16, attention_backend="torch"), 64)
+    batch = random_request_batch(schema, [9, 0, 4], [2, 1, 3], seed=1)
+    want = model(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(batch)
+        loss = multitask_bce(got.float(), batch.labels)[0]
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
