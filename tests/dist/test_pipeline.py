@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_runs import single_process_reference, torchrun
+from dist_runs import assert_weights_match, single_process_reference, torchrun
 
 from recsys.dist.config import DistConfig, Pipeline
 from recsys.dist.pipeline import resolve_pipeline
@@ -55,8 +55,9 @@ def test_pipelined_steps_equal_eager_steps_and_one_process(tmp_path, sharding):
             torch.testing.assert_close(piped[key][k], v, rtol=0, atol=2e-5, msg=f"{sharding} {key}: {k}")
     ref_losses, ref_state = single_process_reference(pipeline_worker.REF_STEPS)
     assert piped["losses"][:pipeline_worker.REF_STEPS] == pytest.approx(ref_losses, rel=1e-5)
-    for k, v in ref_state.items():
-        torch.testing.assert_close(piped["at_ref"][k], v, rtol=0, atol=2e-5, msg=f"{sharding} vs 1 process: {k}")
+    # 2 ranks vs 1 process: the float order of the all-reduce differs, so the parity tests' rule (a few
+    # AdamW-amplified elements up to 2e-4); pipelined vs eager above run the same reductions and stay at 2e-5
+    assert_weights_match(piped["at_ref"], ref_state, f"{sharding} vs 1 process")
     for rank in (0, 1):
         skip = torch.load(tmp_path / f"skip-rank{rank}.pt", weights_only=True)
         for name in ("eager", "pipelined"):
