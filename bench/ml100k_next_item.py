@@ -7,7 +7,7 @@ Per seed, through the product's own commands (``python -m recsys.train`` / ``rec
 1. **two-tower retriever**: ``model=two_tower data=ml100k``, next item at every history position, full
    softmax over the 1,682 items, early stopping on ``valid_recall@10`` (best weights restored);
 2. **SASRec baseline** (in-product, ``model=sasrec``): trained until early stopping on its own
-   ``valid_recall@10`` (at most ``--sasrec-epochs`` epochs), every item ranked by its next-item score
+   ``valid_recall@10`` (``--sasrec-patience``, at most ``--sasrec-epochs`` epochs), every item ranked by its next-item score
    (``python -m recsys.evaluate``'s full-catalog protocol);
 3. **ranker for the cascade**: the ``small`` OneTrans ranker with hard negatives from (1)'s top
    ``--retrieve-k`` (``train.hard_negatives``, ``listed_label=positive``: the ranked task is "the next item");
@@ -79,7 +79,8 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     tt = train(args, base / "two_tower", "model=two_tower", "train.epochs=1", f"train.eval_every={args.eval_every}",
                *stop, *seeds)
     sas = train(args, base / "sasrec", "model=sasrec", f"train.epochs={args.sasrec_epochs}",
-                f"train.eval_every={args.eval_every}", *stop, *seeds)
+                f"train.eval_every={args.eval_every}", "train.early_stopping.metric=valid_recall@10",
+                f"train.early_stopping.patience={args.sasrec_patience}", *seeds)
     retriever = base / "two_tower" / "retriever"
     rk = train(args, base / "ranker", f"model={args.ranker}", f"train.epochs={args.ranker_epochs}", *seeds,
                f"train.hard_negatives.retriever={retriever}", f"train.hard_negatives.retrieve_k={args.retrieve_k}",
@@ -129,6 +130,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--sasrec-epochs", type=int, default=3)
+    ap.add_argument("--sasrec-patience", type=int, default=10,
+                    help="SASRec's early-stopping patience (4 stopped it too early: 120-180 steps best vs 300-660)")
     ap.add_argument("--ranker", default="small")
     ap.add_argument("--ranker-epochs", type=int, default=1)
     ap.add_argument("--retrieve-k", type=int, default=100)
