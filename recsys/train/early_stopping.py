@@ -59,8 +59,8 @@ class EarlyStopper:
                              "choose a metric the validation split defines")
         value = float(value)
         better = self.best is None or (value > self.best if self.cfg.mode == StopMode.max else value < self.best)
-        if better:
-            self.best, self.best_step, self.bad = value, step, 0
+        if better:  # (an extended run's new best: the weights in hand are not the best's any more)
+            self.best, self.best_step, self.bad, self.restored = value, step, 0, False
             return
         self.bad += 1
         if self.bad >= self.cfg.patience:

@@ -22,7 +22,9 @@ from recsys.data.prepare import raw_inputs
 from recsys.dist.strategy import DIST_CHECKPOINT_DIR, RESUME_KEYS
 from recsys.errors import InputError
 from recsys.reliability.rundir import lock_run_dir, move_aside
+from recsys.retrieval.two_tower_model import ARTIFACT_DIR as RETRIEVER_DIR
 from recsys.train.config import RunConfig, identity_differences, run_fingerprint
+from recsys.train.early_stopping import BestWeights
 from recsys.train.tensorboard import TENSORBOARD_DIR
 
 
@@ -40,7 +42,8 @@ def config_record(cfg: RunConfig) -> dict[str, Any]:
 
 # What a run writes into output_dir (besides the lock file), single-process or distributed: moved aside
 # together by train.fresh_run.
-RUN_OUTPUTS = ("checkpoints", DIST_CHECKPOINT_DIR, "train_log.jsonl", TENSORBOARD_DIR, "report.json")
+RUN_OUTPUTS = ("checkpoints", DIST_CHECKPOINT_DIR, "train_log.jsonl", TENSORBOARD_DIR, "report.json",
+               BestWeights.FILE, RETRIEVER_DIR)
 
 
 class CheckpointStore(Protocol):

@@ -106,3 +106,20 @@ def test_best_weights_are_restored_when_training_ends_without_a_stop(tmp_path):
     assert kept["step"] == best_step and final.keys() == kept["model"].keys()
     for name, value in kept["model"].items():  # the checkpoint scoring reads holds the best weights
         assert torch.equal(final[name], value), name
+
+
+def test_fresh_run_moves_the_best_weights_and_the_retriever_artifact_aside(tmp_path):
+    """train.fresh_run moves every output of the earlier run, never deletes or overwrites one: best_weights.pt
+    (early stopping) and a two-tower's retriever/ artifact too."""
+    args = ("model=two_tower", "train.max_steps=4", "train.eval_every=2", "train.early_stopping.metric=valid_recall@10")
+    with torch_threads(1):
+        train(run_config(tmp_path, "run", *args))
+    run = tmp_path / "run"
+    old = {p.relative_to(run): p.read_bytes() for p in [run / "best_weights.pt", *(run / "retriever").rglob("*")]
+           if p.is_file()}
+    assert any(p.parts[0] == "retriever" for p in old)
+    with torch_threads(1):
+        train(run_config(tmp_path, "run", *args, "train.fresh_run=true", "train.seed=1"))
+    (previous,) = run.glob("previous-*")
+    assert {rel: (previous / rel).read_bytes() for rel in old} == old  # the earlier run's files, byte for byte
+    assert (run / "best_weights.pt").exists() and (run / "retriever").is_dir()  # the new run's own
