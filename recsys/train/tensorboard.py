@@ -15,6 +15,7 @@ fresh start (no checkpoint) removes the earlier event files instead, as it remov
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,20 @@ def _summary_writer_class() -> type:
     return SummaryWriter
 
 
+def wait_for_a_later_second(directory: Path) -> None:
+    """Sleep (at most a second) until the clock's whole second is past every event file's in ``directory``.
+
+    TensorBoard reads a directory's event files in name order, and a name is ``events.out.tfevents.<10-digit
+    second>.<host>.<pid>.<counter>``: within one second and one process the unpadded counter decides, so a
+    resumed writer's file (counter 10) could sort before the earlier one's (counter 9) and its purge would
+    hide the wrong events. Only an in-process resume within the same second meets this (a killed run's
+    restart is always later); waiting costs nothing otherwise."""
+    newest = max((int(p.name.split(".")[3]) for p in directory.glob("events.out.tfevents.*")
+                  if p.name.split(".")[3:4] and p.name.split(".")[3].isdigit()), default=None)
+    while newest is not None and int(time.time()) <= newest:
+        time.sleep(0.05)
+
+
 class TensorBoardLog:
     """The TensorBoard side of ``train_log.jsonl``: :meth:`open` once the start step is known, then
     :meth:`write` every record the log gets; a context manager closes it on any exit.
@@ -67,6 +82,8 @@ class TensorBoardLog:
         if start_step == 0:  # a fresh start: an earlier attempt's events (killed before any checkpoint) go
             for old in self.dir.glob("events.out.tfevents.*"):
                 old.unlink()
+        else:
+            wait_for_a_later_second(self.dir)
         self._writer = self._writer_class(log_dir=str(self.dir), flush_secs=_FLUSH_SECS,
                                           purge_step=start_step + 1 if start_step else None)
 

@@ -109,3 +109,22 @@ def test_missing_tensorboard_package_is_refused_before_any_work(tmp_path, monkey
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "train_log.jsonl").exists()
     TensorBoardLog(tmp_path / "off", enabled=False).open(0)  # disabled: no import, no directory
     assert not (tmp_path / "off").exists()
+
+
+def test_a_resumed_writer_sorts_after_the_earlier_event_files(tmp_path):
+    """Event files sort by name and, within one second and one process, by an unpadded counter ("...9" after
+    "...10"): before a resumed writer opens, the clock is past every earlier file's second, so its file sorts last
+    and its purge_step hides the replayed steps of the earlier files, not its own."""
+    import time
+
+    from recsys.train.tensorboard import wait_for_a_later_second
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now:010d}.host.42.9").write_bytes(b"")
+    wait_for_a_later_second(tmp_path)
+    assert int(time.time()) > now
+    later = f"events.out.tfevents.{int(time.time()):010d}.host.42.10"
+    assert sorted([later, f"events.out.tfevents.{now:010d}.host.42.9"])[-1] == later
+    t0 = time.perf_counter()
+    wait_for_a_later_second(tmp_path / "empty")  # no event file: no wait
+    assert time.perf_counter() - t0 < 0.05
