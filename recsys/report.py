@@ -16,9 +16,9 @@ TRAIN = [
     ("train_samples_per_s", "train samples/s"), ("train_time_s", "train time (s)"), ("steps", "steps"),
     ("pyramid", "pyramid S queries per layer"),
 ]
-RETRIEVER = [("valid_recall@10", "valid recall@10 (positives in the exact top 10)"),
-             ("valid_recall_catalog", "catalog items"), ("train_samples_per_s", "train samples/s"),
+RETRIEVER = [("valid_recall_catalog", "catalog items"), ("train_samples_per_s", "train samples/s"),
              ("train_time_s", "train time (s)"), ("steps", "steps")]
+"""After its ``valid_recall@<K>`` (K = ``model.retrieval.recall_k``)."""
 SCORE = [("auc", "AUC"), ("gauc", "GAUC"), ("logloss", "log loss"), ("hr@10", "HR@10"), ("ndcg@10", "NDCG@10")]
 CASCADE_PREFIXES = ("recall@", "hr@10_", "ndcg@10_")
 """Cascade summaries add recall@<K>_<retriever> / _union and each retriever alone (hr@10_<kind>, ...)."""
@@ -43,11 +43,14 @@ def format_report(report: dict[str, Any]) -> str:
         rows = _rows(metrics, SCORE + extra) + _rows(report, SCORE_TOP)
         if report.get("protocol"):
             rows.append(("protocol", report["protocol"]))
-    elif "valid_recall@10" in report and report.get("config", {}).get("model", {}).get("arch") == "two_tower":
+    elif report.get("config", {}).get("model", {}).get("arch") == "two_tower":
         title = "retriever training (two-tower)"
-        rows = _rows(report, RETRIEVER)
+        recall = [(k, f"{k.removeprefix('valid_')} (positives in the exact top {k.split('@')[1]})")
+                  for k in report if k.startswith("valid_recall@")]
+        rows = _rows(report, recall + RETRIEVER)
         if (es := report.get("early_stopping")) is not None:
             end = f"stopped at step {es['stopped_at_step']}" if es["stopped_at_step"] else "not stopped early"
+            end += ", its weights restored" if es.get("restored_best") else ""
             rows.append(("early stopping", f"{es['metric']} best at step {es['best_step']}, {end}"))
     else:
         title = f"training (tasks {report.get('tasks')})"
