@@ -19,6 +19,8 @@ TRAIN = [
 RETRIEVER = [("valid_recall_catalog", "catalog items"), ("train_samples_per_s", "train samples/s"),
              ("train_time_s", "train time (s)"), ("steps", "steps")]
 """After its ``valid_recall@<K>`` (K = ``model.retrieval.recall_k``)."""
+RETRIEVER_ARCHS = {"two_tower": ("two-tower", "exact top"), "sid_decoder": ("SID decoder", "beam-search top")}
+"""A training report of these archs is a retriever's: (its name, how its top K is found)."""
 SCORE = [("auc", "AUC"), ("gauc", "GAUC"), ("logloss", "log loss"), ("hr@10", "HR@10"), ("ndcg@10", "NDCG@10")]
 CASCADE_PREFIXES = ("recall@", "hr@10_", "ndcg@10_")
 """Cascade summaries add recall@<K>_<retriever> / _union and each retriever alone (hr@10_<kind>, ...)."""
@@ -43,11 +45,13 @@ def format_report(report: dict[str, Any]) -> str:
         rows = _rows(metrics, SCORE + extra) + _rows(report, SCORE_TOP)
         if report.get("protocol"):
             rows.append(("protocol", report["protocol"]))
-    elif report.get("config", {}).get("model", {}).get("arch") == "two_tower":
-        title = "retriever training (two-tower)"
-        recall = [(k, f"{k.removeprefix('valid_')} (positives in the exact top {k.split('@')[1]})")
+    elif (arch := report.get("config", {}).get("model", {}).get("arch")) in RETRIEVER_ARCHS:
+        title = f"retriever training ({RETRIEVER_ARCHS[arch][0]})"
+        recall = [(k, f"{k.removeprefix('valid_')} (positives in the {RETRIEVER_ARCHS[arch][1]} {k.split('@')[1]})")
                   for k in report if k.startswith("valid_recall@")]
         rows = _rows(report, recall + RETRIEVER)
+        if "valid_beam_certified" in report:
+            rows += _rows(report, [("valid_beam_certified", "share of requests whose beam top K is certified exact")])
         if (es := report.get("early_stopping")) is not None:
             end = f"stopped at step {es['stopped_at_step']}" if es["stopped_at_step"] else "not stopped early"
             end += ", its weights restored" if es.get("restored_best") else ""

@@ -17,6 +17,14 @@ def test_retriever_report_shows_recall_and_the_early_stop():
     assert "AUC" not in text  # a retriever's candidate AUC is not its headline
 
 
+def test_sid_decoder_report_names_its_beam_search():
+    report = {"valid_recall@10": 0.125, "valid_recall_catalog": 1682, "valid_beam_certified": 0.5, "steps": 9,
+              "config": {"model": {"arch": "sid_decoder"}}}
+    text = format_report(report)
+    assert text.startswith("retriever training (SID decoder)")
+    assert "beam-search top 10" in text and "0.1250" in text and "certified exact" in text and "0.5000" in text
+
+
 def test_cascade_summary_lists_recall_and_each_retriever_alone(tmp_path):
     summary = {"mode": "cascade", "requests": 3, "requests_per_s": 10.0,
                "metrics": {"hr@10": 0.3, "ndcg@10": 0.2, "recall@100_two_tower": 0.6, "recall@100_union": 0.6,

@@ -41,9 +41,9 @@ def build_model(schema: DataSchema, cfg: ModelConfig, max_s_tokens: int) -> nn.M
         return DINModel(schema, cfg)
     if arch == Arch.sasrec:
         return SASRecModel(schema, cfg, max_s_tokens)
-    if arch == Arch.two_tower:  # built by recsys.retrieval.train_hooks (above this layer) for training only
-        raise InputError("model.arch=two_tower is a retriever, not a scorer: serve its <run dir>/retriever artifact "
-                         "with python -m recsys.score mode=cascade cascade.retrievers=[...]")
+    if arch in (Arch.two_tower, Arch.sid_decoder):  # built by recsys.retrieval.train_hooks (above this layer)
+        raise InputError(f"model.arch={arch.value} is a retriever, not a scorer: serve its <run dir>/retriever "
+                         "artifact with python -m recsys.score mode=cascade cascade.retrievers=[...]")
     raise ValueError(f"unknown model.arch {arch!r}")
 
 

@@ -31,6 +31,7 @@ class Arch(str, Enum):
     din = "din"
     sasrec = "sasrec"
     two_tower = "two_tower"  # the two-tower retriever (recsys.retrieval.two_tower_model), built by the train layer
+    sid_decoder = "sid_decoder"  # the generative SID retriever (recsys.retrieval.sid_decoder_model), ditto
 
 
 class Backend(str, Enum):
@@ -65,7 +66,8 @@ class PyramidConfig:
 
 @dataclass
 class RetrievalTrainConfig:
-    """``model.arch=two_tower``: vector width, loss and validation settings (recsys.retrieval.two_tower_model)."""
+    """``model.arch=two_tower``: vector width, loss and validation settings (recsys.retrieval.two_tower_model);
+    ``model.arch=sid_decoder`` reads ``recall_k`` only (its beam width in validation)."""
 
     out_dim: int = 32
     """Width O of the user / item vectors."""
@@ -109,7 +111,7 @@ class ModelConfig(TokenizerConfig):
     attention_backend: Backend = Backend.auto
     """Attention implementation (kernels/); auto = triton on CUDA, torch on CPU."""
     retrieval: RetrievalTrainConfig = field(default_factory=RetrievalTrainConfig)
-    """two_tower only: retriever vector width, loss, validation recall@K."""
+    """Retrievers (two_tower, sid_decoder): vector width, loss, validation recall@K."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

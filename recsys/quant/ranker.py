@@ -9,27 +9,33 @@ from typing import Any
 
 import torch
 
-from recsys.model.config import ItemEmbeddingMode, ModelConfig
+from recsys.errors import InputError
+from recsys.model.config import Arch, ItemEmbeddingMode, ModelConfig
 from recsys.quant.artifact import SemanticIds
 from recsys.quant.content import read_content_parquet
 
 
 def resolve_item_embedding(model_cfg: ModelConfig) -> tuple[ModelConfig, SemanticIds | None]:
     """(config with ``sid_columns`` / ``sid_codebook_size`` filled from ``sid_path``, the SIDs);
-    ``(model_cfg, None)`` in id mode. Returns a new config; the argument is not modified."""
+    ``(model_cfg, None)`` in id mode, except for ``model.arch=sid_decoder``, whose output vocabulary the
+    SIDs are (then ``(model_cfg, the SIDs)``, the tables still by id). Returns a new config; the argument
+    is not modified."""
     ie = model_cfg.item_embedding
-    if ie.mode == ItemEmbeddingMode.id:
+    decoder = Arch(model_cfg.arch) == Arch.sid_decoder
+    if ie.mode == ItemEmbeddingMode.id and not decoder:
         return model_cfg, None
     if not ie.sid_path:
-        raise ValueError(f"model.item_embedding.mode={ie.mode.value} needs model.item_embedding.sid_path "
-                         "(the sids.pt written by python -m recsys.quant)")
+        need = "model.arch=sid_decoder" if decoder else f"model.item_embedding.mode={ie.mode.value}"
+        raise InputError(f"{need} needs model.item_embedding.sid_path (the sids.pt written by python -m recsys.quant)")
     sids = SemanticIds.load(ie.sid_path)
+    if ie.mode == ItemEmbeddingMode.id:
+        return model_cfg, sids
     m = ie.sid_columns or sids.num_columns
     if m > sids.num_columns:
-        raise ValueError(f"item_embedding.sid_columns={m} but {ie.sid_path} has {sids.num_columns} columns")
+        raise InputError(f"item_embedding.sid_columns={m} but {ie.sid_path} has {sids.num_columns} columns")
     k = ie.sid_codebook_size or int(sids.cardinality[:m].max())
     if k < int(sids.cardinality[:m].max()):
-        raise ValueError(f"item_embedding.sid_codebook_size={k} < the codebook size in {ie.sid_path} "
+        raise InputError(f"item_embedding.sid_codebook_size={k} < the codebook size in {ie.sid_path} "
                          f"({int(sids.cardinality[:m].max())})")
     resolved = dataclasses.replace(ie, sid_columns=m, sid_codebook_size=k)
     return dataclasses.replace(model_cfg, item_embedding=resolved), sids

@@ -251,12 +251,21 @@ class SidDecoder(nn.Module):
         return self._logprobs(x.unsqueeze(1), t)[:, 0], new
 
 
+def sid_logprob(decoder: SidDecoder, user_prefix: PrefixKV, codes: torch.Tensor,
+                cand_offsets: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing: ``codes [C, L]`` (whole SIDs, rows of ``SemanticIds.codes``; request ``r`` of
+    ``user_prefix`` owns rows ``cand_offsets[r]:cand_offsets[r+1]``) -> ``[C]``
+    ``sum_l log p(code_l | history of its request, code_<l)``."""
+    decoder.check_codes(codes, codes.shape[0] if codes.ndim == 2 else -1, decoder.num_levels, "target codes")
+    target = codes.long()
+    logp = decoder(user_prefix, target[:, :-1], cand_offsets)  # [C, L, V]
+    return logp.gather(2, target.unsqueeze(2)).squeeze(2).sum(1)
+
+
 def sid_nll(decoder: SidDecoder, user_prefix: PrefixKV, target_codes: torch.Tensor) -> torch.Tensor:
     """Teacher forcing: ``target_codes [B, L]`` (one target SID per request of ``user_prefix``, rows of
     ``SemanticIds.codes``) -> scalar ``mean_b sum_l -log p(code_l | history_b, code_<l)``."""
     b = user_prefix.offsets[0].numel() - 1
     decoder.check_codes(target_codes, b, decoder.num_levels, "target codes")
-    target = target_codes.long()
-    cand_offsets = torch.arange(b + 1, device=target.device)
-    logp = decoder(user_prefix, target[:, :-1], cand_offsets)  # [B, L, V]
-    return -logp.gather(2, target.unsqueeze(2)).squeeze(2).sum(1).mean()
+    cand_offsets = torch.arange(b + 1, device=target_codes.device)
+    return -sid_logprob(decoder, user_prefix, target_codes, cand_offsets).mean()

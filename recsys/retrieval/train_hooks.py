@@ -9,16 +9,27 @@ loop's validation) and ``write_artifact(run_dir, schema, dataset_dir)`` (called 
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from recsys.baselines.factory import build_model
 from recsys.data.schema import DataSchema
+from recsys.errors import InputError
 from recsys.model.config import Arch, ModelConfig
+from recsys.retrieval.sid_decoder_model import SidDecoderModel
 from recsys.retrieval.two_tower_model import TwoTowerModel
 
 
-def build_trainable(schema: DataSchema, cfg: ModelConfig, max_s_tokens: int) -> nn.Module:
-    """``cfg.arch``'s model: the two-tower retriever, or whatever :func:`build_model` builds."""
-    if Arch(cfg.arch) == Arch.two_tower:
+def build_trainable(schema: DataSchema, cfg: ModelConfig, max_s_tokens: int, sids: Any = None) -> nn.Module:
+    """``cfg.arch``'s model: a retriever, or whatever :func:`build_model` builds. ``sids``: the run's
+    ``SemanticIds`` (``model.item_embedding.sid_path``), the SID decoder's output vocabulary."""
+    arch = Arch(cfg.arch)
+    if arch == Arch.two_tower:
         return TwoTowerModel(schema, cfg, max_s_tokens)
+    if arch == Arch.sid_decoder:
+        if sids is None:
+            raise InputError("model.arch=sid_decoder needs model.item_embedding.sid_path (the sids.pt written by "
+                             "python -m recsys.quant on this data)")
+        return SidDecoderModel(schema, cfg, max_s_tokens, sids.codes)
     return build_model(schema, cfg, max_s_tokens)

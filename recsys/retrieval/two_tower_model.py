@@ -40,6 +40,7 @@ from recsys.data.jagged import keep_last, positions_in_sequence
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
 from recsys.features.config import SeqMerge
+from recsys.features.tokenizer import UnifiedTokenizer
 from recsys.model.config import ModelConfig, PyramidMode
 from recsys.model.ranker import OneTransRanker
 from recsys.retrieval.artifact import save_retriever
@@ -95,6 +96,11 @@ class TwoTowerModel(Baseline):
         self.encoder = TwoTowerEncoder(OneTransRanker(schema, cfg, max_s_tokens), rc.out_dim)
         self.register_buffer("target_counts", torch.zeros(schema.num_items, dtype=torch.float64))
         self.register_buffer("item_category", torch.zeros(schema.num_items, dtype=torch.int64))
+
+    @property
+    def tokenizer(self) -> UnifiedTokenizer:
+        """The backbone's tokenizer (``install_sids`` fills its SID tables in ``item_embedding.mode=sid/both``)."""
+        return self.encoder.ranker.tokenizer
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.ranker.tokenizer.embeddings.parameters())

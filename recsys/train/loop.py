@@ -39,6 +39,7 @@ from recsys.dist.pipeline import Eager, SparseDistPipeline, resolve_pipeline
 from recsys.dist.schedule import lr_multiplier
 from recsys.dist.strategy import SingleProcess, make_strategy
 from recsys.errors import InputError
+from recsys.model.config import ItemEmbeddingMode
 from recsys.quant.ranker import install_sids, with_resolved_sids
 from recsys.reliability.digest import json_default
 from recsys.reliability.faults import fault_point
@@ -119,8 +120,8 @@ class Run:
         return ds if ds is not None else prepare_dataset(self.cfg.data, progress=False, need=need)
 
     def build(self) -> torch.nn.Module:
-        model = build_trainable(self.schema, self.cfg.model, self.s_max)
-        if self.sids is not None:
+        model = build_trainable(self.schema, self.cfg.model, self.s_max, self.sids)
+        if self.sids is not None and self.cfg.model.item_embedding.mode != ItemEmbeddingMode.id:
             install_sids(model, self.sids, self.schema.num_items)
         return model
 
