@@ -10,7 +10,7 @@ from recsys.embeddings.config import ItemEmbeddingConfig, ItemEmbeddingMode, Sid
 from recsys.features.config import NsTokenizer, SeqMerge, TokenizerConfig
 
 __all__ = ["Arch", "Backend", "ItemEmbeddingConfig", "ItemEmbeddingMode", "ModelConfig", "NsTokenizer",
-           "PyramidConfig", "PyramidMode", "SeqMerge", "SidCombine", "TokenizerConfig"]
+           "PyramidConfig", "PyramidMode", "SeqMerge", "SidCombine", "SidTargets", "TokenizerConfig"]
 
 # Fixed choices are str-valued enums, not Literal: OmegaConf rejects Literal annotations,
 # while an enum is checked at merge time, so a typo in YAML or an override fails at start-up.
@@ -64,10 +64,17 @@ class PyramidConfig:
             raise ValueError("pyramid.final must be >= 0 and pyramid.round_to >= 1")
 
 
+class SidTargets(str, Enum):
+    """What the SID decoder is trained to generate (``RetrievalTrainConfig.sid_targets``)."""
+
+    positives = "positives"
+    candidates = "candidates"
+
+
 @dataclass
 class RetrievalTrainConfig:
     """``model.arch=two_tower``: vector width, loss and validation settings (recsys.retrieval.two_tower_model);
-    ``model.arch=sid_decoder`` reads ``recall_k`` only (its beam width in validation)."""
+    ``model.arch=sid_decoder`` reads ``recall_k`` (its beam width in validation) and ``sid_targets``."""
 
     out_dim: int = 32
     """Width O of the user / item vectors."""
@@ -79,6 +86,13 @@ class RetrievalTrainConfig:
     """Catalogs with at most this many rows use the exact full softmax."""
     recall_k: int = 10
     """Validation metric: recall@K of the valid split's positives (exact faiss index, history allowed)."""
+    sid_targets: SidTargets = SidTargets.positives
+    """sid_decoder: which candidates of a training request it learns to generate: those labelled 1 on the
+    first task, or every candidate (a log of what users chose, e.g. every rating; candidates must then
+    be no sampled negatives)."""
+
+    def __post_init__(self) -> None:
+        self.sid_targets = SidTargets(self.sid_targets)
 
 
 @dataclass

@@ -51,13 +51,18 @@ def write_content_parquet(path: str | Path, ids: torch.Tensor, vecs: torch.Tenso
 
 
 def checkpoint_content(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows 1.. of a training checkpoint's item embedding table (row 0 is the OOV id).
+    """Rows 1.. of a training checkpoint's item embedding table (row 0 is the OOV id): the ranker's, or a
+    retriever backbone's (a two-tower's item tower reads that table: collaborative content for SIDs).
 
     Loaded like every checkpoint (``load_checkpoint``: digest, ``weights_only``): a file that is not a
     torch checkpoint raises ``CheckpointError`` (an ``InputError``) naming it."""
     state = load_checkpoint(path)
     model = state.get("model")
-    weights = model.get(ITEM_TABLE_KEY) if isinstance(model, dict) else None
+    # The ranker's key, or the same table inside a retriever's backbone (two-tower: "encoder.ranker.<key>").
+    keys = [k for k in model if k == ITEM_TABLE_KEY or k.endswith("." + ITEM_TABLE_KEY)] if isinstance(model, dict) else []
+    if len(keys) > 1:
+        raise InputError(f"checkpoint {path} holds {len(keys)} item id tables ({keys}); give a checkpoint of one model")
+    weights = model[keys[0]] if keys else None
     if weights is None:
         raise InputError(f"checkpoint {path} has no item id table ({ITEM_TABLE_KEY}); was it trained with "
                          "model.item_embedding.mode=sid?")

@@ -11,7 +11,8 @@ Shapes: ``B`` requests, ``C`` candidate rows, ``P`` training targets (positive c
   output vocabulary either way.
 * **Loss** (:meth:`SidDecoderModel.training_loss`, the trainer's own-loss hook): teacher forcing,
   ``mean_p sum_l -log p(code_l of target p | history of its request, code_<l)``. Targets are the
-  request's positive candidates (task 0 label 1), the item the user engaged with at the request time,
+  request's positive candidates (task 0 label 1; every candidate with ``retrieval.sid_targets=candidates``,
+  for a log of choices such as ml-100k's ratings), the item the user engaged with at the request time,
   read with the request's history only (the loader's history is strictly before the request), so no
   target is ever an input. Several positives of one request are several sequences over one shared
   prefix (``cand_offsets``); a positive without a SID is not trained on.
@@ -40,7 +41,7 @@ from recsys.data.jagged import lengths_to_offsets
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
 from recsys.features.tokenizer import UnifiedTokenizer
-from recsys.model.config import ModelConfig
+from recsys.model.config import ModelConfig, SidTargets
 from recsys.model.ranker import OneTransRanker
 from recsys.retrieval.artifact import save_retriever
 from recsys.retrieval.sid_decoder import SidDecoder, sid_logprob, user_prefix
@@ -74,6 +75,7 @@ class SidDecoderModel(Baseline):
     def __init__(self, schema: DataSchema, cfg: ModelConfig, max_s_tokens: int, codes: torch.Tensor) -> None:
         super().__init__()
         self.tasks, self.max_s_tokens, self.recall_k = list(schema.tasks), max_s_tokens, cfg.retrieval.recall_k
+        self.sid_targets = cfg.retrieval.sid_targets
         table = item_code_table(codes, schema.num_items)
         self.register_buffer("codes", table)  # [I, L]
         self.ranker = OneTransRanker(schema, cfg, max_s_tokens)
@@ -94,10 +96,13 @@ class SidDecoderModel(Baseline):
         return SidTrie(self.codes[items].cpu(), items.cpu(), vocab_size=self.decoder.vocab_size)
 
     def targets(self, batch: RequestBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target SIDs ``[P, L]``, their requests' offsets ``[B+1]``): the positive candidates with a SID."""
+        """(target SIDs ``[P, L]``, their requests' offsets ``[B+1]``): the positive candidates (or every
+        candidate, ``retrieval.sid_targets=candidates``) with a SID."""
         items = batch.cand["item_id"].values().long()
         codes = self.codes[items]  # [C, L]
-        keep = (batch.labels[:, 0] > 0.5) & (codes >= 0).all(1)
+        keep = (codes >= 0).all(1)
+        if self.sid_targets == SidTargets.positives:
+            keep &= batch.labels[:, 0] > 0.5
         counts = torch.bincount(candidate_owner(batch)[keep], minlength=batch.num_requests)
         return codes[keep], lengths_to_offsets(counts)
 

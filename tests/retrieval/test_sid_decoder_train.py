@@ -21,7 +21,7 @@ from recsys.data import RequestLoader, prepare_dataset
 from recsys.dist.config import OptimConfig
 from recsys.dist.strategy import SingleProcess
 from recsys.errors import InputError
-from recsys.model.config import ModelConfig, PyramidConfig
+from recsys.model.config import ModelConfig, PyramidConfig, SidTargets
 from recsys.model.ranker import PrefixKV
 from recsys.quant.artifact import SemanticIds
 from recsys.reliability.checkpoint import CheckpointManager
@@ -110,6 +110,18 @@ def test_loss_and_scores_equal_per_target_references(pyramid):
         rows = has.nonzero().flatten().tolist()
         torch.testing.assert_close(scores[rows, 0], reference_logprobs(model, batch, rows), atol=1e-5, rtol=1e-5)
         assert bool((scores[~has] == NO_SID_SCORE).all()) and torch.equal(scores[:, 0], scores[:, 1])
+
+
+def test_candidates_as_targets_train_on_every_candidate_with_a_sid():
+    model = make_model()
+    model.sid_targets = SidTargets.candidates
+    batch = batch_of()
+    has = (model.codes[batch.cand["item_id"].values().long()] >= 0).all(1)
+    loss, _, graph = model.training_loss(batch)
+    rows = has.nonzero().flatten().tolist()
+    assert graph.shape == (len(rows),) and len(rows) < has.numel()
+    with torch.no_grad():
+        torch.testing.assert_close(loss.detach(), -reference_logprobs(model, batch, rows).mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_a_batch_without_positives_gives_a_zero_loss_on_the_graph():
