@@ -16,7 +16,9 @@ Per batch:
 3. **rank**: the union becomes the request's candidate list (categories from the catalog map) and is
    scored by ``CachedScorer.score_batch`` (stage 1 once per user through the cache, stage 2 in chunks);
    ordered by the ranked task's logit, ties by ascending item id (``ranking.top_k_positions`` and
-   ``ranking.target_ranks``: the catalog ranking's rules, with the union as the candidate set).
+   ``ranking.target_ranks``: the catalog ranking's rules, with the union as the candidate set); with
+   ``cascade.fusion=rrf`` by the reciprocal-rank fusion of that order and each retriever's own
+   (:func:`rrf_scores`), the written scores still the ranker's.
 
 Rows per request: its top ``top_n`` (``rank`` 0..), then each target outside them (its rank among the
 union, or ``-1`` when no retriever found it; ``retrieved_by`` empty then). Targets (``cascade.target``) = the
@@ -40,7 +42,7 @@ from recsys.data.batch import RequestBatch
 from recsys.data.candidates import with_request_candidates
 from recsys.errors import InputError
 from recsys.retrieval.artifact import LoadedRetriever
-from recsys.serving.config import CatalogTarget
+from recsys.serving.config import CascadeFusion, CatalogTarget
 from recsys.serving.ranking import Catalog, history_items, request_targets, target_ranks, top_k_positions
 from recsys.serving.scorer import CachedScorer
 from recsys.serving.summary import cascade_metrics
@@ -75,12 +77,28 @@ def union_candidates(retrieved: list[np.ndarray]) -> tuple[list[np.ndarray], lis
     return ids_out, bits_out
 
 
+def rrf_scores(ranker_scores: torch.Tensor, cand: np.ndarray, retrieved: list[np.ndarray], rrf_k: int) -> torch.Tensor:
+    """Reciprocal-rank fusion of one request's union ``cand [m]`` (ascending ids): ``ranker_scores [m]`` give the
+    ranker's 0-based rank (ties by id, as ``top_k_positions``), each of ``retrieved`` (``[k]`` ids best first,
+    ``-1`` = none) its own (``positions_in``) -> ``[m]`` float64 ``sum over lists of 1 / (rrf_k + 1 + rank)``, a
+    list without the item adding 0."""
+    m = cand.size
+    ranker_rank = torch.empty(m, dtype=torch.int64, device=ranker_scores.device)
+    ranker_rank[top_k_positions(ranker_scores, m)] = torch.arange(m, device=ranker_scores.device)
+    fused = 1.0 / (rrf_k + 1.0 + ranker_rank.double())
+    for lst in retrieved:
+        own = torch.as_tensor(positions_in(lst, cand), device=ranker_scores.device)
+        fused = fused + torch.where(own >= 0, 1.0 / (rrf_k + 1.0 + own.double()), 0.0)
+    return fused
+
+
 class CascadeMode:
     """``mode=cascade`` (see the module docstring)."""
 
     def __init__(self, scorer: CachedScorer, tasks: list[str], kinds: list[str], catalog: Catalog,
                  retrievers: list[LoadedRetriever], rank_t: int, retrieve_k: int, top_n: int, exclude_seen: bool,
-                 k: int, target: CatalogTarget = CatalogTarget.positives) -> None:
+                 k: int, target: CatalogTarget = CatalogTarget.positives,
+                 fusion: CascadeFusion = CascadeFusion.ranker, rrf_k: int = 60) -> None:
         names = [r.kind for r in retrievers]
         if len(set(names)) != len(names):
             raise InputError(f"cascade.retrievers holds two retrievers of one kind ({names}); give at most one "
@@ -92,7 +110,7 @@ class CascadeMode:
         self.scorer, self.tasks, self.kinds, self.catalog = scorer, tasks, kinds, catalog
         self.retrievers, self.names, self.rank_t = retrievers, names, rank_t
         self.retrieve_k, self.top_n, self.exclude_seen, self.k = retrieve_k, top_n, exclude_seen, k
-        self.target = CatalogTarget(target)
+        self.target, self.fusion, self.rrf_k = CatalogTarget(target), CascadeFusion(fusion), rrf_k
         self.cats = np.zeros(catalog.num_items, dtype=np.int64)
         self.cats[catalog.items] = catalog.cats
         self.stage_times: dict[str, float] = {"retrieve": 0.0, "rank": 0.0}
@@ -100,7 +118,8 @@ class CascadeMode:
                                        **{f"{n}_empty_results": 0 for n in names}}
         self.record: dict[str, Any] = {"retrievers": [r.identity for r in retrievers], "retrieve_k": retrieve_k,
                                        "top_n": top_n, "exclude_seen": exclude_seen, "k": k,
-                                       "rank_task": tasks[rank_t], "target": self.target.value}
+                                       "rank_task": tasks[rank_t], "target": self.target.value,
+                                       "fusion": self.fusion.value, **({"rrf_k": rrf_k} if self.fusion == "rrf" else {})}
         self._last_candidates = 0
 
     # ---- stages -------------------------------------------------------------------
@@ -159,6 +178,8 @@ class CascadeMode:
         start = 0
         for b, (cand, bit, tgt) in enumerate(zip(ids, bits, targets)):
             s = logits[start:start + cand.size, self.rank_t]
+            if self.fusion == CascadeFusion.rrf:
+                s = rrf_scores(s, cand, [r[b] for r in retrieved], self.rrf_k)
             top = top_k_positions(s, self.top_n).cpu().numpy()
             pos = np.searchsorted(cand, tgt)
             inside = (pos < cand.size) & (cand[np.minimum(pos, max(cand.size - 1, 0))] == tgt) if cand.size else \

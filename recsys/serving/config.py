@@ -29,6 +29,15 @@ class ScoreMode(str, Enum):
     """Retrieve candidates from the catalog (two-tower and/or SID retrievers), re-rank them, top-N written."""
 
 
+class CascadeFusion(str, Enum):
+    """How the cascade orders a request's retrieved union (``cascade.fusion``)."""
+
+    ranker = "ranker"
+    """By the ranker's logit of the ranked task."""
+    rrf = "rrf"
+    """Reciprocal-rank fusion of the ranker's order and every retriever's own order."""
+
+
 class CatalogTarget(str, Enum):
     """Which of a request's listed candidates count as its held-out relevant items in catalog mode."""
 
@@ -103,8 +112,19 @@ class CascadeConfig:
     impressions), or every listed candidate (``candidates``: leave-one-out next-item data such as ml-100k,
     where the held-out item counts whatever its rating)."""
 
+    fusion: CascadeFusion = CascadeFusion.ranker
+    """Final order of the union: the ranker's logit (``ranker``), or reciprocal-rank fusion (``rrf``, Cormack et
+    al. 2009): ``1 / (rrf_k + 1 + ranker rank) + sum_j 1 / (rrf_k + 1 + rank in retriever j's list)``, a list
+    that lacks the item adding 0 (ranks 0-based; ties by item id). The written ``score_<task>`` stay the
+    ranker's; ``rank`` is the fused order."""
+    rrf_k: int = 60
+    """``rrf``'s smoothing constant (60: the paper's; larger flattens the weight of the top ranks)."""
+
     def __post_init__(self) -> None:
         self.target = CatalogTarget(self.target)
+        self.fusion = CascadeFusion(self.fusion)
+        if self.rrf_k < 0:
+            raise InputError(f"cascade.rrf_k must be >= 0, got {self.rrf_k}")
         if self.retrieve_k < 1 or self.top_n < 1:
             raise InputError(f"cascade.retrieve_k and cascade.top_n must be >= 1, got {self.retrieve_k}, {self.top_n}")
         if self.top_n > self.retrieve_k:

@@ -24,7 +24,7 @@ from recsys.errors import InputError
 from recsys.retrieval.artifact import load_retriever
 from recsys.serving.cascade import CascadeMode
 from recsys.serving.catalog import catalog_items, score_catalog
-from recsys.serving.config import CatalogTarget, ScoreConfig, ScoreMode
+from recsys.serving.config import CascadeFusion, CatalogTarget, ScoreConfig, ScoreMode
 from recsys.serving.inputs import ScoreInputs, expand_files
 from recsys.serving.ranking import Catalog, RankedRequest, history_items, rank_requests, request_targets
 from recsys.serving.scorer import CachedScorer
@@ -159,14 +159,17 @@ def cascade_mode(ctx: ModeContext) -> CascadeMode:
         raise InputError(f"cascade.retrievers lists one artifact twice: {list(cfg.retrievers)}")
     retrievers = [load_retriever(p, ctx.schema, catalog, ctx.device, ctx.dataset_dir) for p in cfg.retrievers]
     mode = CascadeMode(ctx.scorer, list(ctx.schema.tasks), list(ctx.schema.sequences), catalog, retrievers, rank_t,
-                       cfg.retrieve_k, cfg.top_n, cfg.exclude_seen, ctx.cfg.catalog.k, cfg.target)
+                       cfg.retrieve_k, cfg.top_n, cfg.exclude_seen, ctx.cfg.catalog.k, cfg.target, cfg.fusion, cfg.rrf_k)
     task = info["rank_task"]
     info.update({
         "retrievers": [{"kind": r.kind, "path": str(r.path), "fingerprint": r.fingerprint} for r in retrievers],
         "retrieve_k": cfg.retrieve_k, "top_n": cfg.top_n, "exclude_seen": cfg.exclude_seen, "target": cfg.target.value,
+        "fusion": cfg.fusion.value,
         "protocol": (f"retrieve {cfg.retrieve_k} of {catalog.items.size} items per retriever "
                      f"({'+'.join(mode.names)}; history " + ("excluded" if cfg.exclude_seen else "allowed") +
-                     f"), union re-ranked by score_{task}, top {cfg.top_n} written; targets = the request's "
+                     "), union re-ranked by " + (f"score_{task}" if cfg.fusion == CascadeFusion.ranker else
+                                               f"reciprocal-rank fusion (k {cfg.rrf_k}) of score_{task}'s order and "
+                                               "each retriever's") + f", top {cfg.top_n} written; targets = the request's "
                      + (f"candidates labelled 1 on {task} (cascade.target=positives)"
                         if cfg.target == CatalogTarget.positives else
                         "listed candidates whatever their labels (cascade.target=candidates)")

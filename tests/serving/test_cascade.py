@@ -71,10 +71,18 @@ def own_ranks(lists: list[list[int]], item: int) -> tuple[int, ...]:
     return tuple(lst.index(item) if item in lst else -1 for lst in lists)
 
 
-def reference_rows(ckpt: Path, retrievers: dict[str, Path], summary: dict) -> dict[int, list[tuple]]:
+def rrf_reference(order: list[int], lists: list[list[int]], item: int, rrf_k: int) -> float:
+    """Reciprocal-rank fusion of one item, written out: 1 / (k + 1 + rank) in the ranker's order and in every
+    retriever's list that has it."""
+    return 1 / (rrf_k + 1 + order.index(item)) + sum(1 / (rrf_k + 1 + lst.index(item)) for lst in lists if item in lst)
+
+
+def reference_rows(ckpt: Path, retrievers: dict[str, Path], summary: dict, rrf_k: int | None = None
+                   ) -> dict[int, list[tuple]]:
     """request_id -> [(item, rank, is_target, retrieved_by, rank_two_tower, rank_sid, score_click, score_like)],
     the slow way: brute-force retrieval, union, every candidate scored alone by the plain (uncached) ranker,
-    Python sort; a retriever's own rank = the item's index among that retriever's returned (non -1) ids."""
+    Python sort; a retriever's own rank = the item's index among that retriever's returned (non -1) ids.
+    ``rrf_k``: the final order is the reciprocal-rank fusion of the ranker's order and the retrievers' lists."""
     model, schema, _ = load_ranker(ckpt, CPU)
     table = scored_requests(summary, schema)
     batch = collate(table, schema, summary["max_len"])
@@ -96,6 +104,9 @@ def reference_rows(ckpt: Path, retrievers: dict[str, Path], summary: dict) -> di
                 scores[item] = torch.sigmoid(model(sub)[0]).tolist()
         order = sorted(found, key=lambda i: (-scores[i][0], i))
         lists = [[int(i) for i in r[b] if i >= 0] for r in retrieved]
+        if rrf_k is not None:
+            fused = {i: rrf_reference(order, lists, i, rrf_k) for i in found}
+            order = sorted(found, key=lambda i: (-fused[i], i))
 
         cand = one.cand["item_id"].values().numpy()
         labels = one.labels[:, 0].numpy()
@@ -115,8 +126,28 @@ def test_cascade_rows_equal_the_slow_reference(trained, retrievers, cascade_run)
     tmp, ckpt = trained
     out, summary = cascade_run
     assert summary["complete"] and summary["partitions_total"] >= 4
+    assert_rows_match(read_output(out), reference_rows(ckpt, retrievers, summary), summary)
+
+
+def test_rrf_fusion_rows_equal_the_slow_reference(trained, retrievers, cascade_run):
+    """``cascade.fusion=rrf``: the written order is the fused one (the ranker's own scores still written), and
+    it differs from the ranker's order on some request (so the test can tell the two apart)."""
+    tmp, ckpt = trained
+    out = tmp / "cascade_rrf"
+    with torch_threads(1):
+        summary = json.loads(run_scoring(score_config(ckpt, out, **cascade_overrides(retrievers),
+                                                      **{"cascade.fusion": "rrf", "cascade.rrf_k": 2})).read_text())
     got = read_output(out)
-    want = reference_rows(ckpt, retrievers, summary)
+    assert summary["fusion"] == "rrf" and "reciprocal-rank fusion (k 2)" in summary["protocol"]
+    assert_rows_match(got, reference_rows(ckpt, retrievers, summary, rrf_k=2), summary)
+    plain = read_output(cascade_run[0])
+    key = ["request_id", "rank"]
+    assert not got.filter(pl.col("rank") >= 0).sort(key)["item_id"].equals(
+        plain.filter(pl.col("rank") >= 0).sort(key)["item_id"])
+
+
+def assert_rows_match(got: pl.DataFrame, want: dict[int, list[tuple]], summary: dict) -> None:
+    """The written rows == the reference's, and the summary's metrics == the reference rows' own."""
     assert set(got["request_id"].unique().to_list()) == set(want)
     by_request = {}
     for r in got.iter_rows(named=True):

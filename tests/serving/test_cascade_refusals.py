@@ -84,7 +84,7 @@ def cli(ckpt: Path, out: Path, retr: list[Path], *extra: str):
                    "cascade.retrievers=[" + ",".join(f"'{p}'" for p in retr) + "]", *extra)
 
 
-REFUSALS = ("retrieve_k", "top_n", "other_schema", "no_sid", "text")
+REFUSALS = ("retrieve_k", "top_n", "rrf_k", "other_schema", "no_sid", "text")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,7 @@ def refused(trained, retrievers, hostile) -> dict[str, subprocess.CompletedProce
     both = [retrievers["two_tower"], retrievers["sid"]]
     runs = {"retrieve_k": (both, "cascade.retrieve_k=500", "cascade.top_n=5"),
             "top_n": (both, "cascade.retrieve_k=4", "cascade.top_n=6"),
+            "rrf_k": (both, "cascade.fusion=rrf", "cascade.rrf_k=-1"),
             "other_schema": ([hostile["other"]],), "no_sid": ([hostile["no_sid"]],), "text": ([hostile["text"]],)}
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {case: pool.submit(cli, ckpt, tmp / f"refused_{case}", *runs[case]) for case in REFUSALS}
@@ -110,6 +111,8 @@ def test_cli_refusals(trained, hostile, refused, case):
         assert_refused(proc, "cascade.retrieve_k=500", f"catalog's {m} items")
     elif case == "top_n":
         assert_refused(proc, "cascade.top_n=6", "cascade.retrieve_k=4")
+    elif case == "rrf_k":
+        assert_refused(proc, "cascade.rrf_k must be >= 0, got -1")
     elif case == "other_schema":
         built = json.loads((hostile["other"] / "retriever.json").read_text())["fingerprint"]["num_items"]
         here = load_ranker(ckpt, CPU)[1].num_items
