@@ -11,8 +11,13 @@ Per seed, through the product's own commands (``python -m recsys.train`` / ``rec
    (``python -m recsys.evaluate``'s full-catalog protocol);
 3. **ranker for the cascade**: the ``small`` OneTrans ranker with hard negatives from (1)'s top
    ``--retrieve-k`` (``train.hard_negatives``, ``listed_label=positive``: the ranked task is "the next item");
-4. **cascade**: ``mode=cascade`` with (1), ``retrieve_k`` candidates re-ranked by (3), top 10; the same run
-   reports the two-tower alone (its own order, ``hr@10_two_tower``).
+4. **SID decoder** (generative retriever, ``model=sid_decoder``): semantic IDs from ``python -m recsys.quant
+   content.source=checkpoint`` on (1)'s item table (collaborative SIDs), the decoder trained on every
+   request's rated movie (``sid_targets=candidates``), early stopping on its beam-search ``valid_recall@10``;
+5. **cascade**: ``mode=cascade`` with (1) and (4), each one's top ``retrieve_k``, the union re-ranked by (3),
+   top 10; the same run reports each retriever alone (its own order, ``hr@10_two_tower`` / ``hr@10_sid``);
+   ``cascade_rrf``: the same union ordered by ``cascade.fusion=rrf`` (reciprocal-rank fusion of (3)'s order
+   and each retriever's).
 
 Every figure is on the 943 test rows (each user's last rating; the relevant item is that rated movie,
 whatever the rating: ``cascade.target=candidates`` / ``catalog.target=candidates``), in both conventions:
@@ -82,22 +87,34 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                 f"train.eval_every={args.eval_every}", "train.early_stopping.metric=valid_recall@10",
                 f"train.early_stopping.patience={args.sasrec_patience}", *seeds)
     retriever = base / "two_tower" / "retriever"
+    tt_ckpt = max((base / "two_tower" / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    sids = run(args, "recsys.quant", "data=ml100k", f"data.root={args.data_root}", "content.source=checkpoint",
+               f"content.path={tt_ckpt}", f"seed={seed}", f"output_dir={base / 'quant'}")
+    sid = train(args, base / "sid", "model=sid_decoder", f"model.item_embedding.sid_path={sids}",
+                "model.retrieval.sid_targets=candidates", f"train.epochs={args.sid_epochs}",
+                f"train.eval_every={args.sid_eval_every}", *stop, *seeds)
+    sid_retriever = base / "sid" / "retriever"
     rk = train(args, base / "ranker", f"model={args.ranker}", f"train.epochs={args.ranker_epochs}", *seeds,
                f"train.hard_negatives.retriever={retriever}", f"train.hard_negatives.retrieve_k={args.retrieve_k}",
                f"train.hard_negatives.num={args.negatives}", "train.hard_negatives.listed_label=positive")
     out: dict[str, Any] = {"train": {name: {k: r.get(k) for k in ("steps", "train_time_s", "wall_s", "early_stopping")}
-                                     for name, r in (("two_tower", tt), ("sasrec", sas), ("ranker", rk))}}
+                                     for name, r in (("two_tower", tt), ("sid", sid), ("sasrec", sas), ("ranker", rk))}}
     for conv, flag in (("kept", "false"), ("excluded", "true")):
-        cas = score(args, base / "ranker", base / f"cascade_{conv}", "mode=cascade", f"cascade.retrievers=['{retriever}']",
-                    f"cascade.retrieve_k={args.retrieve_k}", "cascade.top_n=10", "cascade.target=candidates",
-                    f"cascade.exclude_seen={flag}")
+        cas = {fusion: score(args, base / "ranker", base / f"cascade_{conv}" + ("" if fusion == "ranker" else "_rrf"),
+                             "mode=cascade", f"cascade.retrievers=['{retriever}','{sid_retriever}']",
+                             f"cascade.retrieve_k={args.retrieve_k}", "cascade.top_n=10", "cascade.target=candidates",
+                             f"cascade.exclude_seen={flag}", f"cascade.fusion={fusion}")["metrics"]
+               for fusion in ("ranker", "rrf")}
         c = evaluate(args, base / "sasrec", base / f"sasrec_eval_{conv}", "catalog.target=candidates",
                      f"catalog.exclude_history={flag}")
-        m = cas["metrics"]
+        m = cas["ranker"]
         out[conv] = {
             "cascade": {"hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"],
-                        f"recall@{args.retrieve_k}": m[f"recall@{args.retrieve_k}_two_tower"]},
+                        **{f"recall@{args.retrieve_k}_{r}": m[f"recall@{args.retrieve_k}_{r}"]
+                           for r in ("two_tower", "sid", "union")}},
+            "cascade_rrf": {"hr@10": cas["rrf"]["hr@10"], "ndcg@10": cas["rrf"]["ndcg@10"]},
             "two_tower": {"hr@10": m["hr@10_two_tower"], "ndcg@10": m["ndcg@10_two_tower"]},
+            "sid": {"hr@10": m["hr@10_sid"], "ndcg@10": m["ndcg@10_sid"]},
             "sasrec": {"hr@10": c["hr@10"], "ndcg@10": c["ndcg@10"]},
             "targets": m["targets"],
         }
@@ -107,7 +124,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 def table(per_seed: dict[int, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     rows, agg = [], {}
     for conv in ("kept", "excluded"):
-        for system in ("cascade", "two_tower", "sasrec"):
+        for system in ("cascade", "cascade_rrf", "two_tower", "sid", "sasrec"):
             cell = {}
             for metric in ("hr@10", "ndcg@10"):
                 vals = [r[conv][system][metric] for r in per_seed.values()]
@@ -132,6 +149,8 @@ def main() -> None:
     ap.add_argument("--sasrec-epochs", type=int, default=3)
     ap.add_argument("--sasrec-patience", type=int, default=10,
                     help="SASRec's early-stopping patience (4 stopped it too early: 120-180 steps best vs 300-660)")
+    ap.add_argument("--sid-epochs", type=int, default=5)
+    ap.add_argument("--sid-eval-every", type=int, default=100)
     ap.add_argument("--ranker", default="small")
     ap.add_argument("--ranker-epochs", type=int, default=1)
     ap.add_argument("--retrieve-k", type=int, default=100)
@@ -140,8 +159,9 @@ def main() -> None:
     t0, load0 = time.time(), os.getloadavg()
     per_seed = {s: one_seed(args, s) for s in args.seeds}
     md, agg = table(per_seed)
-    wins = {conv: all(per_seed[s][conv]["cascade"][m] > RECBOLE_SASREC[m] for s in args.seeds for m in RECBOLE_SASREC)
-            for conv in ("kept",)}
+    wins = {f"{conv}/{system}": all(per_seed[s][conv][system][m] > RECBOLE_SASREC[m] for s in args.seeds
+                                    for m in RECBOLE_SASREC)
+            for conv in ("kept", "excluded") for system in ("cascade", "cascade_rrf")}
     payload = {"protocol": __doc__.split("\n\n")[2:4], "args": {k: str(v) for k, v in vars(args).items()},
                "summary": agg, "per_seed": per_seed, "recbole_sasrec_kept": RECBOLE_SASREC,
                "cascade_beats_recbole_every_seed": wins, "wall_s": time.time() - t0,
