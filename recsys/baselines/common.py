@@ -6,6 +6,7 @@ Shape legend: ``B`` requests, ``C`` = sum C_b candidate rows, ``N`` = sum L_b hi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,26 @@ def positives_in_top_k(batch: RequestBatch, top: torch.Tensor) -> tuple[int, int
     owner = candidate_owner(batch).cpu()[pos]
     target = batch.cand["item_id"].values().cpu().long()[pos]
     return int((top.cpu()[owner] == target.unsqueeze(1)).any(1).sum()), int(pos.sum())
+
+
+def recall_in_top_k(model: nn.Module, batches: Iterable[RequestBatch], device: torch.device, max_batches: int,
+                    top_k: Callable[[RequestBatch], torch.Tensor]) -> tuple[int, int]:
+    """(hits, positives) of :func:`positives_in_top_k` summed over the first ``max_batches`` of ``batches`` (0 =
+    all), each moved to ``device``; ``top_k(batch) -> [B, k]`` item ids. ``model`` is in eval mode meanwhile (its
+    mode restored after): the next-item validation loop of the retrievers and SASRec."""
+    was = model.training
+    model.eval()
+    found = total = 0
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            batch = batch.to(device)
+            hits, n = positives_in_top_k(batch, top_k(batch))
+            found, total = found + hits, total + n
+    finally:
+        model.train(was)
+    return found, total
 
 
 @dataclass

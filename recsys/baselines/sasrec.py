@@ -32,7 +32,7 @@ from recsys.baselines.common import (
     history_and_candidate_ids,
     merged_history,
     mlp,
-    positives_in_top_k,
+    recall_in_top_k,
 )
 from recsys.data.batch import RequestBatch
 from recsys.data.jagged import lengths_to_offsets, positions_in_sequence
@@ -141,18 +141,10 @@ class SASRecModel(Baseline):
         """``{prefix}recall@K`` (``model.retrieval.recall_k``): share of positive candidates (task 0) in their
         request's exact top K of every item ``1..M-1`` by the next-item score (history allowed), the two-tower
         retriever's validation figure."""
-        was = self.training
-        self.eval()
         items = torch.arange(1, self.item_table.shape[0], device=device)
         k = min(self.recall_k, items.numel())
-        found, total = 0, 0
-        for i, batch in enumerate(batches):
-            if max_batches and i >= max_batches:
-                break
-            batch = batch.to(device)
-            hits, n = positives_in_top_k(batch, items[self.catalog_scores(batch, items).topk(k, dim=1).indices])
-            found, total = found + hits, total + n
-        self.train(was)
+        found, total = recall_in_top_k(self, batches, device, max_batches,
+                                       lambda b: items[self.catalog_scores(b, items).topk(k, dim=1).indices])
         return {f"{prefix}recall@{self.recall_k}": found / total if total else math.nan,
                 f"{prefix}recall_targets": total, f"{prefix}recall_catalog": int(items.numel())}
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recsys.baselines.common import Baseline, candidate_owner, positives_in_top_k
+from recsys.baselines.common import Baseline, candidate_owner, recall_in_top_k
 from recsys.data.batch import RequestBatch
 from recsys.data.jagged import lengths_to_offsets
 from recsys.data.schema import DataSchema
@@ -129,23 +129,21 @@ class SidDecoderModel(Baseline):
     def validation_metrics(self, batches: Iterable[RequestBatch], device: torch.device, max_batches: int = 0,
                            prefix: str = "valid_") -> dict[str, Any]:
         """``{prefix}recall@K``: share of positive candidates (task 0) in their request's beam-search top K."""
-        was = self.training
-        self.eval()
         trie = self.catalog_trie()
         k = min(self.recall_k, len(trie))
-        found, total, certified, requests = 0, 0, 0, 0
-        for i, batch in enumerate(batches):
-            if max_batches and i >= max_batches:
-                break
-            batch = batch.to(device)
+        certified: list[torch.Tensor] = []  # [B] per batch
+
+        def top(batch: RequestBatch) -> torch.Tensor:
             res = sid_beam_search(self.decoder, user_prefix(self.ranker, batch), trie, k)
-            hits, n = positives_in_top_k(batch, res.item_ids)
-            found, total = found + hits, total + n
-            certified, requests = certified + int(res.certified.sum()), requests + int(res.certified.numel())
-        self.train(was)
+            certified.append(res.certified)
+            return res.item_ids
+
+        found, total = recall_in_top_k(self, batches, device, max_batches, top)
+        requests = sum(c.numel() for c in certified)
+        certified_n = sum(int(c.sum()) for c in certified)
         return {f"{prefix}recall@{self.recall_k}": found / total if total else math.nan,
                 f"{prefix}recall_targets": total, f"{prefix}recall_catalog": len(trie),
-                f"{prefix}beam_certified": certified / requests if requests else math.nan}
+                f"{prefix}beam_certified": certified_n / requests if requests else math.nan}
 
     def write_artifact(self, run_dir: Path, schema: DataSchema, dataset_dir: str | Path | None) -> Path:
         """``<run_dir>/retriever``: the decoder, its backbone and the code table as a ``save_retriever``

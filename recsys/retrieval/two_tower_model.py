@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from kernels.jagged_causal_attention import jagged_causal_attention
-from recsys.baselines.common import Baseline, candidate_owner, merged_history, positives_in_top_k
+from recsys.baselines.common import Baseline, candidate_owner, merged_history, recall_in_top_k
 from recsys.data.batch import RequestBatch
 from recsys.data.jagged import keep_last, positions_in_sequence
 from recsys.data.schema import DataSchema
@@ -151,19 +151,13 @@ class TwoTowerModel(Baseline):
                            prefix: str = "valid_") -> dict[str, Any]:
         """``{prefix}recall@K``: share of positive candidates (task 0) in their request's exact top K."""
         was = self.training
-        self.eval()
+        self.eval()  # the item vectors below are built in eval mode too
         items = torch.arange(1, self.item_category.numel(), device=device)
         index = ItemIndex(self.encoder.item_vectors(items, self.item_category[items]).float().cpu(), items.cpu())
-        k = min(self.recall_k, index_size := items.numel())
-        found, total = 0, 0
-        for i, batch in enumerate(batches):
-            if max_batches and i >= max_batches:
-                break
-            batch = batch.to(device)
-            _, top = index.search(self.encoder.user_vectors(batch).float().cpu(), k)  # [B, k]
-            hits, n = positives_in_top_k(batch, top)
-            found, total = found + hits, total + n
         self.train(was)
+        k = min(self.recall_k, index_size := items.numel())
+        found, total = recall_in_top_k(self, batches, device, max_batches,
+                                       lambda b: index.search(self.encoder.user_vectors(b).float().cpu(), k)[1])
         return {f"{prefix}recall@{self.recall_k}": found / total if total else math.nan,
                 f"{prefix}recall_targets": total, f"{prefix}recall_catalog": index_size}
 
