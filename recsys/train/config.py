@@ -33,6 +33,16 @@ class ListedLabel(str, Enum):
     ml-100k, where the ranker then learns the next item against the retriever's near misses)."""
 
 
+class RankingLoss(str, Enum):
+    """The ranker's loss over its task logits (a model with its own loss, a retriever, ignores it: refused)."""
+
+    bce = "bce"
+    """Pointwise: the mean per-candidate BCE of every task."""
+    listwise = "listwise"
+    """Softmax cross-entropy over each request's candidates, per task (``recsys.model.heads.multitask_listwise``):
+    the ranker learns the order the cascade asks of it, e.g. the next item against hard negatives."""
+
+
 @dataclass
 class HardNegativesConfig:
     """Negatives from a retriever's top K appended to every training request (``recsys/train/hard_negatives.py``)."""
@@ -113,6 +123,8 @@ class TrainConfig:
     """auto = cuda when available."""
     task_weights: list[float] = field(default_factory=list)
     """Loss weight per task (empty = all 1)."""
+    loss: RankingLoss = RankingLoss.bce
+    """bce | listwise (see :class:`RankingLoss`)."""
     progress: bool = True
     """tqdm progress bar."""
     tensorboard: bool = True
@@ -135,6 +147,7 @@ class TrainConfig:
             if getattr(self, n) < 0:
                 raise InputError(f"train.{n} must be >= 0, got {getattr(self, n)}")
         self.device = Device(self.device)
+        self.loss = RankingLoss(self.loss)
         if self.keep_checkpoints < 1:
             raise InputError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.early_stopping.metric is not None and self.eval_every == 0:

@@ -48,7 +48,7 @@ from recsys.reliability.resume import trim_log
 from recsys.reliability.rng import capture_rng, restore_rng
 from recsys.reliability.rundir import check_output_dir
 from recsys.retrieval.train_hooks import build_trainable
-from recsys.train.config import RunConfig
+from recsys.train.config import RankingLoss, RunConfig
 from recsys.train.early_stopping import BestWeights, EarlyStopper
 from recsys.train.evaluate import metrics_report, predict
 from recsys.train.hard_negatives import HardNegatives
@@ -151,7 +151,8 @@ class Run:
         oc = tc.optim
         module, opt = par.wrap(par.instantiate(self.build), oc, lambda s: lr_multiplier(
             s, oc.warmup_steps, self.total, oc.lr_decay.value, oc.min_lr_ratio))
-        self.trainer = Trainer(module, par, opt, list(tc.task_weights) or None, tc.bf16, oc.clip_grad_norm)
+        self.trainer = Trainer(module, par, opt, list(tc.task_weights) or None, tc.bf16, oc.clip_grad_norm,
+                               listwise=tc.loss == RankingLoss.listwise)
         self.driver = make_driver(cfg, par, self.trainer)
         self.store = par.store(self.out_dir, tc.keep_checkpoints)
         self.progress = Progress()

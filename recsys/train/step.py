@@ -12,7 +12,8 @@ backward, so a skip must be decided before it. After backward the gradients are 
 tables and dense; N ranks: dense, agreed by all-reduce); see :meth:`Trainer.step` for what a
 non-finite gradient does in each case (docs/reliability.md, "Non-finite losses and gradients").
 
-Loss: the task BCE of ``model(batch)``'s logits, unless the model brings its own loss:
+Loss: the task BCE of ``model(batch)``'s logits (or, with ``listwise``, the softmax over each request's
+candidates: ``recsys.model.heads.multitask_listwise``), unless the model brings its own loss:
 ``model.training_loss(batch) -> (loss, per_task, graph tensor)`` (the two-tower retriever,
 ``recsys.retrieval.two_tower_model``; docs/retrieval.md).
 """
@@ -28,7 +29,8 @@ from torch import nn
 from recsys.baselines.common import Baseline
 from recsys.data.batch import RequestBatch
 from recsys.dist.strategy import Optimizers, SingleProcess
-from recsys.model.heads import multitask_bce
+from recsys.errors import InputError
+from recsys.model.heads import multitask_bce, multitask_listwise
 from recsys.reliability.faults import fault_now
 from recsys.reliability.guards import grads_finite
 
@@ -79,6 +81,13 @@ class Trainer:
     task_weights: list[float] | None = None
     bf16: bool = False
     clip_grad_norm: float = 0.0
+    listwise: bool = False
+    """Rank each request's candidates with a softmax (``train.loss=listwise``) instead of the per-candidate BCE."""
+
+    def __post_init__(self) -> None:
+        if self.listwise and getattr(self.model, "training_loss", None) is not None:
+            raise InputError(f"train.loss=listwise is a ranker's loss; {type(self.model).__name__} brings its own "
+                             "training loss (a retriever): leave train.loss at bce")
 
     def _loss(self, batch: RequestBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(this rank's share of the global loss, global stats ``[1 + T]``, global counts ``[2]``, logits)."""
@@ -89,7 +98,12 @@ class Trainer:
         own = getattr(self.model, "training_loss", None)  # a model with its own loss (the two-tower retriever)
         with torch.autocast(self.par.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = own(batch) if own is not None else self.model(batch)
-        loss, per_task, logits = out if own is not None else (*multitask_bce(out, batch.labels, self.task_weights), out)
+        if own is not None:
+            loss, per_task, logits = out
+        elif self.listwise:
+            loss, per_task, logits = *multitask_listwise(out, batch.labels, batch.cand_offsets, self.task_weights), out
+        else:
+            loss, per_task, logits = *multitask_bce(out, batch.labels, self.task_weights), out
         if isinstance(self.model, Baseline) and (aux := self.model.auxiliary_loss()) is not None:
             loss = loss + aux  # e.g. SASRec's next-item softmax (one process only); per_task stays the task BCE
         loss = loss * share

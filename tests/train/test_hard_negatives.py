@@ -5,6 +5,7 @@ labels; the draw is a function of (seed, epoch, batch index), so a resumed run t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,25 @@ def test_refusals(retriever, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         HardNegatives(HardNegativesConfig(str(tmp_path / "missing"), K, NUM), ds.schema, ds.splits["train"],
                       ds.path, 0, 0)
+
+
+def test_listwise_loss_ranks_the_listed_items_above_the_hard_negatives(retriever, tmp_path):
+    """``train.loss=listwise`` with hard negatives: the logged loss is the softmax loss of the batch (it starts
+    near its chance value, far from the BCE's), it falls with training; a retriever is refused the option."""
+    root, path = retriever
+    common = ("train.log_every=1", "train.optim.lr_decay=constant", f"train.hard_negatives.retriever={path}",
+              f"train.hard_negatives.retrieve_k={K}", f"train.hard_negatives.num={NUM}",
+              "train.hard_negatives.listed_label=positive", "train.max_steps=30")
+    with torch_threads(1):
+        train(run_config(root, "lw", "train.loss=listwise", *common))
+        train(run_config(root, "bce", *common))
+    rows = {out: [json.loads(x) for x in (root / out / "train_log.jsonl").read_text().splitlines()]
+            for out in ("lw", "bce")}
+    lw = [r["loss"] for r in rows["lw"] if "loss" in r]
+    bce = [r["loss"] for r in rows["bce"] if "loss" in r]
+    assert len(lw) == 30
+    # at initialisation the scores are near-equal: per ranked request and task about log(C_b) >= log 2
+    assert lw[0] > math.log(2) and abs(lw[0] - bce[0]) > 0.1
+    assert np.mean(lw[-5:]) < 0.95 * np.mean(lw[:5])  # 4.74 -> 4.29 when written
+    with pytest.raises(InputError, match="brings its own training loss"), torch_threads(1):
+        train(run_config(tmp_path, "tt", "model=two_tower", "train.max_steps=1", "train.loss=listwise"))
