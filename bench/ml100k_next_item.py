@@ -96,7 +96,8 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     sid_retriever = base / "sid" / "retriever"
     rk = train(args, base / "ranker", f"model={args.ranker}", f"train.epochs={args.ranker_epochs}", *seeds,
                f"train.hard_negatives.retriever={retriever}", f"train.hard_negatives.retrieve_k={args.retrieve_k}",
-               f"train.hard_negatives.num={args.negatives}", "train.hard_negatives.listed_label=positive")
+               f"train.hard_negatives.num={args.negatives}", "train.hard_negatives.listed_label=positive",
+               f"train.loss={args.ranker_loss}")
     out: dict[str, Any] = {"train": {name: {k: r.get(k) for k in ("steps", "train_time_s", "wall_s", "early_stopping")}
                                      for name, r in (("two_tower", tt), ("sid", sid), ("sasrec", sas), ("ranker", rk))}}
     for conv, flag in (("kept", "false"), ("excluded", "true")):
@@ -155,6 +156,8 @@ def main() -> None:
     ap.add_argument("--ranker-epochs", type=int, default=1)
     ap.add_argument("--retrieve-k", type=int, default=100)
     ap.add_argument("--negatives", type=int, default=4)
+    ap.add_argument("--ranker-loss", choices=["bce", "listwise"], default="bce",
+                    help="the ranker's train.loss (listwise was not better on seed 0: docs/retrieval.md)")
     args = ap.parse_args()
     t0, load0 = time.time(), os.getloadavg()
     per_seed = {s: one_seed(args, s) for s in args.seeds}
