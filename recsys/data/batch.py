@@ -122,6 +122,9 @@ class RequestBatch(Pipelineable):
     ``"category"``, ``"action"``, ``"ts"``, ``"kind"`` (index into the schema's kinds) and
     ``"in_window"`` (1 if the event is also an S token in ``seq``); lengths [B] per key. Per request,
     each kind's last ``long_max_len`` events, kind-major (schema order), oldest first inside a kind."""
+    prior: torch.Tensor | None = None
+    """[sum C_b] float32: a logit offset of every candidate, added to each task's ranker logit (a retriever's
+    score: ``train.hard_negatives.prior``, the cascade of such a ranker); None = none."""
     prebuilt: InitVar[tuple[KeyedJaggedTensor, BatchSizes] | None] = None
     """``(id_features, sizes)`` as ``collate`` built them; None: derived from the fields above. Not copied
     by ``dataclasses.replace``, so a replaced batch always re-derives them from its own fields."""
@@ -142,6 +145,10 @@ class RequestBatch(Pipelineable):
         for kjt in (self.sparse, self.seq, self.seq_ts, self.cand, self.long_seq):
             if kjt is not None and kjt.keys():
                 kjt.length_per_key()  # computed (and kept by the KJT) here, not in the forward
+
+    def with_prior(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [sum C_b, T]`` plus :attr:`prior` on every task (unchanged when there is none)."""
+        return logits if self.prior is None else logits + self.prior.to(logits.dtype)[:, None]
 
     @property
     def num_requests(self) -> int:

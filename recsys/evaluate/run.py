@@ -114,6 +114,10 @@ def run_evaluation(cfg: EvaluateConfig) -> Path:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     model, schema, run_cfg = load_model(ckpt, device)
+    if run_cfg.get("score_prior") is not None:
+        raise InputError(f"{ckpt} is a residual ranker (train.hard_negatives.prior): its logits are trained on top "
+                         f"of retriever {run_cfg['score_prior']['retriever']}'s score, which recsys.evaluate does "
+                         "not add; measure it with python -m recsys.score mode=cascade")
     tasks = list(schema.tasks)
     task = cfg.catalog.rank_task or tasks[0]
     if task not in tasks:

@@ -41,6 +41,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from recsys.baselines.common import candidate_owner
 from recsys.data.batch import RequestBatch
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
@@ -212,6 +213,18 @@ class LoadedRetriever:
     def size(self) -> int:
         """Items it can return (the catalog)."""
         return len(self.index) if self.index is not None else len(self.trie)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def candidate_scores(self, batch: RequestBatch) -> torch.Tensor:
+        """``[sum C_b]`` float32: the two-tower's serving score ``u_b . v_c`` of each of ``batch``'s candidates
+        (what ``retrieve`` ranks by, for any item, retrieved or not): a ranker's prior
+        (``train.hard_negatives.prior``). A SID retriever has no per-item score of this kind: refused."""
+        if self.index is None:
+            raise InputError(f"retriever {self.path} ({self.kind}) gives no per-candidate score; a score prior "
+                             "needs a two-tower retriever")
+        u = self.model.user_vectors(batch)  # [B, O]
+        v = self.model.item_vectors(batch.cand["item_id"].values(), batch.cand["category"].values())  # [sum C_b, O]
+        return (u[candidate_owner(batch)] * v).sum(-1).float()
 
     @torch.no_grad()
     def retrieve(self, batch: RequestBatch, k: int, exclude_values: torch.Tensor | None = None,

@@ -18,7 +18,9 @@ Per batch:
    ordered by the ranked task's logit, ties by ascending item id (``ranking.top_k_positions`` and
    ``ranking.target_ranks``: the catalog ranking's rules, with the union as the candidate set); with
    ``cascade.fusion=rrf`` by the reciprocal-rank fusion of that order and each retriever's own
-   (:func:`rrf_scores`), the written scores still the ranker's.
+   (:func:`rrf_scores`), the written scores still the ranker's. A *residual* ranker (trained with
+   ``train.hard_negatives.prior``) has its two-tower retriever's score ``u . v`` of each union item added to
+   every task's logit first: its checkpoint records that retriever, and the cascade adds it.
 
 Rows per request: its top ``top_n`` (``rank`` 0..), then each target outside them (its rank among the
 union, or ``-1`` when no retriever found it; ``retrieved_by`` empty then). Targets (``cascade.target``) = the
@@ -98,7 +100,8 @@ class CascadeMode:
     def __init__(self, scorer: CachedScorer, tasks: list[str], kinds: list[str], catalog: Catalog,
                  retrievers: list[LoadedRetriever], rank_t: int, retrieve_k: int, top_n: int, exclude_seen: bool,
                  k: int, target: CatalogTarget = CatalogTarget.positives,
-                 fusion: CascadeFusion = CascadeFusion.ranker, rrf_k: int = 60) -> None:
+                 fusion: CascadeFusion = CascadeFusion.ranker, rrf_k: int = 60,
+                 prior: LoadedRetriever | None = None) -> None:
         names = [r.kind for r in retrievers]
         if len(set(names)) != len(names):
             raise InputError(f"cascade.retrievers holds two retrievers of one kind ({names}); give at most one "
@@ -111,6 +114,7 @@ class CascadeMode:
         self.retrievers, self.names, self.rank_t = retrievers, names, rank_t
         self.retrieve_k, self.top_n, self.exclude_seen, self.k = retrieve_k, top_n, exclude_seen, k
         self.target, self.fusion, self.rrf_k = CatalogTarget(target), CascadeFusion(fusion), rrf_k
+        self.prior = prior  # a residual ranker's retriever: its score is added to the ranker's logits
         self.cats = np.zeros(catalog.num_items, dtype=np.int64)
         self.cats[catalog.items] = catalog.cats
         self.stage_times: dict[str, float] = {"retrieve": 0.0, "rank": 0.0}
@@ -119,7 +123,8 @@ class CascadeMode:
         self.record: dict[str, Any] = {"retrievers": [r.identity for r in retrievers], "retrieve_k": retrieve_k,
                                        "top_n": top_n, "exclude_seen": exclude_seen, "k": k,
                                        "rank_task": tasks[rank_t], "target": self.target.value,
-                                       "fusion": self.fusion.value, **({"rrf_k": rrf_k} if self.fusion == "rrf" else {})}
+                                       "fusion": self.fusion.value, **({"rrf_k": rrf_k} if self.fusion == "rrf" else {}),
+                                       **({"score_prior": prior.identity} if prior is not None else {})}
         self._last_candidates = 0
 
     # ---- stages -------------------------------------------------------------------
@@ -141,7 +146,8 @@ class CascadeMode:
         return out
 
     def rank(self, batch: RequestBatch, union: list[np.ndarray]) -> torch.Tensor:
-        """Logits ``[sum m_b, T]`` of every request's union through the cached scorer."""
+        """Logits ``[sum m_b, T]`` of every request's union through the cached scorer (plus the prior
+        retriever's score of each item for a residual ranker)."""
         dev = batch.cand_offsets.device
         items = np.concatenate(union) if union else np.zeros(0, np.int64)
         offsets = torch.as_tensor(np.concatenate([[0], np.cumsum([u.size for u in union])]), dtype=torch.int64)
@@ -149,7 +155,10 @@ class CascadeMode:
                                       torch.as_tensor(self.cats[items], device=dev), offsets.to(dev))
         if items.size == 0:
             return torch.zeros(0, len(self.tasks), device=dev)
-        return self.scorer.score_batch(sub)
+        logits = self.scorer.score_batch(sub)
+        if self.prior is None:
+            return logits
+        return logits + self.prior.candidate_scores(sub).to(logits.device, logits.dtype)[:, None]
 
     def rows(self, batch: RequestBatch) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()

@@ -136,7 +136,8 @@ def open_job(cfg: ScoreConfig, group: JobGroup) -> OpenedJob:
     if cache is not None and model.tokenizer.long is not None and model.tokenizer.long.memory is not None:
         memory_cache = LongMemoryCache()
     scorer = CachedScorer(model, cache, cfg.candidate_chunk, memory_cache=memory_cache)
-    mode = build_mode(ModeContext(cfg, scorer, schema, inputs, device, ckpt_config.get("dataset_dir")))
+    mode = build_mode(ModeContext(cfg, scorer, schema, inputs, device, ckpt_config.get("dataset_dir"),
+                                  ckpt_config.get("score_prior")))
     return OpenedJob(device, ckpt, model, schema, ckpt_config, max_len, inputs, out_dir, scorer, mode)
 
 

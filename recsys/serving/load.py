@@ -48,7 +48,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model(path: Path, device: torch.device, backend: str | None = None, item_content: str | None = None,
                ranker_only: bool = False) -> tuple[nn.Module, DataSchema, dict[str, Any]]:
     """(model in eval mode on ``device``, its data schema, the checkpoint's plain config dict plus
-    ``dataset_dir``: the prepared dataset it was trained on, None for checkpoints that do not record it).
+    ``dataset_dir``: the prepared dataset it was trained on, None for checkpoints that do not record it, and
+    ``score_prior``: the retriever a residual ranker's logits are trained on top of, or None).
 
     ``backend``: override of the model's attention backend. ``item_content``: a Parquet (item_id, vector);
     its items without a SID get one from the checkpoint's quantizer (SID rankers only), so items unseen in
@@ -65,7 +66,7 @@ def load_model(path: Path, device: torch.device, backend: str | None = None, ite
     state = load_checkpoint(path)
     require_keys(state, SCORING_KEYS, path, "be scored")
     schema = DataSchema.from_json(state["schema"])
-    config = {**state["config"], "dataset_dir": state.get("dataset_dir")}
+    config = {**state["config"], "dataset_dir": state.get("dataset_dir"), "score_prior": state.get("score_prior")}
     # Through a structured merge, not ModelConfig(**d): it type-checks every key (config enums have
     # lower-case names equal to their values, which is what checkpoints store). No ``arch``: a ranker.
     model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config["model"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,7 +22,7 @@ from recsys.data.batch import RequestBatch
 from recsys.data.item_categories import collect_item_categories
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
-from recsys.retrieval.artifact import load_retriever
+from recsys.retrieval.artifact import LoadedRetriever, load_retriever
 from recsys.serving.cascade import CascadeMode
 from recsys.serving.catalog import catalog_items, score_catalog
 from recsys.serving.config import CascadeFusion, CatalogTarget, ScoreConfig, ScoreMode
@@ -63,6 +64,8 @@ class ModeContext:
     device: torch.device
     dataset_dir: str | None = None
     """The prepared dataset the checkpoint was trained on (None: not recorded); retrievers must match it."""
+    score_prior: dict[str, Any] | None = None
+    """A residual ranker's retriever (the checkpoint's ``score_prior`` record); None: a plain ranker."""
 
 
 def _sigmoid(x: torch.Tensor) -> np.ndarray:
@@ -158,13 +161,15 @@ def cascade_mode(ctx: ModeContext) -> CascadeMode:
     if len(set(cfg.retrievers)) != len(cfg.retrievers):
         raise InputError(f"cascade.retrievers lists one artifact twice: {list(cfg.retrievers)}")
     retrievers = [load_retriever(p, ctx.schema, catalog, ctx.device, ctx.dataset_dir) for p in cfg.retrievers]
+    prior = prior_retriever(ctx, catalog, retrievers)
     mode = CascadeMode(ctx.scorer, list(ctx.schema.tasks), list(ctx.schema.sequences), catalog, retrievers, rank_t,
-                       cfg.retrieve_k, cfg.top_n, cfg.exclude_seen, ctx.cfg.catalog.k, cfg.target, cfg.fusion, cfg.rrf_k)
+                       cfg.retrieve_k, cfg.top_n, cfg.exclude_seen, ctx.cfg.catalog.k, cfg.target, cfg.fusion, cfg.rrf_k,
+                       prior)
     task = info["rank_task"]
     info.update({
         "retrievers": [{"kind": r.kind, "path": str(r.path), "fingerprint": r.fingerprint} for r in retrievers],
         "retrieve_k": cfg.retrieve_k, "top_n": cfg.top_n, "exclude_seen": cfg.exclude_seen, "target": cfg.target.value,
-        "fusion": cfg.fusion.value,
+        "fusion": cfg.fusion.value, "score_prior": None if prior is None else str(prior.path),
         "protocol": (f"retrieve {cfg.retrieve_k} of {catalog.items.size} items per retriever "
                      f"({'+'.join(mode.names)}; history " + ("excluded" if cfg.exclude_seen else "allowed") +
                      "), union re-ranked by " + (f"score_{task}" if cfg.fusion == CascadeFusion.ranker else
@@ -178,6 +183,28 @@ def cascade_mode(ctx: ModeContext) -> CascadeMode:
                      "retriever found is a miss) and of each retriever's own list; ties by item id")})
     mode.info = info
     return mode
+
+
+def prior_retriever(ctx: ModeContext, catalog: Catalog, retrievers: list[LoadedRetriever]) -> LoadedRetriever | None:
+    """A residual ranker's retriever, as its checkpoint recorded it: one of ``retrievers`` when listed, else
+    loaded from the recorded path; refused when its files changed since training (other digests)."""
+    rec = ctx.score_prior
+    if rec is None:
+        return None
+    path = Path(rec["retriever"])
+    found = next((r for r in retrievers if r.path.resolve() == path), None)
+    try:
+        prior = found or load_retriever(path, ctx.schema, catalog, ctx.device, ctx.dataset_dir)
+    except InputError as e:
+        raise InputError(f"checkpoint {ctx.cfg.checkpoint} is a residual ranker over retriever {path} "
+                         f"(train.hard_negatives.prior), which cannot be loaded: {e}") from None
+    ident = prior.identity
+    changed = [k for k in ("state_sha256", "meta_sha256") if ident[k] != rec[k]]
+    if changed:
+        raise InputError(f"checkpoint {ctx.cfg.checkpoint} is a residual ranker over retriever {path}, whose files "
+                         f"changed since the ranker was trained ({', '.join(changed)} differ): retrain the ranker "
+                         "on this retriever, or restore the retriever it was trained on")
+    return prior
 
 
 def catalog_rows(batch: RequestBatch, logits: torch.Tensor, ranked: list[RankedRequest], catalog: Catalog,
@@ -221,7 +248,11 @@ MODES: dict[ScoreMode, Callable[[ModeContext], ScoringMode]] = {
 
 
 def build_mode(ctx: ModeContext) -> ScoringMode:
-    """The mode ``ctx.cfg.mode`` names."""
+    """The mode ``ctx.cfg.mode`` names; a residual ranker (``score_prior``) is served by the cascade only."""
+    if ctx.score_prior is not None and ctx.cfg.mode != ScoreMode.cascade:
+        raise InputError(f"checkpoint {ctx.cfg.checkpoint} is a residual ranker: its logits are trained on top of "
+                         f"retriever {ctx.score_prior['retriever']}'s score (train.hard_negatives.prior), which "
+                         f"mode={ctx.cfg.mode.value} does not add; serve it with mode=cascade")
     return MODES[ctx.cfg.mode](ctx)
 
 

@@ -56,6 +56,10 @@ class HardNegativesConfig:
     """Negatives per request, drawn uniformly without replacement from the top K minus the listed items."""
     listed_label: ListedLabel = ListedLabel.keep
     """keep | positive (see :class:`ListedLabel`); negatives are 0 on every task."""
+    prior: bool = False
+    """Train the ranker as a residual over the retriever: every candidate's two-tower score ``u . v`` is
+    added to each task's logit (training, validation, test) and the checkpoint records the retriever, so
+    the cascade adds it when serving; such a ranker is served by ``mode=cascade`` only."""
 
     def __post_init__(self) -> None:
         self.listed_label = ListedLabel(self.listed_label)

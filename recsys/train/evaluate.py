@@ -39,7 +39,7 @@ def predict(model: torch.nn.Module, batches: Iterable[RequestBatch], device: tor
             break
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-            logits = model(batch)
+            logits = batch.with_prior(model(batch))  # a residual ranker's prior (train.hard_negatives.prior)
         c = batch.cand_offsets[1:] - batch.cand_offsets[:-1]
         hist = sum(batch.seq_ts[k].lengths().to(torch.int64) for k in batch.seq_ts.keys())
         out["logits"].append(logits.float().cpu().numpy())

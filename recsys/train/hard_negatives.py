@@ -12,7 +12,9 @@ candidates ``C_b``):
    (fewer when fewer remain); their categories come from the train split (``collect_item_categories``);
 3. candidates ``[C_b listed | n_b negatives]`` (jagged ``[sum (C_b + n_b)]``), labels of the listed ones as
    read (``listed_label=keep``) or 1 on every task (``positive``, leave-one-out next-item data), the
-   negatives' 0.
+   negatives' 0;
+4. with ``prior``: every candidate's two-tower score ``u . v`` as the batch's ``prior`` (added to the
+   ranker's logits: the ranker learns a residual over the retriever's order; validation batches get it too).
 
 The draw uses a generator seeded by ``(seed, rank, epoch, batch index)``, so a resumed run draws the
 negatives the uninterrupted run drew (the bit-exact resume guarantee holds).
@@ -20,8 +22,10 @@ negatives the uninterrupted run drew (the bit-exact resume guarantee holds).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +60,9 @@ class HardNegatives:
             raise InputError(f"train.hard_negatives.retrieve_k={cfg.retrieve_k} exceeds the catalog's "
                              f"{catalog.items.size} items; lower it")
         self.retriever = load_retriever(cfg.retriever, schema, catalog, torch.device("cpu"), dataset_dir)
+        if cfg.prior and self.retriever.kind != "two_tower":
+            raise InputError(f"train.hard_negatives.prior needs a two-tower retriever (a per-item score); "
+                             f"{cfg.retriever} is a {self.retriever.kind!r} retriever")
         self.cfg, self.seed, self.rank = cfg, seed, rank
 
     def _generator(self, epoch: int, index: int) -> torch.Generator:
@@ -98,8 +105,22 @@ class HardNegatives:
                                                                       device=dev)]
             rows += [labels[off[b]:off[b + 1]], labels.new_zeros(neg.size, labels.shape[1])]
         sizes = torch.as_tensor([0] + [off[b + 1] - off[b] + neg.size for b, neg in enumerate(negatives)])
-        return with_request_candidates(batch, torch.cat(items), torch.cat(cats), sizes.cumsum(0).to(dev),
-                                       torch.cat(rows))
+        out = with_request_candidates(batch, torch.cat(items), torch.cat(cats), sizes.cumsum(0).to(dev),
+                                      torch.cat(rows))
+        return self.with_prior(out) if self.cfg.prior else out
+
+    @torch.no_grad()
+    def with_prior(self, batch: RequestBatch) -> RequestBatch:
+        """``batch`` with its candidates' retriever scores as :attr:`RequestBatch.prior` (``cfg.prior``)."""
+        out = copy.copy(batch)
+        out.prior = self.retriever.candidate_scores(batch.to("cpu")).to(batch.cand_offsets.device)
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint of a ranker trained with ``prior`` records: the retriever a server must add."""
+        ident = self.retriever.identity
+        return {"retriever": str(Path(self.cfg.retriever).resolve()), "kind": ident["kind"],
+                "state_sha256": ident["state_sha256"], "meta_sha256": ident["meta_sha256"]}
 
 
 __all__ = ["HardNegatives", "ItemSet"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import replace
 from itertools import islice
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from recsys.baselines.factory import max_s_tokens
 from recsys.data import PreparedDataset, RequestLoader, prepare_dataset
+from recsys.data.batch import RequestBatch
 from recsys.data.config import LoaderConfig
 from recsys.data.schema import DataSchema
 from recsys.dist.config import Pipeline
@@ -160,15 +162,27 @@ class Run:
         self.guard = NonFiniteGuard(tc.max_consecutive_nonfinite)
         self.stopper = EarlyStopper(tc.early_stopping)
         self.best_weights = BestWeights(self.out_dir)
-        self.record = {**config_record(cfg), **self.scoring_record()}  # the config does not change during the run
         self.hard = (HardNegatives(tc.hard_negatives, self.schema, files, self.ds.path.resolve(), tc.seed, par.rank)
                      if tc.hard_negatives.retriever is not None else None)
+        self.record = {**config_record(cfg), **self.scoring_record()}  # the config does not change during the run
 
     def scoring_record(self) -> dict[str, Any]:
         """What ``recsys.score`` / ``recsys.evaluate`` read from a checkpoint beside the model."""
         return {"schema": self.schema.to_json(), "max_s_tokens": self.s_max,
                 "dataset_dir": str(self.ds.path.resolve()),  # recsys.score opens it as is (no log hashed or re-read)
-                **({"item_sid": self.sids.to_dict()} if self.sids is not None else {})}  # item -> SID + quantizer
+                **({"item_sid": self.sids.to_dict()} if self.sids is not None else {}),  # item -> SID + quantizer
+                **({"score_prior": self.hard.record()} if self.prior else {})}  # the retriever a server adds
+
+    @property
+    def prior(self) -> bool:
+        """The ranker is a residual over its hard-negative retriever's score (``train.hard_negatives.prior``)."""
+        return self.hard is not None and self.tc.hard_negatives.prior
+
+    def eval_batches(self, split: str) -> Iterable[RequestBatch]:
+        """The batches of ``split`` as validation / test reads them (with the retriever's prior when trained so)."""
+        loader = RequestLoader(self.ds.splits[split], self.schema, self.cfg.data.loader,
+                               time_gap_buckets=self.cfg.model.time_gap_buckets)
+        return (self.hard.with_prior(b) for b in loader) if self.prior else loader
 
     def resume(self, found: tuple[str, dict[str, Any]] | None) -> Path | None:
         """Load the checkpoint rank 0 chose (every rank; collective under N ranks), or start fresh."""
@@ -226,9 +240,9 @@ class Run:
         model = model if model is not None else self.plain_model()
         if model is None:
             return {}
+        pred = predict(model, self.eval_batches("valid"), self.par.device, self.tc.eval_max_batches, self.tc.bf16)
         loader = RequestLoader(self.ds.splits["valid"], self.schema, self.cfg.data.loader,
                                time_gap_buckets=self.cfg.model.time_gap_buckets)
-        pred = predict(model, loader, self.par.device, self.tc.eval_max_batches, self.tc.bf16)
         out = metrics_report(pred, self.schema.tasks, "valid_")
         if (own := getattr(model, "validation_metrics", None)) is not None:  # retrievers, SASRec: next-item recall@K
             out.update(own(loader, self.par.device, self.tc.eval_max_batches))

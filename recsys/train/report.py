@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from recsys.data import RequestLoader
 from recsys.dist.optim import split_parameters
 from recsys.model.metrics import auc
 from recsys.model.pyramid import flops_report
@@ -42,8 +41,7 @@ def write_report(path: Path, run: Any, model: torch.nn.Module, positives: torch.
     """
     cfg, schema, p = run.cfg, run.schema, run.progress
     valid = run.validate(model)
-    test = RequestLoader(run.ds.splits["test"], schema, cfg.data.loader, time_gap_buckets=cfg.model.time_gap_buckets)
-    test_pred = predict(model, test, run.par.device, 0, cfg.train.bf16)
+    test_pred = predict(model, run.eval_batches("test"), run.par.device, 0, cfg.train.bf16)
     test = metrics_report(test_pred, schema.tasks, "test_")
     report: dict[str, Any] = {
         **test, **valid,

@@ -97,7 +97,7 @@ class Trainer:
         share = batch.num_candidates / float(counts[0])  # exactly 1.0 in one process
         own = getattr(self.model, "training_loss", None)  # a model with its own loss (the two-tower retriever)
         with torch.autocast(self.par.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = own(batch) if own is not None else self.model(batch)
+            out = own(batch) if own is not None else batch.with_prior(self.model(batch))
         if own is not None:
             loss, per_task, logits = out
         elif self.listwise:

@@ -77,18 +77,21 @@ def rrf_reference(order: list[int], lists: list[list[int]], item: int, rrf_k: in
     return 1 / (rrf_k + 1 + order.index(item)) + sum(1 / (rrf_k + 1 + lst.index(item)) for lst in lists if item in lst)
 
 
-def reference_rows(ckpt: Path, retrievers: dict[str, Path], summary: dict, rrf_k: int | None = None
-                   ) -> dict[int, list[tuple]]:
+def reference_rows(ckpt: Path, retrievers: dict[str, Path], summary: dict, rrf_k: int | None = None,
+                   prior: Path | None = None) -> dict[int, list[tuple]]:
     """request_id -> [(item, rank, is_target, retrieved_by, rank_two_tower, rank_sid, score_click, score_like)],
     the slow way: brute-force retrieval, union, every candidate scored alone by the plain (uncached) ranker,
     Python sort; a retriever's own rank = the item's index among that retriever's returned (non -1) ids.
-    ``rrf_k``: the final order is the reciprocal-rank fusion of the ranker's order and the retrievers' lists."""
+    ``rrf_k``: the final order is the reciprocal-rank fusion of the ranker's order and the retrievers' lists.
+    ``prior``: a residual ranker's two-tower artifact; its ``u . v`` of the request alone and the item alone is
+    added to each task's logit."""
     model, schema, _ = load_ranker(ckpt, CPU)
     table = scored_requests(summary, schema)
     batch = collate(table, schema, summary["max_len"])
     cats = collect_item_categories([Path(f) for f in summary["category_files"]], schema)
     catalog = catalog_items(schema, None, cats)
     retrieved = brute_force_retrieval(retrievers, schema, catalog, batch)
+    towers = load_retriever(prior, schema, catalog).model if prior is not None else None
     names = ["two_tower", "sid"]
     out = {}
     for b in range(batch.num_requests):
@@ -101,7 +104,11 @@ def reference_rows(ckpt: Path, retrievers: dict[str, Path], summary: dict, rrf_k
         with torch.no_grad():
             for item in found:
                 sub = with_candidates(one, torch.tensor([item]), torch.tensor([int(cats.category[item])]))
-                scores[item] = torch.sigmoid(model(sub)[0]).tolist()
+                logit = model(sub)[0]
+                if towers is not None:
+                    u = towers.user_vectors(one)[0]
+                    logit = logit + u @ towers.item_vectors(torch.tensor([item]), sub.cand["category"].values())[0]
+                scores[item] = torch.sigmoid(logit).tolist()
         order = sorted(found, key=lambda i: (-scores[i][0], i))
         lists = [[int(i) for i in r[b] if i >= 0] for r in retrieved]
         if rrf_k is not None:

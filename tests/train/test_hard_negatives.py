@@ -13,14 +13,20 @@ import pytest
 import torch
 from tiny_runs import run_config
 
+from recsys.baselines.factory import max_s_tokens
 from recsys.data import prepare_dataset
 from recsys.data.item_categories import collect_item_categories
 from recsys.data.loader import RequestLoader
+from recsys.dist.config import OptimConfig
+from recsys.dist.strategy import SingleProcess
 from recsys.errors import InputError
+from recsys.model.heads import multitask_bce
+from recsys.retrieval.train_hooks import build_trainable
 from recsys.testing import torch_threads
 from recsys.train.config import HardNegativesConfig
 from recsys.train.hard_negatives import HardNegatives
 from recsys.train.loop import train
+from recsys.train.step import Trainer
 
 K, NUM = 12, 5
 
@@ -152,3 +158,43 @@ def test_listwise_loss_ranks_the_listed_items_above_the_hard_negatives(retriever
     assert np.mean(lw[-5:]) < 0.95 * np.mean(lw[:5])  # 4.74 -> 4.29 when written
     with pytest.raises(InputError, match="brings its own training loss"), torch_threads(1):
         train(run_config(tmp_path, "tt", "model=two_tower", "train.max_steps=1", "train.loss=listwise"))
+
+
+def test_prior_is_each_candidates_two_tower_score_and_the_trainer_adds_it(retriever):
+    """``prior=true``: every candidate of the augmented batch carries its two-tower score: equal to the score
+    the retriever's faiss search returned for it (every negative is in that top K); the trainer's loss is the
+    BCE of ``model(batch) + prior`` (written out); the run's checkpoint records the retriever and its digests
+    (what the cascade checks)."""
+    root, path = retriever
+    ds, batch = first_batch(root)
+    hard = HardNegatives(HardNegativesConfig(str(path), K, NUM, "positive", prior=True), ds.schema,
+                         ds.splits["train"], ds.path.resolve(), seed=0, rank=0)
+    out = hard.augment(batch, 0, 0)
+    ids, scores = hard.retriever.retrieve(batch, K)
+    off, items = out.cand_offsets.tolist(), out.cand["item_id"].values().tolist()
+    checked = 0
+    for b in range(batch.num_requests):
+        found = dict(zip(ids[b].tolist(), scores[b].tolist()))
+        for c in range(off[b], off[b + 1]):
+            if items[c] in found:
+                assert float(out.prior[c]) == pytest.approx(found[items[c]], rel=1e-4, abs=1e-5)
+                checked += 1
+    assert checked >= batch.num_requests * NUM // 2
+
+    cfg = run_config(root, "unused")
+    model = build_trainable(ds.schema, cfg.model, max_s_tokens(ds.schema, cfg.model, cfg.data.loader.max_len), None)
+    par = SingleProcess(torch.device("cpu"))
+    module, opt = par.wrap(model, OptimConfig(), lambda s: 1.0)
+    with torch.no_grad():
+        want_loss = float(multitask_bce(module(out) + out.prior[:, None], out.labels)[0])
+        plain_loss = float(multitask_bce(module(out), out.labels)[0])
+    assert abs(want_loss - plain_loss) > 1e-3  # the prior changes the loss: the check below can tell
+    assert Trainer(module, par, opt).step(out).loss == pytest.approx(want_loss, rel=1e-5)
+
+    with torch_threads(1):
+        train(run_config(root, "prior", f"train.hard_negatives.retriever={path}", f"train.hard_negatives.retrieve_k={K}",
+                         f"train.hard_negatives.num={NUM}", "train.hard_negatives.prior=true", "train.max_steps=2"))
+    ckpt = torch.load(max((root / "prior" / "checkpoints").glob("step_*.pt")), weights_only=True)
+    rec = ckpt["score_prior"]
+    assert Path(rec["retriever"]) == path.resolve() and rec["kind"] == "two_tower"
+    assert rec["state_sha256"] == hard.retriever.identity["state_sha256"]
