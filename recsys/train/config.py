@@ -56,6 +56,10 @@ class HardNegativesConfig:
     """Negatives per request, drawn uniformly without replacement from the top K minus the listed items."""
     listed_label: ListedLabel = ListedLabel.keep
     """keep | positive (see :class:`ListedLabel`); negatives are 0 on every task."""
+    exclude_user_positives: bool = True
+    """Never draw an item the same user has a positive for at or after the request in the train split (its
+    later items: the retriever, trained on every position, ranks them high; as negatives they are false
+    ones). Items of the user's history stay eligible ("not again" is a true negative)."""
     prior: bool = False
     """Train the ranker as a residual over the retriever: every candidate's two-tower score ``u . v`` is
     added to each task's logit (training, validation, test) and the checkpoint records the retriever, so

@@ -8,8 +8,12 @@ candidates ``C_b``):
 1. the retriever (``recsys.retrieval.artifact``, trained on the same dataset) returns its top
    ``retrieve_k`` items for the request's history (history items included: the served cascade may
    retrieve them too);
-2. ``num`` of them that are not among the request's listed items are drawn uniformly without replacement
-   (fewer when fewer remain); their categories come from the train split (``collect_item_categories``);
+2. ``num`` of them that are not among the request's listed items (nor, with ``exclude_user_positives``,
+   among the items the same user has a positive for at or after this request in the train split:
+   ``UserPositives``, which the retriever ranks high and which would be false negatives; the user's
+   history items stay eligible) are drawn uniformly
+   without replacement (fewer when fewer remain); their categories come from the train split
+   (``collect_item_categories``);
 3. candidates ``[C_b listed | n_b negatives]`` (jagged ``[sum (C_b + n_b)]``), labels of the listed ones as
    read (``listed_label=keep``) or 1 on every task (``positive``, leave-one-out next-item data), the
    negatives' 0;
@@ -34,6 +38,7 @@ from recsys.data.batch import RequestBatch
 from recsys.data.candidates import with_request_candidates
 from recsys.data.item_categories import collect_item_categories
 from recsys.data.schema import DataSchema
+from recsys.data.user_items import UserPositives
 from recsys.errors import InputError
 from recsys.retrieval.artifact import load_retriever
 from recsys.train.config import HardNegativesConfig, ListedLabel
@@ -64,6 +69,8 @@ class HardNegatives:
             raise InputError(f"train.hard_negatives.prior needs a two-tower retriever (a per-item score); "
                              f"{cfg.retriever} is a {self.retriever.kind!r} retriever")
         self.cfg, self.seed, self.rank = cfg, seed, rank
+        self.user_positives = (UserPositives(train_files, schema, cfg.listed_label == ListedLabel.positive)
+                               if cfg.exclude_user_positives else None)
 
     def _generator(self, epoch: int, index: int) -> torch.Generator:
         state = np.random.SeedSequence([self.seed, self.rank, epoch, index]).generate_state(2, dtype=np.uint32)
@@ -75,10 +82,13 @@ class HardNegatives:
         ids = ids.numpy()
         listed = batch.cand["item_id"].values().cpu().numpy()
         off = batch.cand_offsets.cpu().numpy()
+        users, ts = batch.user_id.cpu().numpy(), batch.request_ts.cpu().numpy()
         keys = torch.rand(ids.shape, generator=self._generator(epoch, index)).numpy()  # [B, K]
         out = []
         for b in range(ids.shape[0]):
             ok = (ids[b] > 0) & ~np.isin(ids[b], listed[off[b]:off[b + 1]])
+            if self.user_positives is not None:
+                ok &= ~self.user_positives.taken_later(int(users[b]), int(ts[b]), ids[b])
             pick = np.flatnonzero(ok)[np.argsort(keys[b][ok], kind="stable")[:self.cfg.num]]
             out.append(ids[b][pick])
         return out

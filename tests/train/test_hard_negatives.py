@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from tiny_runs import run_config
@@ -17,6 +18,7 @@ from recsys.baselines.factory import max_s_tokens
 from recsys.data import prepare_dataset
 from recsys.data.item_categories import collect_item_categories
 from recsys.data.loader import RequestLoader
+from recsys.data.user_items import UserPositives
 from recsys.dist.config import OptimConfig
 from recsys.dist.strategy import SingleProcess
 from recsys.errors import InputError
@@ -47,11 +49,27 @@ def first_batch(root: Path):
     return ds, next(iter(loader))
 
 
-def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever):
+def taken_at_or_after(ds, every_listed: bool) -> dict[int, list[tuple[int, int]]]:
+    """user -> [(item, request_ts)] of every positive candidate of the train split, read row by row."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for f in ds.splits["train"]:
+        for row in pq.read_table(f).to_pylist():
+            labels = zip(*(row[f"cand_label_{t}"] for t in ds.schema.tasks))
+            for item, ys in zip(row["cand_item_id"], labels):
+                if every_listed or max(ys) > 0.5:
+                    out.setdefault(row["user_id"], []).append((item, row["request_ts"]))
+    return out
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever, exclude):
+    """... and, with ``exclude_user_positives``, minus every item the same user has a positive for at or
+    after the request (false negatives); without it some such item is drawn on this data."""
     root, path = retriever
     ds, batch = first_batch(root)
-    hard = HardNegatives(HardNegativesConfig(str(path), K, NUM, "keep"), ds.schema, ds.splits["train"],
-                         ds.path.resolve(), seed=0, rank=0)
+    hard = HardNegatives(HardNegativesConfig(str(path), K, NUM, "keep", exclude_user_positives=exclude), ds.schema,
+                         ds.splits["train"], ds.path.resolve(), seed=0, rank=0)
+    later = taken_at_or_after(ds, every_listed=False)
     out = hard.augment(batch, epoch=0, index=0)
     model = hard.retriever.model
     items = torch.arange(1, ds.schema.num_items)
@@ -62,20 +80,24 @@ def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever):
     old, new = batch.cand_offsets.tolist(), out.cand_offsets.tolist()
     old_items, new_items = batch.cand["item_id"].values().numpy(), out.cand["item_id"].values().numpy()
     new_cats = out.cand["category"].values().numpy()
-    drawn_any = False
+    drawn_any, false_negatives = False, 0
     for b in range(batch.num_requests):
         listed = old_items[old[b]:old[b + 1]]
         got = new_items[new[b]:new[b + 1]]
         np.testing.assert_array_equal(got[:listed.size], listed)
         torch.testing.assert_close(out.labels[new[b]:new[b] + listed.size], batch.labels[old[b]:old[b + 1]])
         neg = got[listed.size:]
-        pool = set(top[b].tolist()) - set(listed.tolist())
+        user, ts = int(batch.user_id[b]), int(batch.request_ts[b])
+        future = {i for i, t in later.get(user, []) if t >= ts}
+        false_negatives += len(set(neg.tolist()) & future)
+        pool = set(top[b].tolist()) - set(listed.tolist()) - (future if exclude else set())
         assert neg.size == min(NUM, len(pool)) and len(set(neg.tolist())) == neg.size
         assert set(neg.tolist()) <= pool
         assert (out.labels[new[b] + listed.size:new[b + 1]] == 0).all()
         np.testing.assert_array_equal(new_cats[new[b] + listed.size:new[b + 1]], category[neg])
         drawn_any |= neg.size > 0
     assert drawn_any
+    assert (false_negatives == 0) if exclude else (false_negatives > 0)
     assert out.seq.values().equal(batch.seq.values()) and out.seq.lengths().equal(batch.seq.lengths())  # histories kept
     again = hard.augment(batch, epoch=0, index=0)
     assert again.cand["item_id"].values().equal(out.cand["item_id"].values())  # a function of (epoch, index)
@@ -198,3 +220,21 @@ def test_prior_is_each_candidates_two_tower_score_and_the_trainer_adds_it(retrie
     rec = ckpt["score_prior"]
     assert Path(rec["retriever"]) == path.resolve() and rec["kind"] == "two_tower"
     assert rec["state_sha256"] == hard.retriever.identity["state_sha256"]
+
+
+@pytest.mark.parametrize("every_listed", [True, False])
+def test_user_positives_match_a_row_by_row_scan(retriever, every_listed):
+    """``UserPositives.taken_later`` == the rows read one by one, on queries at, before and after real
+    request times (ties count as later), for users with and without positives; no files: nothing."""
+    root, _ = retriever
+    ds, _ = first_batch(root)
+    up = UserPositives(ds.splits["train"], ds.schema, every_listed)
+    later = taken_at_or_after(ds, every_listed)
+    rng = np.random.default_rng(0)
+    items = np.arange(ds.schema.num_items)
+    times = sorted({t for pairs in later.values() for _, t in pairs})
+    for user in [*rng.choice(list(later), 5, replace=False).tolist(), max(later) + 1]:
+        for ts in [times[0] - 1, times[len(times) // 2], times[-1], times[-1] + 1]:
+            want = {i for i, t in later.get(user, []) if t >= ts}
+            assert set(items[up.taken_later(user, ts, items)].tolist()) == want, (user, ts)
+    assert not UserPositives([], ds.schema, every_listed).taken_later(0, 0, items).any()
