@@ -70,6 +70,9 @@ class HardNegativesConfig:
         if self.num < 1 or self.retrieve_k < self.num:
             raise InputError(f"train.hard_negatives needs 1 <= num <= retrieve_k, got num={self.num}, "
                              f"retrieve_k={self.retrieve_k}")
+        if self.prior and self.retriever is None:
+            raise InputError("train.hard_negatives.prior=true needs train.hard_negatives.retriever (the two-tower "
+                             "whose score the ranker is trained on top of)")
 
 
 class StopMode(str, Enum):

@@ -148,6 +148,8 @@ def test_refusals(retriever, tmp_path):
     ds, _ = first_batch(root)
     with pytest.raises(InputError, match="num <= retrieve_k"):
         HardNegativesConfig(str(path), retrieve_k=3, num=4)
+    with pytest.raises(InputError, match="prior=true needs train.hard_negatives.retriever"):
+        HardNegativesConfig(None, prior=True)
     with pytest.raises(InputError, match="exceeds the catalog"):
         HardNegatives(HardNegativesConfig(str(path), 10_000, NUM), ds.schema, ds.splits["train"], ds.path, 0, 0)
     other = run_config(tmp_path, "x", "data.synthetic.seed=3", "data.synthetic.num_items=150")
