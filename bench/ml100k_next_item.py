@@ -10,7 +10,9 @@ Per seed, through the product's own commands (``python -m recsys.train`` / ``rec
    ``valid_recall@10`` (``--sasrec-patience``, at most ``--sasrec-epochs`` epochs), every item ranked by its next-item score
    (``python -m recsys.evaluate``'s full-catalog protocol);
 3. **ranker for the cascade**: the ``small`` OneTrans ranker with hard negatives from (1)'s top
-   ``--retrieve-k`` (``train.hard_negatives``, ``listed_label=positive``: the ranked task is "the next item");
+   ``--retrieve-k`` (``train.hard_negatives``, ``listed_label=positive``: the ranked task is "the next item";
+   the user's own later items never drawn), ``--ranker-loss`` (bce | listwise); ``--ranker-prior``: a
+   residual ranker over (1)'s score (``train.hard_negatives.prior``);
 4. **SID decoder** (generative retriever, ``model=sid_decoder``): semantic IDs from ``python -m recsys.quant
    content.source=checkpoint`` on (1)'s item table (collaborative SIDs), the decoder trained on every
    request's rated movie (``sid_targets=candidates``), early stopping on its beam-search ``valid_recall@10``;
@@ -97,7 +99,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     rk = train(args, base / "ranker", f"model={args.ranker}", f"train.epochs={args.ranker_epochs}", *seeds,
                f"train.hard_negatives.retriever={retriever}", f"train.hard_negatives.retrieve_k={args.retrieve_k}",
                f"train.hard_negatives.num={args.negatives}", "train.hard_negatives.listed_label=positive",
-               f"train.loss={args.ranker_loss}")
+               f"train.loss={args.ranker_loss}", f"train.hard_negatives.prior={str(args.ranker_prior).lower()}")
     out: dict[str, Any] = {"train": {name: {k: r.get(k) for k in ("steps", "train_time_s", "wall_s", "early_stopping")}
                                      for name, r in (("two_tower", tt), ("sid", sid), ("sasrec", sas), ("ranker", rk))}}
     for conv, flag in (("kept", "false"), ("excluded", "true")):
@@ -156,8 +158,9 @@ def main() -> None:
     ap.add_argument("--ranker-epochs", type=int, default=1)
     ap.add_argument("--retrieve-k", type=int, default=100)
     ap.add_argument("--negatives", type=int, default=4)
-    ap.add_argument("--ranker-loss", choices=["bce", "listwise"], default="bce",
-                    help="the ranker's train.loss (listwise was not better on seed 0: docs/retrieval.md)")
+    ap.add_argument("--ranker-loss", choices=["bce", "listwise"], default="bce", help="the ranker's train.loss")
+    ap.add_argument("--ranker-prior", action="store_true",
+                    help="train the ranker as a residual over the two-tower's score (train.hard_negatives.prior)")
     args = ap.parse_args()
     t0, load0 = time.time(), os.getloadavg()
     per_seed = {s: one_seed(args, s) for s in args.seeds}
