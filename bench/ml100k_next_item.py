@@ -103,7 +103,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"train": {name: {k: r.get(k) for k in ("steps", "train_time_s", "wall_s", "early_stopping")}
                                      for name, r in (("two_tower", tt), ("sid", sid), ("sasrec", sas), ("ranker", rk))}}
     for conv, flag in (("kept", "false"), ("excluded", "true")):
-        cas = {fusion: score(args, base / "ranker", base / f"cascade_{conv}" + ("" if fusion == "ranker" else "_rrf"),
+        cas = {fusion: score(args, base / "ranker", base / (f"cascade_{conv}" + ("" if fusion == "ranker" else "_rrf")),
                              "mode=cascade", f"cascade.retrievers=['{retriever}','{sid_retriever}']",
                              f"cascade.retrieve_k={args.retrieve_k}", "cascade.top_n=10", "cascade.target=candidates",
                              f"cascade.exclude_seen={flag}", f"cascade.fusion={fusion}")["metrics"]
