@@ -7,6 +7,7 @@ to push down exactly what the user does next (false negatives). :class:`UserPosi
 ``user_id * num_items + item`` (one ``int64`` each: ``searchsorted`` membership, no per-user Python sets),
 with the pair's latest request time: ``taken_later`` says which items the user takes at or after a given
 request. Items the user took only *before* it (its history) stay valid negatives: "not again".
+Memory: 16 bytes per distinct positive pair (key + time), held by every training process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 
 from recsys.data.parquet_io import open_parquet, read_parquet_table
 from recsys.data.schema import DataSchema
+from recsys.errors import InputError
 
 
 class UserPositives:
@@ -36,6 +38,10 @@ class UserPositives:
             table = read_parquet_table(f, ["user_id", "request_ts", "cand_item_id", *label_cols], pf)
             counts = pc.list_value_length(table.column("cand_item_id")).to_numpy()
             users = np.repeat(table.column("user_id").to_numpy().astype(np.int64), counts)
+            if users.size and int(users.max()) > np.iinfo(np.int64).max // max(self.num_items, 1):
+                raise InputError(f"{f}: user_id {int(users.max())} is too large for (user, item) keys over "
+                                 f"{self.num_items} items; map user ids to dense ids, or set "
+                                 "train.hard_negatives.exclude_user_positives=false")
             ts = np.repeat(table.column("request_ts").to_numpy().astype(np.int64), counts)
             items = pc.list_flatten(table.column("cand_item_id")).to_numpy().astype(np.int64)
             keep = np.ones(items.size, dtype=bool) if every_listed else np.zeros(items.size, dtype=bool)

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -240,3 +241,15 @@ def test_user_positives_match_a_row_by_row_scan(retriever, every_listed):
             want = {i for i, t in later.get(user, []) if t >= ts}
             assert set(items[up.taken_later(user, ts, items)].tolist()) == want, (user, ts)
     assert not UserPositives([], ds.schema, every_listed).taken_later(0, 0, items).any()
+
+
+def test_user_positives_refuse_user_ids_too_large_for_the_keys(retriever, tmp_path):
+    root, _ = retriever
+    ds, _ = first_batch(root)
+    tasks = ds.schema.tasks
+    table = pa.table({"user_id": pa.array([2**62], pa.int64()), "request_ts": pa.array([0], pa.int64()),
+                      "cand_item_id": pa.array([[1]], pa.list_(pa.int64())),
+                      **{f"cand_label_{t}": pa.array([[1.0]], pa.list_(pa.float32())) for t in tasks}})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    with pytest.raises(InputError, match="too large for"):
+        UserPositives([tmp_path / "rows.parquet"], ds.schema, every_listed=True)
