@@ -60,6 +60,12 @@ class HardNegativesConfig:
     """Never draw an item the same user has a positive for at or after the request in the train split (its
     later items: the retriever, trained on every position, ranks them high; as negatives they are false
     ones). Items of the user's history stay eligible ("not again" is a true negative)."""
+    retrieved_only: bool = False
+    """Draw negatives only for a request whose listed items the retriever's top K holds (one at least); any
+    other request keeps its listed candidates alone. The ranker then learns to order what the retriever
+    found, which is all a cascade asks of it; a request whose next item was not retrieved teaches the
+    residual ranker (``prior``) to push the retriever's top items down. Needs ``train.loss=listwise`` (a
+    lone candidate adds no listwise loss; under BCE it would teach "everything is positive")."""
     prior: bool = False
     """Train the ranker as a residual over the retriever: every candidate's two-tower score ``u . v`` is
     added to each task's logit (training, validation, test) and the checkpoint records the retriever, so
@@ -161,6 +167,9 @@ class TrainConfig:
         self.loss = RankingLoss(self.loss)
         if self.keep_checkpoints < 1:
             raise InputError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.hard_negatives.retrieved_only and self.loss != RankingLoss.listwise:
+            raise InputError("train.hard_negatives.retrieved_only=true needs train.loss=listwise (the requests "
+                             "without negatives would train BCE on positives alone)")
         if self.early_stopping.metric is not None and self.eval_every == 0:
             raise InputError("train.early_stopping.metric needs train.eval_every > 0 (the validations it watches)")
 

@@ -12,7 +12,8 @@ candidates ``C_b``):
    among the items the same user has a positive for at or after this request in the train split:
    ``UserPositives``, which the retriever ranks high and which would be false negatives; the user's
    history items stay eligible) are drawn uniformly
-   without replacement (fewer when fewer remain); their categories come from the train split
+   without replacement (fewer when fewer remain; none, with ``retrieved_only``, when the top K holds none
+   of the request's listed items); their categories come from the train split
    (``collect_item_categories``);
 3. candidates ``[C_b listed | n_b negatives]`` (jagged ``[sum (C_b + n_b)]``), labels of the listed ones as
    read (``listed_label=keep``) or 1 on every task (``positive``, leave-one-out next-item data), the
@@ -86,7 +87,11 @@ class HardNegatives:
         keys = torch.rand(ids.shape, generator=self._generator(epoch, index)).numpy()  # [B, K]
         out = []
         for b in range(ids.shape[0]):
-            ok = (ids[b] > 0) & ~np.isin(ids[b], listed[off[b]:off[b + 1]])
+            found = np.isin(ids[b], listed[off[b]:off[b + 1]])
+            if self.cfg.retrieved_only and not found.any():
+                out.append(ids[b][:0])  # the retriever missed this request's items: nothing to order
+                continue
+            ok = (ids[b] > 0) & ~found
             if self.user_positives is not None:
                 ok &= ~self.user_positives.taken_later(int(users[b]), int(ts[b]), ids[b])
             pick = np.flatnonzero(ok)[np.argsort(keys[b][ok], kind="stable")[:self.cfg.num]]

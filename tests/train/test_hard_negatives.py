@@ -62,14 +62,15 @@ def taken_at_or_after(ds, every_listed: bool) -> dict[int, list[tuple[int, int]]
     return out
 
 
-@pytest.mark.parametrize("exclude", [True, False])
-def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever, exclude):
+@pytest.mark.parametrize("exclude, retrieved_only", [(True, False), (False, False), (True, True)])
+def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever, exclude, retrieved_only):
     """... and, with ``exclude_user_positives``, minus every item the same user has a positive for at or
-    after the request (false negatives); without it some such item is drawn on this data."""
+    after the request (false negatives); without it some such item is drawn on this data. With
+    ``retrieved_only`` a request whose listed items are all outside the top K gets none."""
     root, path = retriever
     ds, batch = first_batch(root)
-    hard = HardNegatives(HardNegativesConfig(str(path), K, NUM, "keep", exclude_user_positives=exclude), ds.schema,
-                         ds.splits["train"], ds.path.resolve(), seed=0, rank=0)
+    cfg = HardNegativesConfig(str(path), K, NUM, "keep", exclude_user_positives=exclude, retrieved_only=retrieved_only)
+    hard = HardNegatives(cfg, ds.schema, ds.splits["train"], ds.path.resolve(), seed=0, rank=0)
     later = taken_at_or_after(ds, every_listed=False)
     out = hard.augment(batch, epoch=0, index=0)
     model = hard.retriever.model
@@ -81,7 +82,7 @@ def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever, ex
     old, new = batch.cand_offsets.tolist(), out.cand_offsets.tolist()
     old_items, new_items = batch.cand["item_id"].values().numpy(), out.cand["item_id"].values().numpy()
     new_cats = out.cand["category"].values().numpy()
-    drawn_any, false_negatives = False, 0
+    drawn_any, false_negatives, missed = False, 0, 0
     for b in range(batch.num_requests):
         listed = old_items[old[b]:old[b + 1]]
         got = new_items[new[b]:new[b + 1]]
@@ -92,12 +93,14 @@ def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever, ex
         future = {i for i, t in later.get(user, []) if t >= ts}
         false_negatives += len(set(neg.tolist()) & future)
         pool = set(top[b].tolist()) - set(listed.tolist()) - (future if exclude else set())
+        if retrieved_only and not set(listed.tolist()) & set(top[b].tolist()):
+            pool, missed = set(), missed + 1
         assert neg.size == min(NUM, len(pool)) and len(set(neg.tolist())) == neg.size
         assert set(neg.tolist()) <= pool
         assert (out.labels[new[b] + listed.size:new[b + 1]] == 0).all()
         np.testing.assert_array_equal(new_cats[new[b] + listed.size:new[b + 1]], category[neg])
         drawn_any |= neg.size > 0
-    assert drawn_any
+    assert drawn_any and (missed > 0) == retrieved_only  # both kinds of request occur on this batch
     assert (false_negatives == 0) if exclude else (false_negatives > 0)
     assert out.seq.values().equal(batch.seq.values()) and out.seq.lengths().equal(batch.seq.lengths())  # histories kept
     again = hard.augment(batch, epoch=0, index=0)
@@ -151,6 +154,8 @@ def test_refusals(retriever, tmp_path):
         HardNegativesConfig(str(path), retrieve_k=3, num=4)
     with pytest.raises(InputError, match="prior=true needs train.hard_negatives.retriever"):
         HardNegativesConfig(None, prior=True)
+    with pytest.raises(InputError, match="retrieved_only=true needs train.loss=listwise"):
+        run_config(root, "x", f"train.hard_negatives.retriever={path}", "train.hard_negatives.retrieved_only=true")
     with pytest.raises(InputError, match="exceeds the catalog"):
         HardNegatives(HardNegativesConfig(str(path), 10_000, NUM), ds.schema, ds.splits["train"], ds.path, 0, 0)
     other = run_config(tmp_path, "x", "data.synthetic.seed=3", "data.synthetic.num_items=150")
