@@ -15,7 +15,7 @@ from cli_runner import cli_env, free_port, run_ranks
 
 from recsys.data.schema import DataSchema
 from recsys.dist.optim import make_optimizers
-from recsys.model.heads import multitask_bce
+from recsys.model.heads import multitask_bce, multitask_listwise
 from recsys.reliability.faults import ENV as FAULT_ENV
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
@@ -48,10 +48,11 @@ def torchrun(*args: str, nproc: int = 2, check: bool = True, fault: str | None =
     return proc
 
 
-def single_process_reference(steps: int, schema: DataSchema = scenario.SCHEMA, build: Callable[[], Any] | None = None
-                             ) -> tuple[list[float], dict[str, torch.Tensor]]:
+def single_process_reference(steps: int, schema: DataSchema = scenario.SCHEMA, build: Callable[[], Any] | None = None,
+                             listwise: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     """What one process does on the whole global batches (the recsys.train step); ``build``: the model
-    (default ``scenario.build(schema)``)."""
+    (default ``scenario.build(schema)``); ``listwise``: the listwise loss of ``model(batch) + prior`` on
+    ``scenario.global_batch_with_prior`` (a residual ranker, ``train.loss=listwise``)."""
     model = build() if build is not None else scenario.build(schema)
     oc = scenario.optim_config()
     opt_sparse, opt_dense = make_optimizers(model, oc)
@@ -59,8 +60,12 @@ def single_process_reference(steps: int, schema: DataSchema = scenario.SCHEMA, b
     sched = torch.optim.lr_scheduler.LambdaLR(opt_dense, scenario.lr_lambda)
     losses = []
     for t in range(steps):
-        g = scenario.global_batch(t, schema)
-        loss, _ = multitask_bce(model(g), g.labels)
+        if listwise:
+            g = scenario.global_batch_with_prior(t)
+            loss, _ = multitask_listwise(model(g) + g.prior[:, None], g.labels, g.cand_offsets)
+        else:
+            g = scenario.global_batch(t, schema)
+            loss, _ = multitask_bce(model(g), g.labels)
         opt_sparse.zero_grad(set_to_none=True)
         opt_dense.zero_grad(set_to_none=True)
         loss.backward()

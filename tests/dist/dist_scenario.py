@@ -75,3 +75,10 @@ def global_batch(t: int, schema: DataSchema = SCHEMA) -> RequestBatch:
     rot = t % len(CANDIDATES)  # vary which request lands on which rank from step to step
     return random_request_batch(schema, HISTORIES[rot:] + HISTORIES[:rot], CANDIDATES[rot:] + CANDIDATES[:rot],
                                 seed=100 + t)
+
+
+def global_batch_with_prior(t: int) -> RequestBatch:
+    """:func:`global_batch` with a residual ranker's per-candidate prior ``[sum C_b]`` (random, seeded by ``t``)."""
+    b = global_batch(t)
+    b.prior = 2 * torch.randn(b.num_candidates, generator=torch.Generator().manual_seed(500 + t))
+    return b

@@ -13,7 +13,9 @@
   a resume under another run configuration is refused on every rank.
 * a NaN loss on one rank skips the step on both and moves no weight, table or optimizer state; a
   non-finite gradient (finite loss) stops both ranks before the dense step;
-* semantic-ID items (the ``sid_table`` sharded too): 2 ranks == 1 process.
+* semantic-ID items (the ``sid_table`` sharded too): 2 ranks == 1 process;
+* a residual ranker with the listwise loss (``train.loss=listwise``, a per-candidate prior added to the
+  logits): 2 ranks == 1 process (the per-rank candidate-share scaling holds for the listwise mean too).
 
 The real ``torchrun -m recsys.train`` commands (refusals, SIGKILL + resume) are in test_distributed_cli.py.
 """
@@ -77,6 +79,23 @@ def test_two_ranks_match_one_process_with_semantic_id_items(tmp_path):
         assert plan["sid_table"]["sharding"] == sharding and {t["sharding"] for t in plan.values()} == {sharding}
         assert got["losses"] == pytest.approx(ref_losses, rel=1e-5), sharding
         assert_weights_match(got["state"], ref_state, sharding)
+
+
+def test_two_ranks_match_one_process_with_the_listwise_loss_over_a_prior(tmp_path):
+    torchrun("match", "row_wise", str(STEPS), str(tmp_path), "listwise")
+    ref_losses, ref_state = single_process_reference(STEPS, listwise=True)
+    bce_losses, _ = single_process_reference(STEPS)
+    assert ref_losses != pytest.approx(bce_losses, rel=1e-3)  # another loss: the listwise path really ran
+    got = torch.load(tmp_path / "listwise_row_wise.pt", weights_only=True)
+    assert got["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    # A softmax over a request's candidates is blind to a per-task shift of every logit: the output bias's
+    # true gradient is 0, its float residue (~1e-9, summed in another order) differs between the runs, and
+    # AdamW's m / sqrt(v) turns either residue into a step of the learning rate's size. Every other weight
+    # must match; that bias's move is no bookkeeping error.
+    shift = "heads.mlp.2.bias"
+    assert shift in ref_state
+    assert_weights_match({k: v for k, v in got["state"].items() if k != shift},
+                         {k: v for k, v in ref_state.items() if k != shift}, "listwise")
 
 
 def test_resume_from_a_two_rank_checkpoint_continues_the_same_run(tmp_path):

@@ -1,7 +1,8 @@
 """Scenarios run by tests/dist/test_dist.py under ``torchrun --nproc_per_node W`` (gloo, CPU).
 
-    torchrun ... tests/dist/worker.py match <sharding>[,<sharding>...] <steps> <out_dir> [sid]
-        (sid: the semantic-ID model of dist_scenario.build_sid)
+    torchrun ... tests/dist/worker.py match <sharding>[,<sharding>...] <steps> <out_dir> [sid|listwise]
+        (sid: the semantic-ID model of dist_scenario.build_sid; listwise: train.loss=listwise on batches
+        with a residual ranker's prior, dist_scenario.global_batch_with_prior)
     torchrun ... tests/dist/worker.py nonfinite <out_dir>
         (a NaN loss on one rank: the step is skipped on both, no weight, table or optimizer state moves;
         then a finite loss with Inf gradients on one rank: both stop before the dense step;
@@ -67,19 +68,21 @@ def take_requests(b: RequestBatch, lo: int, hi: int) -> RequestBatch:
         sparse=_take_kjt(b.sparse, lo, hi), dense=b.dense[lo:hi], seq=_take_kjt(b.seq, lo, hi),
         seq_ts=_take_kjt(b.seq_ts, lo, hi), cand=_take_kjt(b.cand, lo, hi),
         cand_offsets=b.cand_offsets[lo:hi + 1] - c0, labels=b.labels[c0:c1],
-        true_prob=None if b.true_prob is None else b.true_prob[c0:c1])
+        true_prob=None if b.true_prob is None else b.true_prob[c0:c1],
+        prior=None if b.prior is None else b.prior[c0:c1])
 
 
 def match(shardings: str, steps: int, out: Path, model: str = "id") -> None:
     """For each comma-separated sharding type: train on this rank's half of each global batch;
-    rank 0 writes losses + gathered weights to ``dist_<sharding>.pt`` (``model=sid``: ``sid_<sharding>.pt``)."""
+    rank 0 writes losses + gathered weights to ``<name>_<sharding>.pt`` (name ``dist``, or ``model``)."""
     build = scenario.build_sid if model == "sid" else scenario.build
     for sharding in shardings.split(","):
-        match_one(sharding, steps, out, build, "sid" if model == "sid" else "dist")
+        match_one(sharding, steps, out, build, "dist" if model == "id" else model)
 
 
 def sharded_trainer(sharding: str, model: OneTransRanker | None = None,
-                    build: Callable[[], OneTransRanker] = scenario.build) -> tuple[Distributed, Trainer]:
+                    build: Callable[[], OneTransRanker] = scenario.build, listwise: bool = False
+                    ) -> tuple[Distributed, Trainer]:
     """The production pieces: the Distributed strategy wraps ``model`` (default: ``build``'s model, its
     tables on meta as the trainer builds it), the one step function."""
     par = Distributed(DistConfig(backend="gloo", sharding=sharding))
@@ -87,7 +90,7 @@ def sharded_trainer(sharding: str, model: OneTransRanker | None = None,
     if model is None:
         model = par.instantiate(build)
     module, opt = par.wrap(model, oc, scenario.lr_lambda)
-    return par, Trainer(module, par, opt, clip_grad_norm=oc.clip_grad_norm)
+    return par, Trainer(module, par, opt, clip_grad_norm=oc.clip_grad_norm, listwise=listwise)
 
 
 def my_part(g: RequestBatch) -> RequestBatch:
@@ -97,8 +100,10 @@ def my_part(g: RequestBatch) -> RequestBatch:
 
 
 def match_one(sharding: str, steps: int, out: Path, build: Callable[[], OneTransRanker], name: str) -> None:
-    par, trainer = sharded_trainer(sharding, build=build)
-    losses = [trainer.step(my_part(scenario.global_batch(t))).loss for t in range(steps)]
+    listwise = name == "listwise"
+    batch = scenario.global_batch_with_prior if listwise else scenario.global_batch
+    par, trainer = sharded_trainer(sharding, build=build, listwise=listwise)
+    losses = [trainer.step(my_part(batch(t))).loss for t in range(steps)]
     full = gather_full_state(trainer.model)
     if par.rank == 0:
         torch.save({"losses": losses, "state": full, "plan": par.plan}, out / f"{name}_{sharding}.pt")
