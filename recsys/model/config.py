@@ -7,6 +7,7 @@ from enum import Enum
 
 from kernels.backend import AttentionBackend
 from recsys.embeddings.config import ItemEmbeddingConfig, ItemEmbeddingMode, SidCombine
+from recsys.errors import InputError
 from recsys.features.config import NsTokenizer, SeqMerge, TokenizerConfig
 
 __all__ = ["Arch", "Backend", "ItemEmbeddingConfig", "ItemEmbeddingMode", "ModelConfig", "NsTokenizer",
@@ -86,6 +87,12 @@ class RetrievalTrainConfig:
     """Catalogs with at most this many rows use the exact full softmax."""
     recall_k: int = 10
     """Validation metric: recall@K of the valid split's positives (exact faiss index, history allowed)."""
+    max_positions: int = 0
+    """two_tower: train each request's newest ``max_positions`` next-item positions only (0 = every one). A
+    log with a request per event (ml-100k: one per rating, each holding all the user's earlier ratings)
+    repeats event ``j`` as a target in every later request of its user: with 0 an event early in a long
+    history is trained hundreds of times an epoch and short prefixes dominate the loss; with N every event
+    is trained about N times an epoch, at every history length alike."""
     sid_targets: SidTargets = SidTargets.positives
     """sid_decoder: which candidates of a training request it learns to generate: those labelled 1 on the
     first task, or every candidate (a log of what users chose, e.g. every rating; candidates must then
@@ -93,6 +100,8 @@ class RetrievalTrainConfig:
 
     def __post_init__(self) -> None:
         self.sid_targets = SidTargets(self.sid_targets)
+        if self.max_positions < 0:
+            raise InputError(f"model.retrieval.max_positions must be >= 0 (0 = every position), got {self.max_positions}")
 
 
 @dataclass

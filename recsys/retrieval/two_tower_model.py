@@ -4,7 +4,7 @@ Shapes: ``B`` requests, ``L_b`` merged history events of request b (= its S toke
 positions (``sum_b max(L_b - 1, 0)``), ``O`` vector width, ``I`` catalog rows (row 0 = padding).
 
 * **Loss** (:meth:`TwoTowerModel.training_loss`, the trainer's own-loss hook): next item at every
-  history position. The user vector after event ``t`` of a request (the top output of S token ``t``
+  history position (each request's newest ``model.retrieval.max_positions`` only, when set). The user vector after event ``t`` of a request (the top output of S token ``t``
   with every S token a query: causal attention, so it reads events ``0..t`` only) predicts event
   ``t+1``'s item. Targets are history events only, all strictly before the request time (the loader's
   history is), so nothing at or after the time of any request row is a target. Loss =
@@ -65,15 +65,15 @@ def all_s_states(ranker: OneTransRanker, s_tokens: torch.Tensor, s_offsets: torc
     return x
 
 
-def next_item_pairs(offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def next_item_pairs(offsets: torch.Tensor, newest: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``offsets [B+1]`` of the merged history -> (state rows ``[P]``, target rows ``[P]``): row ``i`` of a
-    request predicts row ``i + 1`` of the same request (the newest row of a request predicts nothing)."""
+    request predicts row ``i + 1`` of the same request (the newest row of a request predicts nothing);
+    ``newest > 0``: only each request's newest ``newest`` pairs (targets the newest ``newest`` rows)."""
     n = int(offsets[-1])
     rows = torch.arange(n, device=offsets.device)
-    last = torch.zeros(n, dtype=torch.bool, device=offsets.device)
-    ends = offsets[1:][offsets[1:] > offsets[:-1]] - 1
-    last[ends] = True
-    src = rows[~last]
+    to_end = torch.repeat_interleave(offsets[1:] - 1, offsets[1:] - offsets[:-1], output_size=n) - rows  # 0: newest
+    keep = (to_end >= 1) & (to_end <= newest) if newest > 0 else to_end >= 1
+    src = rows[keep]
     return src, src + 1
 
 
@@ -92,7 +92,7 @@ class TwoTowerModel(Baseline):
         rc = cfg.retrieval
         self.tasks, self.kinds, self.max_s_tokens = list(schema.tasks), list(schema.sequences), max_s_tokens
         self.loss_cfg = RetrievalLossConfig(rc.temperature, rc.num_negatives, rc.full_softmax_max_items)
-        self.recall_k = rc.recall_k
+        self.recall_k, self.max_positions = rc.recall_k, rc.max_positions
         self.encoder = TwoTowerEncoder(OneTransRanker(schema, cfg, max_s_tokens), rc.out_dim)
         self.register_buffer("target_counts", torch.zeros(schema.num_items, dtype=torch.float64))
         self.register_buffer("item_category", torch.zeros(schema.num_items, dtype=torch.int64))
@@ -112,7 +112,7 @@ class TwoTowerModel(Baseline):
         if not torch.equal(s_offsets.to(hist.offsets.dtype), hist.offsets):
             raise InputError("two_tower: the tokenizer's S tokens are not the merged history (a long-sequence or "
                              "history-cap setting?); train it on the plain history")
-        src, tgt = next_item_pairs(hist.offsets)
+        src, tgt = next_item_pairs(hist.offsets, self.max_positions)
         states = all_s_states(self.encoder.ranker, s_tokens, s_offsets)
         return self.encoder.user_proj(states[src]), hist.item[tgt]
 

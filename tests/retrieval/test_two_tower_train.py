@@ -79,30 +79,37 @@ def merged_items(batch, kinds) -> list[list[int]]:
     return out
 
 
-def reference_positions(model: TwoTowerModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_positions(model: TwoTowerModel, batch, newest: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(user vector ``[P, O]``, target ``[P]``) the slow way: the serving path (``newest_s_state``) on every
-    prefix ``0..t`` of each request's S tokens alone, predicting event ``t + 1`` of the Python merge."""
+    prefix ``0..t`` of each request's S tokens alone, predicting event ``t + 1`` of the Python merge
+    (``newest > 0``: the newest ``newest`` targets of each request only)."""
     ranker = model.encoder.ranker
     tokens, offsets = s_tokens_of(ranker, batch)
     users, targets = [], []
     for b, items in enumerate(merged_items(batch, model.kinds)):
         start = int(offsets[b])
         assert int(offsets[b + 1]) - start == len(items)
-        for t in range(len(items) - 1):
+        for t in range(max(0, len(items) - 1 - newest) if newest else 0, len(items) - 1):
             state, _ = newest_s_state(ranker, tokens[start:start + t + 1], torch.tensor([0, t + 1]))
             users.append(model.encoder.user_proj(state[0]))
             targets.append(items[t + 1])
     return torch.stack(users), torch.tensor(targets)
 
 
-def test_positions_are_causal_and_equal_the_serving_path(data):
+@pytest.mark.parametrize("max_positions", [0, 1, 3])
+def test_positions_are_causal_and_equal_the_serving_path(data, max_positions):
+    """... every position, or each request's newest ``max_positions`` (a request per event: not every
+    event of a user's history is retrained in each later request)."""
     dcfg, ds, batch = data
-    model = make_model(ds, dcfg)
+    model = make_model(ds, dcfg, max_positions=max_positions)
     with torch.no_grad():
         user, target = model.position_vectors(batch)
-        ref_user, ref_target = reference_positions(model, batch)
+        ref_user, ref_target = reference_positions(model, batch, max_positions)
         newest = model.encoder.user_vectors(batch)
-    assert user.shape[0] > 10 and torch.equal(target, ref_target)
+    lengths = [len(items) for items in merged_items(batch, model.kinds)]
+    expect = sum(max(n - 1, 0) if not max_positions else min(max(n - 1, 0), max_positions) for n in lengths)
+    assert user.shape[0] == expect > batch.num_requests // 2 and torch.equal(target, ref_target)
+    assert max_positions == 0 or max(lengths) > max_positions + 1  # the cut really drops positions here
     torch.testing.assert_close(user, ref_user, atol=1e-5, rtol=1e-5)
     # serving's vector of a request is the state after its newest event: the next position of the same graph
     tokens, offsets = s_tokens_of(model.encoder.ranker, batch)
@@ -163,6 +170,8 @@ def test_refusals(data):
     from recsys.baselines.factory import build_model
     with pytest.raises(InputError, match="mode=cascade"):  # the scorers' factory: a retriever is no scorer
         build_model(ds.schema, model_cfg(), 64)
+    with pytest.raises(InputError, match="max_positions must be >= 0"):
+        RetrievalTrainConfig(max_positions=-1)
 
 
 def test_cli_training_writes_an_artifact_that_cascade_serves(data, tmp_path):
