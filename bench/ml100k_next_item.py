@@ -4,9 +4,10 @@
 
 Per seed, through the product's own commands (``python -m recsys.train`` / ``recsys.score``, one at a time):
 
-1. **two-tower retriever**: ``model=two_tower data=ml100k``, next item at every history position, full
-   softmax over the 1,682 items, at most ``--two-tower-epochs``, early stopping on ``valid_recall@10`` (best
-   weights restored);
+1. **two-tower retriever**: ``model=two_tower data=ml100k``, next item at each request's newest
+   ``--two-tower-positions`` history positions (``model.retrieval.max_positions``), full softmax over the
+   1,682 items, at most ``--two-tower-epochs``, early stopping on ``valid_recall@10`` (patience
+   ``--two-tower-patience``, best weights restored);
 2. **SASRec baseline** (in-product, ``model=sasrec``): trained until early stopping on its own
    ``valid_recall@10`` (``--sasrec-patience``, at most ``--sasrec-epochs`` epochs), every item ranked by its next-item score
    (``python -m recsys.evaluate``'s full-catalog protocol);
@@ -86,7 +87,9 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     seeds = [f"train.seed={seed}", f"data.loader.seed={seed}"]
     stop = ["train.early_stopping.metric=valid_recall@10", f"train.early_stopping.patience={args.patience}"]
     tt = train(args, base / "two_tower", "model=two_tower", f"train.epochs={args.two_tower_epochs}",
-               f"train.eval_every={args.eval_every}", *stop, *seeds)
+               f"model.retrieval.max_positions={args.two_tower_positions}", f"train.eval_every={args.eval_every}",
+               "train.early_stopping.metric=valid_recall@10",
+               f"train.early_stopping.patience={args.two_tower_patience}", *seeds)
     sas = train(args, base / "sasrec", "model=sasrec", f"train.epochs={args.sasrec_epochs}",
                 f"train.eval_every={args.eval_every}", "train.early_stopping.metric=valid_recall@10",
                 f"train.early_stopping.patience={args.sasrec_patience}", *seeds)
@@ -151,8 +154,12 @@ def main() -> None:
     ap.add_argument("--data-root", type=Path, default=ROOT / "data")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--patience", type=int, default=4)
-    ap.add_argument("--two-tower-epochs", type=int, default=1)
+    ap.add_argument("--patience", type=int, default=4, help="the SID decoder's early-stopping patience")
+    ap.add_argument("--two-tower-epochs", type=int, default=3)
+    ap.add_argument("--two-tower-positions", type=int, default=8,
+                    help="model.retrieval.max_positions: each training request's newest N next-item positions "
+                         "(a request per rating repeats every earlier rating; 0 = every position)")
+    ap.add_argument("--two-tower-patience", type=int, default=8)
     ap.add_argument("--sasrec-epochs", type=int, default=3)
     ap.add_argument("--sasrec-patience", type=int, default=10,
                     help="SASRec's early-stopping patience (4 stopped it too early: 120-180 steps best vs 300-660)")
