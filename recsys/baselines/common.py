@@ -15,6 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import RequestBatch
 from recsys.data.jagged import keep_last, lengths_to_offsets
+from recsys.model.config import TargetItems
 
 
 class Baseline(nn.Module):
@@ -39,19 +40,20 @@ def candidate_owner(batch: RequestBatch) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(batch.num_requests, device=counts.device), counts)
 
 
-def positives_in_top_k(batch: RequestBatch, top: torch.Tensor) -> tuple[int, int]:
-    """(hits, positives): how many candidates labelled 1 on task 0 are in their request's row of ``top [B, k]``
-    (item ids); the next-item validation recall of the retrievers and SASRec."""
-    pos = batch.labels[:, 0].cpu() > 0.5
+def positives_in_top_k(batch: RequestBatch, top: torch.Tensor, every_candidate: bool = False) -> tuple[int, int]:
+    """(hits, targets): how many candidates labelled 1 on task 0 (``every_candidate``: how many candidates) are in
+    their request's row of ``top [B, k]`` (item ids); the next-item validation recall of the retrievers and SASRec."""
+    pos = torch.ones(batch.num_candidates, dtype=torch.bool) if every_candidate else batch.labels[:, 0].cpu() > 0.5
     owner = candidate_owner(batch).cpu()[pos]
     target = batch.cand["item_id"].values().cpu().long()[pos]
     return int((top.cpu()[owner] == target.unsqueeze(1)).any(1).sum()), int(pos.sum())
 
 
 def recall_in_top_k(model: nn.Module, batches: Iterable[RequestBatch], device: torch.device, max_batches: int,
-                    top_k: Callable[[RequestBatch], torch.Tensor]) -> tuple[int, int]:
-    """(hits, positives) of :func:`positives_in_top_k` summed over the first ``max_batches`` of ``batches`` (0 =
-    all), each moved to ``device``; ``top_k(batch) -> [B, k]`` item ids. ``model`` is in eval mode meanwhile (its
+                    top_k: Callable[[RequestBatch], torch.Tensor], targets: TargetItems = TargetItems.positives
+                    ) -> tuple[int, int]:
+    """(hits, targets) of :func:`positives_in_top_k` summed over the first ``max_batches`` of ``batches`` (0 =
+    all), each moved to ``device``; ``top_k(batch) -> [B, k]`` item ids; ``targets``: which candidates count. ``model`` is in eval mode meanwhile (its
     mode restored after): the next-item validation loop of the retrievers and SASRec."""
     was = model.training
     model.eval()
@@ -61,7 +63,7 @@ def recall_in_top_k(model: nn.Module, batches: Iterable[RequestBatch], device: t
             if max_batches and i >= max_batches:
                 break
             batch = batch.to(device)
-            hits, n = positives_in_top_k(batch, top_k(batch))
+            hits, n = positives_in_top_k(batch, top_k(batch), targets == TargetItems.candidates)
             found, total = found + hits, total + n
     finally:
         model.train(was)

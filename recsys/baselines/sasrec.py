@@ -84,7 +84,7 @@ class SASRecModel(Baseline):
         self.norm = nn.RMSNorm(d, eps=1e-6)
         self.head = mlp([3 * d, cfg.head_hidden, len(self.tasks)])
         self.next_item_weight = cfg.next_item_weight
-        self.recall_k = cfg.retrieval.recall_k
+        self.recall_k, self.valid_targets = cfg.retrieval.recall_k, cfg.retrieval.valid_targets
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def sparse_parameters(self) -> list[nn.Parameter]:
@@ -138,13 +138,15 @@ class SASRecModel(Baseline):
     @torch.no_grad()
     def validation_metrics(self, batches: Iterable[RequestBatch], device: torch.device, max_batches: int = 0,
                            prefix: str = "valid_") -> dict[str, Any]:
-        """``{prefix}recall@K`` (``model.retrieval.recall_k``): share of positive candidates (task 0) in their
+        """``{prefix}recall@K`` (``model.retrieval.recall_k``): share of positive candidates (task 0; every
+        candidate with ``model.retrieval.valid_targets=candidates``) in their
         request's exact top K of every item ``1..M-1`` by the next-item score (history allowed), the two-tower
         retriever's validation figure."""
         items = torch.arange(1, self.item_table.shape[0], device=device)
         k = min(self.recall_k, items.numel())
         found, total = recall_in_top_k(self, batches, device, max_batches,
-                                       lambda b: items[self.catalog_scores(b, items).topk(k, dim=1).indices])
+                                       lambda b: items[self.catalog_scores(b, items).topk(k, dim=1).indices],
+                                       self.valid_targets)
         return {f"{prefix}recall@{self.recall_k}": found / total if total else math.nan,
                 f"{prefix}recall_targets": total, f"{prefix}recall_catalog": int(items.numel())}
 

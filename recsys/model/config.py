@@ -11,7 +11,7 @@ from recsys.errors import InputError
 from recsys.features.config import NsTokenizer, SeqMerge, TokenizerConfig
 
 __all__ = ["Arch", "Backend", "ItemEmbeddingConfig", "ItemEmbeddingMode", "ModelConfig", "NsTokenizer",
-           "PyramidConfig", "PyramidMode", "SeqMerge", "SidCombine", "SidTargets", "TokenizerConfig"]
+           "PyramidConfig", "PyramidMode", "SeqMerge", "SidCombine", "TargetItems", "TokenizerConfig"]
 
 # Fixed choices are str-valued enums, not Literal: OmegaConf rejects Literal annotations,
 # while an enum is checked at merge time, so a typo in YAML or an override fails at start-up.
@@ -65,8 +65,10 @@ class PyramidConfig:
             raise ValueError("pyramid.final must be >= 0 and pyramid.round_to >= 1")
 
 
-class SidTargets(str, Enum):
-    """What the SID decoder is trained to generate (``RetrievalTrainConfig.sid_targets``)."""
+class TargetItems(str, Enum):
+    """Which of a request's candidates are next-item targets: what the SID decoder is trained to generate
+    (``RetrievalTrainConfig.sid_targets``), what the retrievers' and SASRec's validation recall counts
+    (``valid_targets``)."""
 
     positives = "positives"
     candidates = "candidates"
@@ -93,13 +95,18 @@ class RetrievalTrainConfig:
     repeats event ``j`` as a target in every later request of its user: with 0 an event early in a long
     history is trained hundreds of times an epoch and short prefixes dominate the loss; with N every event
     is trained about N times an epoch, at every history length alike."""
-    sid_targets: SidTargets = SidTargets.positives
+    valid_targets: TargetItems = TargetItems.positives
+    """two_tower / sid_decoder / sasrec: the items ``valid_recall@K`` counts: the valid split's candidates
+    labelled 1 on the first task, or every candidate (a log of what users chose: ml-100k's next-item
+    protocol ranks the rated movie whatever the rating, 943 validation targets instead of 493 liked)."""
+    sid_targets: TargetItems = TargetItems.positives
     """sid_decoder: which candidates of a training request it learns to generate: those labelled 1 on the
     first task, or every candidate (a log of what users chose, e.g. every rating; candidates must then
     be no sampled negatives)."""
 
     def __post_init__(self) -> None:
-        self.sid_targets = SidTargets(self.sid_targets)
+        self.sid_targets = TargetItems(self.sid_targets)
+        self.valid_targets = TargetItems(self.valid_targets)
         if self.max_positions < 0:
             raise InputError(f"model.retrieval.max_positions must be >= 0 (0 = every position), got {self.max_positions}")
 

@@ -41,7 +41,7 @@ from recsys.data.jagged import lengths_to_offsets
 from recsys.data.schema import DataSchema
 from recsys.errors import InputError
 from recsys.features.tokenizer import UnifiedTokenizer
-from recsys.model.config import ModelConfig, SidTargets
+from recsys.model.config import ModelConfig, TargetItems
 from recsys.model.ranker import OneTransRanker
 from recsys.retrieval.artifact import save_retriever
 from recsys.retrieval.sid_decoder import SidDecoder, sid_logprob, user_prefix
@@ -75,7 +75,7 @@ class SidDecoderModel(Baseline):
     def __init__(self, schema: DataSchema, cfg: ModelConfig, max_s_tokens: int, codes: torch.Tensor) -> None:
         super().__init__()
         self.tasks, self.max_s_tokens, self.recall_k = list(schema.tasks), max_s_tokens, cfg.retrieval.recall_k
-        self.sid_targets = cfg.retrieval.sid_targets
+        self.sid_targets, self.valid_targets = cfg.retrieval.sid_targets, cfg.retrieval.valid_targets
         table = item_code_table(codes, schema.num_items)
         self.register_buffer("codes", table)  # [I, L]
         self.ranker = OneTransRanker(schema, cfg, max_s_tokens)
@@ -101,7 +101,7 @@ class SidDecoderModel(Baseline):
         items = batch.cand["item_id"].values().long()
         codes = self.codes[items]  # [C, L]
         keep = (codes >= 0).all(1)
-        if self.sid_targets == SidTargets.positives:
+        if self.sid_targets == TargetItems.positives:
             keep &= batch.labels[:, 0] > 0.5
         counts = torch.bincount(candidate_owner(batch)[keep], minlength=batch.num_requests)
         return codes[keep], lengths_to_offsets(counts)
@@ -128,7 +128,8 @@ class SidDecoderModel(Baseline):
     @torch.no_grad()
     def validation_metrics(self, batches: Iterable[RequestBatch], device: torch.device, max_batches: int = 0,
                            prefix: str = "valid_") -> dict[str, Any]:
-        """``{prefix}recall@K``: share of positive candidates (task 0) in their request's beam-search top K."""
+        """``{prefix}recall@K``: share of positive candidates (task 0; every candidate with
+        ``retrieval.valid_targets=candidates``) in their request's beam-search top K."""
         trie = self.catalog_trie()
         k = min(self.recall_k, len(trie))
         certified: list[torch.Tensor] = []  # [B] per batch
@@ -138,7 +139,7 @@ class SidDecoderModel(Baseline):
             certified.append(res.certified)
             return res.item_ids
 
-        found, total = recall_in_top_k(self, batches, device, max_batches, top)
+        found, total = recall_in_top_k(self, batches, device, max_batches, top, self.valid_targets)
         requests = sum(c.numel() for c in certified)
         certified_n = sum(int(c.sum()) for c in certified)
         return {f"{prefix}recall@{self.recall_k}": found / total if total else math.nan,

@@ -92,7 +92,7 @@ class TwoTowerModel(Baseline):
         rc = cfg.retrieval
         self.tasks, self.kinds, self.max_s_tokens = list(schema.tasks), list(schema.sequences), max_s_tokens
         self.loss_cfg = RetrievalLossConfig(rc.temperature, rc.num_negatives, rc.full_softmax_max_items)
-        self.recall_k, self.max_positions = rc.recall_k, rc.max_positions
+        self.recall_k, self.max_positions, self.valid_targets = rc.recall_k, rc.max_positions, rc.valid_targets
         self.encoder = TwoTowerEncoder(OneTransRanker(schema, cfg, max_s_tokens), rc.out_dim)
         self.register_buffer("target_counts", torch.zeros(schema.num_items, dtype=torch.float64))
         self.register_buffer("item_category", torch.zeros(schema.num_items, dtype=torch.int64))
@@ -149,7 +149,8 @@ class TwoTowerModel(Baseline):
     @torch.no_grad()
     def validation_metrics(self, batches: Iterable[RequestBatch], device: torch.device, max_batches: int = 0,
                            prefix: str = "valid_") -> dict[str, Any]:
-        """``{prefix}recall@K``: share of positive candidates (task 0) in their request's exact top K."""
+        """``{prefix}recall@K``: share of positive candidates (task 0; every candidate with
+        ``retrieval.valid_targets=candidates``) in their request's exact top K."""
         was = self.training
         self.eval()  # the item vectors below are built in eval mode too
         items = torch.arange(1, self.item_category.numel(), device=device)
@@ -157,7 +158,8 @@ class TwoTowerModel(Baseline):
         self.train(was)
         k = min(self.recall_k, index_size := items.numel())
         found, total = recall_in_top_k(self, batches, device, max_batches,
-                                       lambda b: index.search(self.encoder.user_vectors(b).float().cpu(), k)[1])
+                                       lambda b: index.search(self.encoder.user_vectors(b).float().cpu(), k)[1],
+                                       self.valid_targets)
         return {f"{prefix}recall@{self.recall_k}": found / total if total else math.nan,
                 f"{prefix}recall_targets": total, f"{prefix}recall_catalog": index_size}
 

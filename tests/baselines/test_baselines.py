@@ -10,7 +10,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from recsys.baselines.common import merged_history, segment_softmax
 from recsys.baselines.factory import build_model, sparse_parameters
 from recsys.data.batch import RequestBatch
-from recsys.model.config import ModelConfig
+from recsys.model.config import ModelConfig, TargetItems
 from recsys.testing import random_request_batch, tiny_schema
 
 ARCHS = ["popularity", "dlrm", "din", "sasrec"]
@@ -179,12 +179,13 @@ def test_sasrec_next_item_loss_and_catalog_scores_match_a_direct_computation():
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("k", [1, 3, 1000])
-def test_sasrec_validation_recall_counts_positives_ranked_in_the_top_k(k):
+@pytest.mark.parametrize("k, every", [(1, False), (3, False), (1000, False), (3, True)])
+def test_sasrec_validation_recall_counts_positives_ranked_in_the_top_k(k, every):
+    """... or every candidate (``model.retrieval.valid_targets=candidates``)."""
     schema = tiny_schema()
     torch.manual_seed(1)
     model = build_model(schema, small_cfg("sasrec"), 64)
-    model.recall_k = k
+    model.recall_k, model.valid_targets = k, TargetItems.candidates if every else TargetItems.positives
     batches = [random_request_batch(schema, [(3, 1), (0, 0), (5, 2)], [2, 1, 3], seed=s) for s in (3, 4)]
     got = model.validation_metrics(batches, torch.device("cpu"))
     hits = total = 0
@@ -194,12 +195,13 @@ def test_sasrec_validation_recall_counts_positives_ranked_in_the_top_k(k):
             off = batch.cand_offsets.tolist()
             for b in range(batch.num_requests):
                 for j in range(off[b], off[b + 1]):
-                    if batch.labels[j, 0] > 0.5:
+                    if every or batch.labels[j, 0] > 0.5:
                         item = int(batch.cand["item_id"].values()[j])
                         s = u[b] @ model.item_table[1:].T
                         total += 1
                         hits += int(item >= 1 and int((s > s[item - 1]).sum()) < k)
     assert total > 0 and got["valid_recall_targets"] == total
+    assert not every or total == sum(b.num_candidates for b in batches) > sum(int(b.labels[:, 0].sum()) for b in batches)
     assert got[f"valid_recall@{k}"] == pytest.approx(hits / total)
     assert got["valid_recall_catalog"] == schema.num_items - 1
 

@@ -21,7 +21,7 @@ from recsys.data import RequestLoader, prepare_dataset
 from recsys.dist.config import OptimConfig
 from recsys.dist.strategy import SingleProcess
 from recsys.errors import InputError
-from recsys.model.config import ModelConfig, PyramidConfig, SidTargets
+from recsys.model.config import ModelConfig, PyramidConfig, TargetItems
 from recsys.model.ranker import PrefixKV
 from recsys.quant.artifact import SemanticIds
 from recsys.reliability.checkpoint import CheckpointManager
@@ -114,7 +114,7 @@ def test_loss_and_scores_equal_per_target_references(pyramid):
 
 def test_candidates_as_targets_train_on_every_candidate_with_a_sid():
     model = make_model()
-    model.sid_targets = SidTargets.candidates
+    model.sid_targets = TargetItems.candidates
     batch = batch_of()
     has = (model.codes[batch.cand["item_id"].values().long()] >= 0).all(1)
     loss, _, graph = model.training_loss(batch)
@@ -133,8 +133,11 @@ def test_a_batch_without_positives_gives_a_zero_loss_on_the_graph():
     loss.backward()
 
 
-def test_validation_recall_equals_a_per_request_beam_search():
+@pytest.mark.parametrize("every", [False, True])
+def test_validation_recall_equals_a_per_request_beam_search(every):
+    """... over the positives, or every candidate (``retrieval.valid_targets=candidates``)."""
     model = make_model().eval()
+    model.valid_targets = TargetItems.candidates if every else TargetItems.positives
     batches = [batch_of(seed) for seed in (1, 2)]
     got = model.validation_metrics(batches, CPU)
     trie = model.catalog_trie()
@@ -147,10 +150,11 @@ def test_validation_recall_equals_a_per_request_beam_search():
                 top = sid_beam_search(model.decoder, prefix_alone(model, batch, b), trie, 10).item_ids[0].tolist()
                 lo, hi = int(batch.cand_offsets[b]), int(batch.cand_offsets[b + 1])
                 for r in range(lo, hi):
-                    if batch.labels[r, 0] > 0.5:
+                    if every or batch.labels[r, 0] > 0.5:
                         total += 1
                         hits += int(items[r]) in top
     assert got["valid_recall_targets"] == total > 0
+    assert not every or total == sum(b.num_candidates for b in batches) > sum(int(b.labels[:, 0].sum()) for b in batches)
     assert got["valid_recall@10"] == pytest.approx(hits / total)
     assert 0.0 <= got["valid_beam_certified"] <= 1.0
 

@@ -21,7 +21,7 @@ from recsys.data import RequestLoader, prepare_dataset
 from recsys.dist.config import OptimConfig
 from recsys.dist.strategy import SingleProcess
 from recsys.errors import InputError
-from recsys.model.config import ModelConfig, PyramidConfig, RetrievalTrainConfig
+from recsys.model.config import ModelConfig, PyramidConfig, RetrievalTrainConfig, TargetItems
 from recsys.reliability.checkpoint import CheckpointManager
 from recsys.retrieval.artifact import load_retriever
 from recsys.retrieval.encoder import newest_s_state, s_tokens_of
@@ -159,6 +159,27 @@ def test_trainer_steps_lower_the_loss(data, full):
         assert res.skipped is None and math.isfinite(res.loss) and res.per_task == []
         losses.append(res.loss)
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("targets", list(TargetItems))
+def test_validation_recall_equals_a_brute_force_count(data, targets):
+    """``valid_recall@K``: the share of targets (task-0 positives, or every candidate) in their request's top K
+    of ``u . v`` over every item, counted request by request."""
+    dcfg, ds, batch = data
+    model = make_model(ds, dcfg, recall_k=5, valid_targets=targets)
+    model.training_loss(batch)  # the item -> category pairs the index is built with
+    got = model.validation_metrics([batch], CPU)
+    with torch.no_grad():
+        items = torch.arange(1, ds.schema.num_items)
+        scores = model.encoder.user_vectors(batch) @ model.encoder.item_vectors(items, model.item_category[items]).T
+    hits = total = 0
+    ids, off = batch.cand["item_id"].values().tolist(), batch.cand_offsets.tolist()
+    for b in range(batch.num_requests):
+        top = set(items[scores[b].topk(5).indices].tolist())
+        for j in range(off[b], off[b + 1]):
+            if targets == TargetItems.candidates or batch.labels[j, 0] > 0.5:
+                total, hits = total + 1, hits + (ids[j] in top)
+    assert got["valid_recall_targets"] == total > 0 and got["valid_recall@5"] == pytest.approx(hits / total)
 
 
 def test_refusals(data):
