@@ -53,8 +53,9 @@ def recall_in_top_k(model: nn.Module, batches: Iterable[RequestBatch], device: t
                     top_k: Callable[[RequestBatch], torch.Tensor], targets: TargetItems = TargetItems.positives
                     ) -> tuple[int, int]:
     """(hits, targets) of :func:`positives_in_top_k` summed over the first ``max_batches`` of ``batches`` (0 =
-    all), each moved to ``device``; ``top_k(batch) -> [B, k]`` item ids; ``targets``: which candidates count. ``model`` is in eval mode meanwhile (its
-    mode restored after): the next-item validation loop of the retrievers and SASRec."""
+    all), each moved to ``device``; ``top_k(batch) -> [B, k]`` item ids; ``targets``: which candidates count.
+    ``model`` is in eval mode meanwhile (its mode restored after): the next-item validation loop of the
+    retrievers and SASRec."""
     was = model.training
     model.eval()
     found = total = 0

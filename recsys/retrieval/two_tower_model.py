@@ -4,8 +4,9 @@ Shapes: ``B`` requests, ``L_b`` merged history events of request b (= its S toke
 positions (``sum_b max(L_b - 1, 0)``), ``O`` vector width, ``I`` catalog rows (row 0 = padding).
 
 * **Loss** (:meth:`TwoTowerModel.training_loss`, the trainer's own-loss hook): next item at every
-  history position (each request's newest ``model.retrieval.max_positions`` only, when set). The user vector after event ``t`` of a request (the top output of S token ``t``
-  with every S token a query: causal attention, so it reads events ``0..t`` only) predicts event
+  history position (each request's newest ``model.retrieval.max_positions`` only, when set). The user
+  vector after event ``t`` of a request (the top output of S token ``t`` with every S token a query:
+  causal attention, so it reads events ``0..t`` only) predicts event
   ``t+1``'s item. Targets are history events only, all strictly before the request time (the loader's
   history is), so nothing at or after the time of any request row is a target. Loss =
   ``recsys.retrieval.losses.retrieval_loss``: full softmax for a small catalog, else sampled softmax
