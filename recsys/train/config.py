@@ -66,6 +66,10 @@ class HardNegativesConfig:
     found, which is all a cascade asks of it; a request whose next item was not retrieved teaches the
     residual ranker (``prior``) to push the retriever's top items down. Needs ``train.loss=listwise`` (a
     lone candidate adds no listwise loss; under BCE it would teach "everything is positive")."""
+    history_first: bool = False
+    """Draw the top K's items that are in the request's own history first (uniformly among them), then the
+    others: the ranker is taught "not one of my history items", which a retriever ranks high and which a
+    user of a log such as ml-100k never takes again."""
     prior: bool = False
     """Train the ranker as a residual over the retriever: every candidate's two-tower score ``u . v`` is
     added to each task's logit (training, validation, test) and the checkpoint records the retriever, so

@@ -11,7 +11,7 @@ candidates ``C_b``):
 2. ``num`` of them that are not among the request's listed items (nor, with ``exclude_user_positives``,
    among the items the same user has a positive for at or after this request in the train split:
    ``UserPositives``, which the retriever ranks high and which would be false negatives; the user's
-   history items stay eligible) are drawn uniformly
+   history items stay eligible; with ``history_first`` they are drawn before any other) are drawn uniformly
    without replacement (fewer when fewer remain; none, with ``retrieved_only``, when the top K holds none
    of the request's listed items); their categories come from the train split
    (``collect_item_categories``);
@@ -53,6 +53,13 @@ class ItemSet:
         self.cats = category[self.items]
 
 
+def history_items(batch: RequestBatch) -> list[np.ndarray]:
+    """Per request, the item ids of its history events, every kind."""
+    parts = [(jt.values().cpu().numpy(), jt.offsets().cpu().numpy())
+             for key, jt in batch.seq.to_dict().items() if key.endswith(".item_id")]
+    return [np.concatenate([v[o[b]:o[b + 1]] for v, o in parts]) for b in range(batch.num_requests)]
+
+
 class HardNegatives:
     """``augment(batch, epoch, index) -> batch`` with retrieved negatives (see the module docstring)."""
 
@@ -84,7 +91,8 @@ class HardNegatives:
         listed = batch.cand["item_id"].values().cpu().numpy()
         off = batch.cand_offsets.cpu().numpy()
         users, ts = batch.user_id.cpu().numpy(), batch.request_ts.cpu().numpy()
-        keys = torch.rand(ids.shape, generator=self._generator(epoch, index)).numpy()  # [B, K]
+        keys = torch.rand(ids.shape, generator=self._generator(epoch, index)).numpy()  # [B, K], in [0, 1)
+        history = history_items(batch) if self.cfg.history_first else None
         out = []
         for b in range(ids.shape[0]):
             found = np.isin(ids[b], listed[off[b]:off[b + 1]])
@@ -94,7 +102,8 @@ class HardNegatives:
             ok = (ids[b] > 0) & ~found
             if self.user_positives is not None:
                 ok &= ~self.user_positives.taken_later(int(users[b]), int(ts[b]), ids[b])
-            pick = np.flatnonzero(ok)[np.argsort(keys[b][ok], kind="stable")[:self.cfg.num]]
+            key = keys[b] - np.isin(ids[b], history[b]) if history is not None else keys[b]  # history first
+            pick = np.flatnonzero(ok)[np.argsort(key[ok], kind="stable")[:self.cfg.num]]
             out.append(ids[b][pick])
         return out
 

@@ -62,14 +62,17 @@ def taken_at_or_after(ds, every_listed: bool) -> dict[int, list[tuple[int, int]]
     return out
 
 
-@pytest.mark.parametrize("exclude, retrieved_only", [(True, False), (False, False), (True, True)])
-def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever, exclude, retrieved_only):
+@pytest.mark.parametrize("exclude, retrieved_only, history_first",
+                         [(True, False, False), (False, False, False), (True, True, False), (True, False, True)])
+def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever, exclude, retrieved_only, history_first):
     """... and, with ``exclude_user_positives``, minus every item the same user has a positive for at or
     after the request (false negatives); without it some such item is drawn on this data. With
-    ``retrieved_only`` a request whose listed items are all outside the top K gets none."""
+    ``retrieved_only`` a request whose listed items are all outside the top K gets none; with
+    ``history_first`` the pool's items of the request's own history are all drawn before any other."""
     root, path = retriever
     ds, batch = first_batch(root)
-    cfg = HardNegativesConfig(str(path), K, NUM, "keep", exclude_user_positives=exclude, retrieved_only=retrieved_only)
+    cfg = HardNegativesConfig(str(path), K, NUM, "keep", exclude_user_positives=exclude, retrieved_only=retrieved_only,
+                              history_first=history_first)
     hard = HardNegatives(cfg, ds.schema, ds.splits["train"], ds.path.resolve(), seed=0, rank=0)
     later = taken_at_or_after(ds, every_listed=False)
     out = hard.augment(batch, epoch=0, index=0)
@@ -82,7 +85,8 @@ def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever, ex
     old, new = batch.cand_offsets.tolist(), out.cand_offsets.tolist()
     old_items, new_items = batch.cand["item_id"].values().numpy(), out.cand["item_id"].values().numpy()
     new_cats = out.cand["category"].values().numpy()
-    drawn_any, false_negatives, missed = False, 0, 0
+    drawn_any, false_negatives, missed, history_drawn = False, 0, 0, 0
+    seq = batch.seq.to_dict()
     for b in range(batch.num_requests):
         listed = old_items[old[b]:old[b + 1]]
         got = new_items[new[b]:new[b + 1]]
@@ -97,10 +101,16 @@ def test_negatives_are_the_retrievers_top_k_minus_the_listed_items(retriever, ex
             pool, missed = set(), missed + 1
         assert neg.size == min(NUM, len(pool)) and len(set(neg.tolist())) == neg.size
         assert set(neg.tolist()) <= pool
+        own = {int(x) for key, jt in seq.items() if key.endswith(".item_id")
+               for x in jt.values()[jt.offsets()[b]:jt.offsets()[b + 1]]} & pool  # the pool's history items
+        history_drawn += len(own & set(neg.tolist()))
+        if history_first:
+            assert len(own & set(neg.tolist())) == min(len(own), neg.size)
         assert (out.labels[new[b] + listed.size:new[b + 1]] == 0).all()
         np.testing.assert_array_equal(new_cats[new[b] + listed.size:new[b + 1]], category[neg])
         drawn_any |= neg.size > 0
     assert drawn_any and (missed > 0) == retrieved_only  # both kinds of request occur on this batch
+    assert history_drawn > 0  # the pools hold history items on this batch (so the history_first check bites)
     assert (false_negatives == 0) if exclude else (false_negatives > 0)
     assert out.seq.values().equal(batch.seq.values()) and out.seq.lengths().equal(batch.seq.lengths())  # histories kept
     again = hard.augment(batch, epoch=0, index=0)
