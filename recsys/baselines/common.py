@@ -40,10 +40,15 @@ def candidate_owner(batch: RequestBatch) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(batch.num_requests, device=counts.device), counts)
 
 
-def positives_in_top_k(batch: RequestBatch, top: torch.Tensor, every_candidate: bool = False) -> tuple[int, int]:
-    """(hits, targets): how many candidates labelled 1 on task 0 (``every_candidate``: how many candidates) are in
-    their request's row of ``top [B, k]`` (item ids); the next-item validation recall of the retrievers and SASRec."""
-    pos = torch.ones(batch.num_candidates, dtype=torch.bool) if every_candidate else batch.labels[:, 0].cpu() > 0.5
+def positives_in_top_k(batch: RequestBatch, top: torch.Tensor, targets: TargetItems = TargetItems.positives
+                       ) -> tuple[int, int]:
+    """(hits, targets): how many candidates labelled 1 on task 0 (``targets=candidates``: how many candidates) are
+    in their request's row of ``top [B, k]`` (item ids); the next-item validation recall of the retrievers and
+    SASRec."""
+    if targets == TargetItems.candidates:
+        pos = torch.ones(batch.num_candidates, dtype=torch.bool)
+    else:
+        pos = batch.labels[:, 0].cpu() > 0.5
     owner = candidate_owner(batch).cpu()[pos]
     target = batch.cand["item_id"].values().cpu().long()[pos]
     return int((top.cpu()[owner] == target.unsqueeze(1)).any(1).sum()), int(pos.sum())
@@ -64,7 +69,7 @@ def recall_in_top_k(model: nn.Module, batches: Iterable[RequestBatch], device: t
             if max_batches and i >= max_batches:
                 break
             batch = batch.to(device)
-            hits, n = positives_in_top_k(batch, top_k(batch), targets == TargetItems.candidates)
+            hits, n = positives_in_top_k(batch, top_k(batch), targets)
             found, total = found + hits, total + n
     finally:
         model.train(was)

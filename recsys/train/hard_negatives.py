@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recsys.baselines.common import merged_history
 from recsys.data.batch import RequestBatch
 from recsys.data.candidates import with_request_candidates
 from recsys.data.item_categories import collect_item_categories
@@ -53,13 +54,6 @@ class ItemSet:
         self.cats = category[self.items]
 
 
-def history_items(batch: RequestBatch) -> list[np.ndarray]:
-    """Per request, the item ids of its history events, every kind."""
-    parts = [(jt.values().cpu().numpy(), jt.offsets().cpu().numpy())
-             for key, jt in batch.seq.to_dict().items() if key.endswith(".item_id")]
-    return [np.concatenate([v[o[b]:o[b + 1]] for v, o in parts]) for b in range(batch.num_requests)]
-
-
 class HardNegatives:
     """``augment(batch, epoch, index) -> batch`` with retrieved negatives (see the module docstring)."""
 
@@ -76,7 +70,7 @@ class HardNegatives:
         if cfg.prior and self.retriever.kind != "two_tower":
             raise InputError(f"train.hard_negatives.prior needs a two-tower retriever (a per-item score); "
                              f"{cfg.retriever} is a {self.retriever.kind!r} retriever")
-        self.cfg, self.seed, self.rank = cfg, seed, rank
+        self.cfg, self.seed, self.rank, self.kinds = cfg, seed, rank, list(schema.sequences)
         self.user_positives = (UserPositives(train_files, schema, cfg.listed_label == ListedLabel.positive)
                                if cfg.exclude_user_positives else None)
 
@@ -92,7 +86,8 @@ class HardNegatives:
         off = batch.cand_offsets.cpu().numpy()
         users, ts = batch.user_id.cpu().numpy(), batch.request_ts.cpu().numpy()
         keys = torch.rand(ids.shape, generator=self._generator(epoch, index)).numpy()  # [B, K], in [0, 1)
-        history = history_items(batch) if self.cfg.history_first else None
+        hist = merged_history(batch, self.kinds, 0) if self.cfg.history_first else None  # every kind's events
+        h_items, h_off = (hist.item.cpu().numpy(), hist.offsets.cpu().numpy()) if hist is not None else (None, None)
         out = []
         for b in range(ids.shape[0]):
             found = np.isin(ids[b], listed[off[b]:off[b + 1]])
@@ -102,7 +97,9 @@ class HardNegatives:
             ok = (ids[b] > 0) & ~found
             if self.user_positives is not None:
                 ok &= ~self.user_positives.taken_later(int(users[b]), int(ts[b]), ids[b])
-            key = keys[b] - np.isin(ids[b], history[b]) if history is not None else keys[b]  # history first
+            key = keys[b]
+            if h_items is not None:  # the request's history items first: their keys move below every other's
+                key = key - np.isin(ids[b], h_items[h_off[b]:h_off[b + 1]])
             pick = np.flatnonzero(ok)[np.argsort(key[ok], kind="stable")[:self.cfg.num]]
             out.append(ids[b][pick])
         return out
