@@ -430,12 +430,15 @@ class _PrefixGrid:
     def pad(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``rows [R, H, X]`` -> ``[n, H, M, X]``, zero where ``idx == -1``.
 
-        Gathers with the padding pointed at row 0, then zeroes those slots: costs the chunk's size
+        Gathers whole rows (``index_select``: row copies, 1.8x faster than advanced indexing with the
+        2-D index) with the padding pointed at row 0, then zeroes those slots: costs the chunk's size
         (appending a zero row to ``rows`` instead copied the whole tensor, e.g. every request's prefix
         for every candidate chunk of the scorer).
         """
-        padded = rows[idx.clamp_min(0)].masked_fill_((idx < 0)[:, :, None, None], 0)  # [n, M, H, X]
-        return padded.transpose(1, 2).contiguous()
+        n, m = idx.shape
+        padded = rows.index_select(0, idx.clamp_min(0).flatten()).view(n, m, *rows.shape[1:])  # [n, M, H, X]
+        # A transposed view, not a copy: the CPU flash kernels and matmuls read strided [n, H, M, X].
+        return padded.masked_fill_((idx < 0)[:, :, None, None], 0).transpose(1, 2)
 
     @staticmethod
     def _unpad(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
