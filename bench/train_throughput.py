@@ -111,6 +111,12 @@ def worker(args) -> None:
     from train_workload import TrainStep, load_batches, model_config
 
     torch.set_num_threads(args.threads[0])
+    try:  # the allocator settings recsys.train and the scoring job apply, where the arm's tree has them
+        from recsys.runtime.allocator import keep_freed_memory
+    except ImportError:
+        pass
+    else:
+        keep_freed_memory()
     schema, batches = load_batches(args.shape, args.batches, split="test" if args.task == "score" else "train")
     step = TrainStep(schema, model_config(args.preset, args.override), bf16=args.bf16)
     if args.task == "score":

@@ -52,6 +52,7 @@ from recsys.reliability.atomic import atomic_write_bytes
 from recsys.reliability.device import resolve_device
 from recsys.reliability.digest import json_default
 from recsys.reliability.rundir import check_output_dir, lock_run_dir
+from recsys.runtime.allocator import keep_freed_memory
 from recsys.serving.cache import UserKVCache
 from recsys.serving.config import ScoreConfig, ScoreMode
 from recsys.serving.group import JobGroup, job_group
@@ -112,6 +113,7 @@ class RankRun:
 
 def run_scoring(cfg: ScoreConfig) -> Path:
     """Run (or resume) the job, in this process or as one rank of torchrun's; returns ``summary.json``'s path."""
+    keep_freed_memory()  # every batch reuses the last one's memory instead of faulting it in again
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -50,6 +50,7 @@ from recsys.reliability.resume import trim_log
 from recsys.reliability.rng import capture_rng, restore_rng
 from recsys.reliability.rundir import check_output_dir
 from recsys.retrieval.train_hooks import build_trainable
+from recsys.runtime.allocator import keep_freed_memory
 from recsys.train.config import RankingLoss, RunConfig
 from recsys.train.early_stopping import BestWeights, EarlyStopper
 from recsys.train.evaluate import metrics_report, predict
@@ -68,6 +69,7 @@ def train(cfg: RunConfig) -> Path:
 
     Returns the report path (on every rank; rank 0 writes it).
     """
+    keep_freed_memory()  # every step reuses the last one's activation memory instead of faulting it in again
     par = make_strategy(cfg.dist, cfg.model, cfg.train.device)  # a model N ranks cannot shard: refused
     try:
         out = par.gather_objects(cfg.output_dir)[0]  # ${now:...} resolves per process: rank 0's name wins

@@ -1,0 +1,1 @@
+"""Process-level settings of the heavy jobs (training, scoring): nothing here imports the rest of recsys."""
