@@ -2,13 +2,13 @@
 
 Same math as the references in ``reference.py``, batched:
 
-- ``jagged_causal_attention_torch_{fwd,bwd}``: sequences are grouped into chunks (contiguous
-  runs of sequences, or query-row blocks of one long sequence) whose transient memory stays under
-  ``_SCORE_BUDGET`` elements and whose padding stays near its real rows (sequences sorted longest
-  first, ``_length_sorted``); each chunk is padded with
-  fbgemm ``jagged_to_padded_dense`` to the chunk's own max length (not the batch max), attended
-  with one fused call, and unpadded with ``dense_to_jagged`` (plain torch indexing instead for
-  non-CPU tensors or where FBGEMM is not installed: the same copies). Chunks where every sequence queries all its positions use ``is_causal``
+- ``jagged_causal_attention_torch_{fwd,bwd}``: sequences are grouped into chunks (runs of
+  sequences in longest-first order, ``_length_sorted``, or query-row blocks of one long sequence)
+  whose transient memory stays under ``_SCORE_BUDGET`` elements and whose padding stays near its
+  real rows; each chunk is gathered straight from the unsorted rows into its padded grid
+  (``_pad_rows``: one row copy per slot), attended with one fused call, and its outputs are
+  scattered straight back to their rows (``index_copy_`` / ``index_add_``; padded slots go to a
+  scratch row). Chunks where every sequence queries all its positions use ``is_causal``
   (fastest CPU kernel); query subsets use an additive mask.
 - ``candidate_prefix_attention_torch_{fwd,bwd}``: own N tokens of every candidate by small batched
   matmuls in one go; the prefix by one fused call per chunk of *many requests* (the NS rows of a
@@ -31,13 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-try:  # registers torch.ops.fbgemm.jagged_to_padded_dense / dense_to_jagged (CPU kernels)
-    import fbgemm_gpu  # noqa: F401
-
-    _FBGEMM = True
-except ImportError:  # an image without FBGEMM (the GPU one): the same copies in plain torch
-    _FBGEMM = False
 
 # Max transient elements per chunk (see _plan_chunks: padded rows, masks, or score matrices):
 # bounds memory independently of the batch size, the longest sequence and C.
@@ -197,42 +190,6 @@ def _plan_chunks(
     return chunks
 
 
-def _use_fbgemm(x: torch.Tensor) -> bool:
-    """FBGEMM's jagged copies for CPU tensors (measured fast, see ENVIRONMENT.md); plain torch
-    indexing elsewhere (CUDA tensors, or no FBGEMM installed). Both are exact copies."""
-    return _FBGEMM and x.device.type == "cpu"
-
-
-def _valid_rows(offsets: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, mask)``, both ``[B, max_len]``: jagged row of padded slot ``(i, j)`` and whether
-    ``j < min(L_i, max_len)`` (longer sequences are truncated, as fbgemm does)."""
-    j = torch.arange(max_len, device=offsets.device)
-    rows = offsets[:-1, None] + j[None, :]
-    return rows, j[None, :] < (offsets[1:] - offsets[:-1])[:, None]
-
-
-def _to_padded(x: torch.Tensor, offsets: torch.Tensor, max_len: int, value: float = 0.0) -> torch.Tensor:
-    """Jagged ``[sum L_i, H, Dh]`` -> padded ``[B, H, max_len, Dh]`` (``value`` past L_i)."""
-    n, h, d = x.shape
-    b = offsets.numel() - 1
-    if _use_fbgemm(x):
-        dense = torch.ops.fbgemm.jagged_to_padded_dense(x.reshape(n, h * d), [offsets], [max_len], value)
-    else:
-        rows, mask = _valid_rows(offsets, max_len)
-        dense = x.new_full((b, max_len, h * d), value)
-        dense[mask] = x.reshape(n, h * d)[rows[mask]]
-    return dense.view(b, max_len, h, d).transpose(1, 2)  # [B, H, max_len, Dh]
-
-
-def _to_jagged(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Padded ``[B, H, max_len, Dh]`` -> jagged ``[sum L_i, H, Dh]`` (padded rows dropped)."""
-    b, h, m, d = x.shape
-    dense = x.transpose(1, 2).reshape(b, m, h * d)  # [B, max_len, H*Dh]
-    if _use_fbgemm(x):
-        return torch.ops.fbgemm.dense_to_jagged(dense, [offsets])[0].view(-1, h, d)
-    return dense[_valid_rows(offsets, m)[1]].view(-1, h, d)
-
-
 def _chunk_visible(c: _Chunk, device: torch.device) -> torch.Tensor:
     """Boolean mask ``[n, 1, Qmax, Lmax]`` of a query-subset chunk; every padded query row sees key 0.
 
@@ -256,14 +213,51 @@ def _chunk_mask(c: _Chunk, device) -> dict:
     return {"is_causal": True} if c.full else {"visible": _chunk_visible(c, device)}
 
 
-def _pad_chunk(c: _Chunk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    q_offs = torch.tensor(c.q_offs, device=q.device)
-    k_offs = torch.tensor(c.k_offs, device=q.device)
-    max_q, max_l = int(q_offs.diff().max()), int(k_offs.diff().max())
-    qp = _to_padded(q[c.q_lo : c.q_hi], q_offs, max_q)  # [n, H, Qmax, Dh]
-    kp = _to_padded(k[c.k_lo : c.k_hi], k_offs, max_l)  # [n, H, Lmax, Dh]
-    vp = _to_padded(v[c.k_lo : c.k_hi], k_offs, max_l)
-    return q_offs, k_offs, qp, kp, vp
+def _pad_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``rows [R, H, X]`` gathered into a padded grid ``idx [n, M]`` (row numbers, ``-1`` = padding)
+    -> ``[n, H, M, X]``, zero at the padding.
+
+    Whole-row copies (``index_select``: 1.8x faster than advanced indexing with the 2-D index) with
+    the padding pointed at row 0, then zeroed; handed out as a transposed view, not a copy: the CPU
+    flash kernels and matmuls read strided ``[n, H, M, X]`` as they are.
+    """
+    n, m = idx.shape
+    padded = rows.index_select(0, idx.clamp_min(0).flatten()).view(n, m, *rows.shape[1:])  # [n, M, H, X]
+    return padded.masked_fill_((idx < 0)[:, :, None, None], 0).transpose(1, 2)
+
+
+def _to_rows(grid: torch.Tensor) -> torch.Tensor:
+    """``[n, H, M, *]`` -> ``[n * M, H, *]``, one row per grid slot (a view for the flash kernels' outputs)."""
+    n, h, m = grid.shape[:3]
+    return grid.transpose(1, 2).reshape(n * m, h, *grid.shape[3:])
+
+
+def _scatter_slots(idx: torch.Tensor, scratch: int) -> torch.Tensor:
+    """Destination row of every slot of ``idx [n, M]``: its row, or the ``scratch`` row for padding."""
+    return idx.masked_fill(idx < 0, scratch).flatten()
+
+
+def _slot_rows(lo: int, offs: tuple[int, ...], rows: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``[n, max len]`` grid of a chunk: slot ``(i, j)`` holds the original row of the chunk's sequence i's
+    row j (``-1`` past its length); ``lo``, ``offs``: the chunk's rows in longest-first order, ``rows``
+    the original row of every sorted row (``None``: the batch was already in that order)."""
+    o = torch.tensor(offs, device=device)
+    lens = o.diff()
+    j = torch.arange(int(lens.max()), device=device)
+    pos = lo + o[:-1, None] + j[None, :]
+    ok = j[None, :] < lens[:, None]
+    if rows is not None:
+        pos = rows[pos.masked_fill(~ok, 0)]
+    return pos.masked_fill(~ok, -1)
+
+
+def _chunk_grids(c: _Chunk, q_rows: torch.Tensor | None, k_rows: torch.Tensor | None, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key grids ``[n, Qmax]``, ``[n, Lmax]`` of chunk ``c`` over the original rows."""
+    k_idx = _slot_rows(c.k_lo, c.k_offs, k_rows, device)
+    if q_rows is k_rows and c.q_lo == c.k_lo and c.q_offs == c.k_offs:
+        return k_idx, k_idx
+    return _slot_rows(c.q_lo, c.q_offs, q_rows, device), k_idx
 
 
 def _rows(offs: list[int], new_offs: list[int], order: list[int], device: torch.device) -> torch.Tensor:
@@ -281,7 +275,7 @@ def _length_sorted(kv: list[int], qo: list[int], device: torch.device):
     Chunks are runs of consecutive sequences, padded to the run's longest: in batch order a heavy-tailed
     batch pads many short sequences to a long one (~2.9x the real ``sum L_i^2`` on the default data);
     sorted, a run holds sequences of similar length. Each sequence is attended on its own rows only,
-    so the order changes no result (one gather in, one scatter out).
+    so the order changes no result (chunks gather from and scatter to the original rows).
     """
     n = len(kv) - 1
     order = sorted(range(n), key=lambda i: kv[i] - kv[i + 1])
@@ -296,10 +290,6 @@ def _length_sorted(kv: list[int], qo: list[int], device: torch.device):
     return kv2, (kv2 if qo is kv else qo2), k_rows, q_rows
 
 
-def _unpermute(x: torch.Tensor, rows: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
-    return x if rows is None else torch.empty_like(x).index_copy_(dim, rows, x)
-
-
 def jagged_causal_attention_torch_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -311,18 +301,19 @@ def jagged_causal_attention_torch_fwd(
     """Chunked padded attention. Returns ``out [sum q_i, H, Dh]`` and ``lse [H, sum q_i]`` (fp32)."""
     kv = kv_offsets.tolist()  # host sync: chunk plan
     kv, qo, k_rows, q_rows = _length_sorted(kv, kv if q_offsets is None else q_offsets.tolist(), q.device)
-    if k_rows is not None:
-        q, k, v = q[q_rows], k[k_rows], v[k_rows]
-    out = torch.empty_like(q)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    for c in _plan_chunks(kv, qo, q.shape[1], q.shape[2], _fused(q.device)):
+    rows, h, d = q.shape
+    out = q.new_empty(rows + 1, h, d)  # + a scratch row that every padded slot is written to
+    lse = torch.empty((rows + 1, h), dtype=torch.float32, device=q.device)
+    for c in _plan_chunks(kv, qo, h, d, _fused(q.device)):
         if c.q_hi == c.q_lo:
             continue
-        q_offs, _, qp, kp, vp = _pad_chunk(c, q, k, v)
-        o, l_pad = attend_fwd(qp, kp, vp, scale, **_chunk_mask(c, q.device))  # [n,H,Qmax,Dh], [n,H,Qmax]
-        out[c.q_lo : c.q_hi] = _to_jagged(o, q_offs)
-        lse[:, c.q_lo : c.q_hi] = _to_jagged(l_pad[..., None], q_offs)[..., 0].T
-    return _unpermute(out, q_rows), _unpermute(lse, q_rows, 1)
+        q_idx, k_idx = _chunk_grids(c, q_rows, k_rows, q.device)
+        o, l_pad = attend_fwd(_pad_rows(q, q_idx), _pad_rows(k, k_idx), _pad_rows(v, k_idx), scale,
+                              **_chunk_mask(c, q.device))  # [n, H, Qmax, Dh], [n, H, Qmax]
+        dst = _scatter_slots(q_idx, rows)
+        out.index_copy_(0, dst, _to_rows(o))
+        lse.index_copy_(0, dst, _to_rows(l_pad))
+    return out[:rows], lse[:rows].T.contiguous()
 
 
 def jagged_causal_attention_torch_bwd(
@@ -339,26 +330,25 @@ def jagged_causal_attention_torch_bwd(
     """Backward chunk by chunk (same sorted order and chunk plan as the forward). Returns ``(dq, dk, dv)``."""
     kv = kv_offsets.tolist()
     kv, qo, k_rows, q_rows = _length_sorted(kv, kv if q_offsets is None else q_offsets.tolist(), q.device)
-    if k_rows is not None:
-        dout, q, out, lse = dout[q_rows], q[q_rows], out[q_rows], lse[:, q_rows]
-        k, v = k[k_rows], v[k_rows]
-    dq = torch.zeros_like(q)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # row blocks of one sequence add up
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    for c in _plan_chunks(kv, qo, q.shape[1], q.shape[2], _fused(q.device)):
+    rows, h, d = q.shape
+    n_k = k.shape[0]
+    dq = q.new_empty(rows + 1, h, d)  # every query row lies in exactly one chunk; + the scratch row
+    dk = torch.zeros((n_k + 1, h, d), dtype=torch.float32, device=k.device)  # row blocks of one sequence add up
+    dv = torch.zeros((n_k + 1, h, d), dtype=torch.float32, device=v.device)
+    lse_rows = lse.T[..., None]  # [sum q_i, H, 1], a view
+    for c in _plan_chunks(kv, qo, h, d, _fused(q.device)):
         if c.q_hi == c.q_lo:
             continue
-        q_offs, k_offs, qp, kp, vp = _pad_chunk(c, q, k, v)
-        max_q = qp.shape[2]
+        q_idx, k_idx = _chunk_grids(c, q_rows, k_rows, q.device)
         # Padded rows: dO = 0, q = 0 and lse = 0, so P = exp(0) = 1 stays finite and dS = 0 there.
-        dop = _to_padded(dout[c.q_lo : c.q_hi], q_offs, max_q)
-        op = _to_padded(out[c.q_lo : c.q_hi], q_offs, max_q)
-        lp = _to_padded(lse[:, c.q_lo : c.q_hi].T[..., None], q_offs, max_q)[..., 0]  # [n, H, Qmax]
-        dqp, dkp, dvp = attend_bwd(dop, qp, kp, vp, op, lp.contiguous(), scale, **_chunk_mask(c, q.device))
-        dq[c.q_lo : c.q_hi] = _to_jagged(dqp, q_offs)
-        dk[c.k_lo : c.k_hi] += _to_jagged(dkp, k_offs)
-        dv[c.k_lo : c.k_hi] += _to_jagged(dvp, k_offs)
-    return _unpermute(dq, q_rows), _unpermute(dk, k_rows).to(k.dtype), _unpermute(dv, k_rows).to(v.dtype)
+        lp = _pad_rows(lse_rows, q_idx)[..., 0].contiguous()  # [n, H, Qmax]
+        dqp, dkp, dvp = attend_bwd(_pad_rows(dout, q_idx), _pad_rows(q, q_idx), _pad_rows(k, k_idx),
+                                   _pad_rows(v, k_idx), _pad_rows(out, q_idx), lp, scale, **_chunk_mask(c, q.device))
+        dq.index_copy_(0, _scatter_slots(q_idx, rows), _to_rows(dqp))
+        k_dst = _scatter_slots(k_idx, n_k)
+        dk.index_add_(0, k_dst, _to_rows(dkp).float())
+        dv.index_add_(0, k_dst, _to_rows(dvp).float())
+    return dq[:rows], dk[:n_k].to(k.dtype), dv[:n_k].to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,7 +395,7 @@ def _candidate_segments(po: list[int], co: list[int], n_tok: int, heads: int, bu
 class _PrefixGrid:
     """Padded layout of one chunk of segments: NS query rows ``[n, M]`` and prefix key rows ``[n, Lmax]``.
 
-    Index ``-1`` marks padding and picks an appended zero row. Padded keys are masked out; padded
+    Index ``-1`` marks padding (zero slots, :func:`_pad_rows`). Padded keys are masked out; padded
     query rows see real keys (every segment has L >= 1), so nothing is NaN, and they are dropped.
     """
 
@@ -428,22 +418,14 @@ class _PrefixGrid:
 
     @staticmethod
     def pad(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``rows [R, H, X]`` -> ``[n, H, M, X]``, zero where ``idx == -1``.
-
-        Gathers whole rows (``index_select``: row copies, 1.8x faster than advanced indexing with the
-        2-D index) with the padding pointed at row 0, then zeroes those slots: costs the chunk's size
-        (appending a zero row to ``rows`` instead copied the whole tensor, e.g. every request's prefix
-        for every candidate chunk of the scorer).
-        """
-        n, m = idx.shape
-        padded = rows.index_select(0, idx.clamp_min(0).flatten()).view(n, m, *rows.shape[1:])  # [n, M, H, X]
-        # A transposed view, not a copy: the CPU flash kernels and matmuls read strided [n, H, M, X].
-        return padded.masked_fill_((idx < 0)[:, :, None, None], 0).transpose(1, 2)
+        """``rows [R, H, X]`` -> ``[n, H, M, X]``, zero where ``idx == -1`` (:func:`_pad_rows`: costs the
+        chunk's size; appending a zero row to ``rows`` instead copied the whole tensor, e.g. every
+        request's prefix for every candidate chunk of the scorer)."""
+        return _pad_rows(rows, idx)
 
     @staticmethod
     def _unpad(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        n, h, m = x.shape[:3]
-        return x.transpose(1, 2).reshape(n * m, h, *x.shape[3:]).index_select(0, flat)
+        return _to_rows(x).index_select(0, flat)
 
     def real_queries(self, x: torch.Tensor) -> torch.Tensor:
         """``[n, H, M, *]`` -> ``[R, H, *]`` for the real query rows (in ``q_rows`` order)."""

@@ -81,31 +81,32 @@ def test_torch_backend_explicit_math_path(case, monkeypatch):
     _check_against_reference("torch", case, 2, 16, torch.bfloat16, "cpu")
 
 
-@pytest.mark.parametrize("max_len", [50, 20], ids=["pad", "truncate"])
-def test_plain_torch_padding_equals_fbgemm(max_len, monkeypatch):
-    """Without FBGEMM (the GPU image, or CUDA tensors) the padding copies are plain torch indexing:
-    bit-identical to fbgemm's jagged_to_padded_dense / dense_to_jagged, fill value and truncation included."""
-    from kernels import torch_attention
+def test_chunk_grids_cover_every_row_once_and_pad_with_zeros():
+    """Slot grids over the original (unsorted) rows: every query row in exactly one chunk, every key row of a
+    sequence in the chunks of its queries, padding -1 -> zero slots, and the gather equals the obvious padding."""
+    from kernels import torch_attention as ta
 
-    lengths = [33, 1, 17, 0, 50]
-    off = offsets(lengths)
-    x = torch.randn(sum(lengths), 2, 3, generator=torch.Generator().manual_seed(0))
-    padded = {}
-    for fbgemm in (True, False):
-        monkeypatch.setattr(torch_attention, "_FBGEMM", fbgemm)
-        padded[fbgemm] = torch_attention._to_padded(x, off, max_len, value=-7.0)
-        if max_len >= max(lengths):
-            torch.testing.assert_close(torch_attention._to_jagged(padded[fbgemm], off), x, rtol=0, atol=0)
-    torch.testing.assert_close(padded[False], padded[True], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("case", ["ragged", "subset"])
-def test_torch_backend_without_fbgemm(case, monkeypatch):
-    """The torch backend with FBGEMM absent (plain-torch padding) against the reference."""
-    from kernels import torch_attention
-
-    monkeypatch.setattr(torch_attention, "_FBGEMM", False)
-    _check_against_reference("torch", case, 2, 16, torch.float32, "cpu")
+    kv_len = [5, 0, 9, 2, 9, 1]
+    q_len = [2, 0, 9, 1, 3, 1]
+    kv, qo = offsets(kv_len).tolist(), offsets(q_len).tolist()
+    kv2, qo2, k_rows, q_rows = ta._length_sorted(kv, qo, torch.device("cpu"))
+    seen_q = []
+    x = torch.randn(kv[-1], 2, 3, generator=torch.Generator().manual_seed(0))
+    for c in ta._plan_chunks(kv2, qo2, 2, 3, True, budget=60):
+        if c.q_hi == c.q_lo:
+            continue
+        q_idx, k_idx = ta._chunk_grids(c, q_rows, k_rows, torch.device("cpu"))
+        seen_q += q_idx[q_idx >= 0].tolist()
+        padded = ta._pad_rows(x, k_idx)  # [n, H, Lmax, 3]
+        for i in range(k_idx.shape[0]):
+            real = k_idx[i][k_idx[i] >= 0]
+            torch.testing.assert_close(padded[i, :, : len(real)].transpose(0, 1), x[real], rtol=0, atol=0)
+            assert padded[i, :, len(real):].abs().sum() == 0
+            if not len(real):  # an empty sequence in the chunk
+                continue
+            seq = next(s for s in range(len(kv_len)) if kv[s] <= int(real[0]) < kv[s + 1])  # rows of one sequence
+            assert real.tolist() == list(range(kv[seq], kv[seq] + len(real)))
+    assert sorted(seen_q) == list(range(qo[-1]))
 
 
 def test_default_scale_and_explicit_scale():
