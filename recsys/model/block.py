@@ -167,17 +167,21 @@ class OneTransBlock(nn.Module):
         if self.rope and pos is None:
             raise ValueError("this block uses rotary positions: pass the token positions")
 
-    def s_project(self, x: torch.Tensor, keep: torch.Tensor, pos: torch.Tensor | None = None
+    def s_project(self, x: torch.Tensor, keep: torch.Tensor | None, pos: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [M, D]`` S-token inputs, ``keep [M_q]`` rows that emit queries, ``pos [M]`` their
-        positions in the S sequence (0 = oldest event; needed with rotary positions).
+        """``x [M, D]`` S-token inputs, ``keep [M_q]`` rows that emit queries (``None``: every row, in
+        order), ``pos [M]`` their positions in the S sequence (0 = oldest event; needed with rotary positions).
 
         Returns ``q [M_q, H, Dh]``, ``k, v [M, H, Dh]``. Queries are projected only for the
-        kept rows (the pyramid saving); keys/values for every row.
+        kept rows (the pyramid saving); keys/values for every row. With ``keep=None`` one fused
+        Q/K/V projection and one rotary pass, and no row gather (whose backward is a scatter-add).
         """
         self._check_pos(pos)
         h = self.s_norm1(x)
         w, b = self.s_qkv.weight, self.s_qkv.bias
+        if keep is None:
+            qkv = F.linear(h, w, b).view(-1, 3, self.h, self.dh)
+            return qkv.unbind(1) if not self.rope else rotary_parts(qkv, pos, 2)
         d = self.d
         q = F.linear(h[keep], w[:d], b[:d]).view(-1, self.h, self.dh)
         kv = F.linear(h, w[d:], b[d:]).view(-1, 2, self.h, self.dh)

@@ -98,7 +98,11 @@ class OneTransRanker(nn.Module):
         for layer, blk in enumerate(self.blocks):
             # budget(last) == 0: the top layer's S outputs feed nothing, only its K/V are needed.
             budget = self.schedule.budget(layer)
-            keep, off_out = keep_last(off, budget, None if lens is None else kept_total(lens, budget))
+            total = None if lens is None else kept_total(lens, budget)
+            if total is not None and total == x.shape[0]:  # every row emits a query: no gathers (keep = None)
+                keep, off_out = None, off
+            else:
+                keep, off_out = keep_last(off, budget, total)
             lens = None if lens is None else tuple(min(n, budget) for n in lens)
             q, k, v = blk.s_project(x, keep, pos)
             keys.append(k)
@@ -106,12 +110,13 @@ class OneTransRanker(nn.Module):
             offsets.append(off)
             if layer == last:
                 break
-            if keep.numel():
-                attn = jagged_causal_attention(q, k, v, off, off_out, backend=self.backend)
-                x = blk.s_finish(x[keep], attn)
+            x_kept = x if keep is None else x[keep]
+            if q.shape[0]:
+                x = blk.s_finish(x_kept, jagged_causal_attention(q, k, v, off, off_out, backend=self.backend))
             else:  # the top layers of a pyramid may carry NS tokens only
-                x = x[keep]
-            off, pos = off_out, pos[keep]
+                x = x_kept
+            if keep is not None:
+                off, pos = off_out, pos[keep]
         return PrefixKV(keys, values, offsets)
 
     def score_candidates(self, prefix: PrefixKV, ns_tokens: torch.Tensor, cand_offsets: torch.Tensor) -> torch.Tensor:
