@@ -6,8 +6,9 @@ Shapes: one default training batch's NS side (`configs/model/small.yaml`): C = 4
 NS tokens, H = 4 heads, Dh = 16. ``rotary``: q, k, v of the NS projection, forward + backward, as two
 ``cat``-form calls and a contiguous v (`rotary_reference`, what the block did) vs one `rotary_parts` pass over the fused
 qkv. ``own``: the candidate-prefix op's own-token part (scores, softmax, output; backward: dq, dk, dv),
-as batched matmuls over ``[C, H, N, *]`` transposes (what the op did) vs the broadcast form the op now
-uses (`kernels/torch_attention.py`). Results and the load average: ``bench/results/attention_levers.json``.
+as batched matmuls over ``[C, H, N, *]`` transposes (what the op did first), the broadcast multiply-sum
+form (what it did next) and one fused causal call over C sequences of N (what it does now,
+`kernels/torch_attention.py`). Results and the load average: ``bench/results/attention_levers.json``.
 """
 
 from __future__ import annotations
@@ -62,22 +63,33 @@ def own_matmul(q, k, v, dout, scale):
 
 
 def own_broadcast(q, k, v, dout, scale):
-    """The same with the op's current helpers (`_own_scores`, `_pair_dot`, `_mix`)."""
-    s = ta._own_scores(q, k, scale)
+    """The broadcast multiply-sum form the op used next: ``[C, N_i, N_j, H]`` scores in the native layout."""
+    causal = torch.ones(N, N, dtype=torch.bool).tril()[:, :, None]
+    s = ((q[:, :, None] * k[:, None]).sum(-1) * scale).masked_fill(~causal, float("-inf"))
     lse = torch.logsumexp(s, 2)
     p = torch.exp(s - lse[:, :, None])
-    out = ta._mix(p, v, 2)
-    ds = p * (ta._pair_dot(dout, v) - (dout * out).sum(-1)[:, :, None])
-    return out, ta._mix(ds, k, 2) * scale, ta._mix(ds, q, 1) * scale, ta._mix(p, dout, 1)
+    out = (p[..., None] * v[:, None]).sum(2)
+    ds = p * ((dout[:, :, None] * v[:, None]).sum(-1) - (dout * out).sum(-1)[:, :, None])
+    return (out, (ds[..., None] * k[:, None]).sum(2) * scale, (ds[..., None] * q[:, :, None]).sum(1) * scale,
+            (p[..., None] * dout[:, :, None]).sum(1))
+
+
+def own_fused(q, k, v, dout, scale):
+    """What the op does now: one fused causal call over C sequences of length N, forward and backward."""
+    qt, kt, vt, dt = (x.transpose(1, 2) for x in (q, k, v, dout))
+    out, lse = ta.attend_fwd(qt, kt, vt, scale, is_causal=True)
+    dq, dk, dv = ta.attend_bwd(dt, qt, kt, vt, out, lse, scale, is_causal=True)
+    return tuple(x.transpose(1, 2) for x in (out, dq, dk, dv))
 
 
 def own_variants() -> dict:
     q, k, v, dout = (torch.randn(C, N, H, DH) for _ in range(4))
-    a, b = own_matmul(q, k, v, dout, 0.25), own_broadcast(q, k, v, dout, 0.25)
-    err = max(float((x - y).abs().max()) for x, y in zip(a, b))
-    print(f"own-token forms: max abs diff {err:.2e}")
-    return {"own_matmul": lambda: own_matmul(q, k, v, dout, 0.25),
-            "own_broadcast": lambda: own_broadcast(q, k, v, dout, 0.25)}
+    forms = {"own_matmul": own_matmul, "own_broadcast": own_broadcast, "own_fused": own_fused}
+    results = {name: form(q, k, v, dout, 0.25) for name, form in forms.items()}
+    for name in ("own_broadcast", "own_fused"):
+        err = max(float((x - y).abs().max()) for x, y in zip(results["own_matmul"], results[name]))
+        print(f"{name} vs own_matmul: max abs diff {err:.2e}")
+    return {name: (lambda form=form: form(q, k, v, dout, 0.25)) for name, form in forms.items()}
 
 
 def main() -> None:
@@ -101,7 +113,8 @@ def main() -> None:
     for k, v in med.items():
         print(f"{k:18s} {v:8.1f} ms")
     print(f"rotary speed-up {med['rotary_cat_form'] / med['rotary_fused']:.2f}x, own-token speed-up "
-          f"{med['own_matmul'] / med['own_broadcast']:.2f}x; load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+          f"broadcast {med['own_matmul'] / med['own_broadcast']:.2f}x, fused {med['own_matmul'] / med['own_fused']:.2f}x "
+          f"over own_matmul; load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(write_json("attention_levers", {"machine": machine(), "threads": args.threads, "rounds": args.rounds,
                                           "median_ms": med, "load_before": load_before,
                                           "load_after": os.getloadavg()}))

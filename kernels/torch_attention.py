@@ -10,11 +10,12 @@ Same math as the references in ``reference.py``, batched:
   scattered straight back to their rows (``index_copy_`` / ``index_add_``; padded slots go to a
   scratch row). Chunks where every sequence queries all its positions use ``is_causal``
   (fastest CPU kernel); query subsets use an additive mask.
-- ``candidate_prefix_attention_torch_{fwd,bwd}``: own N tokens of every candidate by small batched
-  matmuls in one go; the prefix by one fused call per chunk of *many requests* (the NS rows of a
+- ``candidate_prefix_attention_torch_{fwd,bwd}``: own N tokens of every candidate as one fused
+  causal call over C sequences of length N; the prefix by one fused call per chunk of *many requests* (the NS rows of a
   request's candidates padded against its prefix, key padding masked; the prefix is never copied
   per candidate); the two partial softmaxes are merged with log-sum-exp. The backward is exact
-  because it uses the *joint* lse and output: the prefix part is ``flash_bwd(dO, Q, K_prefix, V_prefix, O_joint, lse_joint)``.
+  because it uses the *joint* lse and output: the prefix part is ``flash_bwd(dO, Q, K_prefix, V_prefix, O_joint, lse_joint)``, the own part
+  the same over the own keys.
 
 The fused call on CPU is ATen's flash kernel, ``aten::_scaled_dot_product_flash_attention_for_cpu``
 and its ``_backward`` (what ``F.scaled_dot_product_attention`` runs on CPU; used directly because
@@ -436,47 +437,10 @@ class _PrefixGrid:
         return self._unpad(x, self.k_flat)
 
 
-# Own-token products as broadcast multiply + sum in the native ``[C, N, H, Dh]`` layout. Hand-written
-# (no library op): a batched matmul here is C x H tiny ``[N x Dh] @ [Dh x N]`` products (16k per call on
-# the default batch) plus transposed copies in and out; the broadcast form runs 1.8x faster for N = 4
-# (docs/performance.md). Candidates go in blocks so the ``[c, N, N, H, Dh]`` temporary stays bounded.
-_OWN_BLOCK_ELEMS = 1 << 22
-
-
-def _own_blocks(c_tot: int, n: int, h: int, d: int) -> range:
-    return range(0, c_tot, max(1, _OWN_BLOCK_ELEMS // max(1, n * n * h * d)))
-
-
-def _pair_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a, b [C, N, H, Dh]`` -> ``[C, N_i, N_j, H]``: ``sum_d a[c, i, h, d] * b[c, j, h, d]``."""
-    step = _own_blocks(*a.shape).step
-    if a.shape[0] <= step:
-        return (a[:, :, None] * b[:, None]).sum(-1)
-    return torch.cat([(a[s:s + step, :, None] * b[s:s + step, None]).sum(-1) for s in range(0, a.shape[0], step)])
-
-
-def _mix(p: torch.Tensor, x: torch.Tensor, over: int) -> torch.Tensor:
-    """``p [C, N_i, N_j, H]``, ``x [C, N, H, Dh]`` -> ``[C, N, H, Dh]``.
-
-    ``over = 2``: ``out[c, i] = sum_j p[c, i, j] x[c, j]``; ``over = 1``: ``out[c, j] = sum_i p[c, i, j] x[c, i]``.
-    """
-    step = _own_blocks(*x.shape).step
-
-    def part(pp: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        xe = xx[:, None] if over == 2 else xx[:, :, None]  # [c, 1, N, H, Dh] or [c, N, 1, H, Dh]
-        return (pp[..., None] * xe).sum(over)
-
-    if x.shape[0] <= step:
-        return part(p, x)
-    return torch.cat([part(p[s:s + step], x[s:s + step]) for s in range(0, x.shape[0], step)])
-
-
-def _own_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Own-token scores ``[C, N_i, N_j, H]`` in fp32, causal within each candidate (diagonal visible)."""
-    n = q.shape[1]
-    s = _pair_dot(q.float(), k.float()) * scale
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[:, :, None]
-    return s.masked_fill(~causal, float("-inf"))
+def _candidate_major(x: torch.Tensor) -> torch.Tensor:
+    """``[C, N, H, *]`` <-> ``[C, H, N, *]`` as a view: the own-token attention is causal attention over each
+    candidate's N tokens, ``C`` sequences of length N, in the flash kernels' layout."""
+    return x.transpose(1, 2)
 
 
 def candidate_prefix_attention_torch_fwd(
@@ -491,16 +455,17 @@ def candidate_prefix_attention_torch_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``out [sum C_b, N, H, Dh]`` and the joint ``lse [H, sum C_b * N]`` (fp32).
 
-    Own tokens: every candidate at once (``[C, H, N, N]`` scores). Prefix: a few padded batches over
+    Own tokens: every candidate at once (one fused causal call over C sequences of N). Prefix: a few padded batches over
     many requests (one fused call per chunk, not per request: training batches have hundreds of
     requests with a handful of candidates each). The two partial softmaxes merge by log-sum-exp.
     """
     c_tot, n, h, d = q.shape
     po, co = prefix_offsets.tolist(), cand_offsets.tolist()  # host sync: chunk plan
-    s_own = _own_scores(q, k, scale)  # [C, N_i, N_j, H]
-    lse_own = torch.logsumexp(s_own, 2)  # [C, N, H]
-    out = _mix(torch.exp(s_own - lse_own[:, :, None]), v.float(), 2).view(c_tot * n, h, d)  # rows fp32
-    lse = lse_own.view(c_tot * n, h)  # [C*N, H]
+    # Own tokens: causal attention of C sequences of length N, one fused call ([C, H, N, Dh] views; the
+    # flash kernel writes [C, N, H, *], so both transposes back are free views).
+    o_own, l_own = attend_fwd(*map(_candidate_major, (q, k, v)), scale, is_causal=True)
+    out = _candidate_major(o_own).reshape(c_tot * n, h, d).float()  # [C*N, H, Dh] rows, fp32 for the merge
+    lse = _candidate_major(l_own).reshape(c_tot * n, h)  # [C*N, H]
     q_src, k_src, v_src = q.reshape(c_tot * n, h, d), prefix_k, prefix_v
     for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
         g = _PrefixGrid(seg, po, n, q.device)
@@ -531,19 +496,17 @@ def candidate_prefix_attention_torch_bwd(
     """Backward given the joint output and lse: ``(dq, dk, dv, dprefix_k, dprefix_v)``.
 
     With the *joint* ``out``/``lse`` each key set's share of the gradient is exact on its own: own
-    tokens by explicit math for all candidates at once, the prefix by the fused backward per chunk.
+    tokens by one fused causal backward for all candidates, the prefix by the fused backward per chunk.
     """
     c_tot, n, h, d = q.shape
     po, co = prefix_offsets.tolist(), cand_offsets.tolist()
     lse_rows = lse.T.contiguous()  # [C*N, H]
     l_joint = lse_rows.view(c_tot, n, h)  # [C, N, H]
-    dof = dout.float()  # [C, N, H, Dh]
-    delta = (dof * out.float()).sum(-1)  # [C, N, H]
-    p_own = torch.exp(_own_scores(q, k, scale) - l_joint[:, :, None])  # [C, N_i, N_j, H]
-    ds = p_own * (_pair_dot(dof, v.float()) - delta[:, :, None])
-    dq = (_mix(ds, k.float(), 2) * scale).view(c_tot * n, h, d)
-    dk = _mix(ds, q.float(), 1) * scale
-    dv = _mix(p_own, dof, 1)
+    # Own tokens: the fused backward over each candidate's N tokens with the joint out / lse (exact share).
+    dq, dk, dv = attend_bwd(*map(_candidate_major, (dout, q, k, v, out)), l_joint.transpose(1, 2), scale,
+                            is_causal=True)
+    dq = _candidate_major(dq).reshape(c_tot * n, h, d).float()  # prefix shares are added per chunk
+    dk, dv = _candidate_major(dk).contiguous(), _candidate_major(dv).contiguous()  # no copy from the CPU kernel
     dpk = torch.zeros(prefix_k.shape, dtype=torch.float32, device=q.device)  # summed over candidates
     dpv = torch.zeros(prefix_v.shape, dtype=torch.float32, device=q.device)
     q_src, do_src, o_src = (x.reshape(c_tot * n, h, d) for x in (q, dout, out))

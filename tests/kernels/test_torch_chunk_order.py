@@ -76,11 +76,7 @@ def test_candidate_segments_cover_every_candidate_once_with_bounded_padding():
             assert len(seg) * max(lens) <= ta._PREFIX_PAD_RATIO * sum(lens) + ta._PREFIX_PAD_SLACK
 
 
-@pytest.mark.parametrize("own_block", [None, 3 * 3 * 2 * 8 * 4], ids=["one_block", "blocks_of_4"])
-def test_candidate_prefix_heavy_tailed_matches_reference(own_block, monkeypatch):
-    """Also with the own-token products split into blocks of 4 candidates (the bounded-temporary path)."""
-    if own_block:
-        monkeypatch.setattr(ta, "_OWN_BLOCK_ELEMS", own_block)
+def test_candidate_prefix_heavy_tailed_matches_reference():
     p_len = heavy_tailed(25, 5, cap=80)
     c_len = np.random.default_rng(6).integers(1, 4, len(p_len)).tolist()
     gen = torch.Generator().manual_seed(1)
