@@ -214,17 +214,24 @@ def _chunk_mask(c: _Chunk, device) -> dict:
     return {"is_causal": True} if c.full else {"visible": _chunk_visible(c, device)}
 
 
-def _pad_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _pad_rows(rows: torch.Tensor, idx: torch.Tensor, zero: bool = False) -> torch.Tensor:
     """``rows [R, H, X]`` gathered into a padded grid ``idx [n, M]`` (row numbers, ``-1`` = padding)
-    -> ``[n, H, M, X]``, zero at the padding.
+    -> ``[n, H, M, X]``; a padded slot holds a copy of its own sequence's first row, or zeros (``zero``).
 
-    Whole-row copies (``index_select``: 1.8x faster than advanced indexing with the 2-D index) with
-    the padding pointed at row 0, then zeroed; handed out as a transposed view, not a copy: the CPU
-    flash kernels and matmuls read strided ``[n, H, M, X]`` as they are.
+    Whole-row copies (``index_select``: 1.8x faster than advanced indexing with the 2-D index), handed
+    out as a transposed view, not a copy: the CPU flash kernels and matmuls read strided ``[n, H, M, X]``
+    as they are. Only the backward's query side needs zeros (``q = dO = lse = 0``: ``P = 1`` stays finite and
+    ``dS = 0``, whatever the keys); elsewhere a padded slot is a masked key or a dropped output row (zeroing
+    them made the candidate-prefix op 1.2-1.4x slower on long histories), and copying the sequence's own row keeps
+    every value a fused call mixes into a sequence its own: a non-finite input stays in its sequence, as in
+    the reference.
     """
     n, m = idx.shape
-    padded = rows.index_select(0, idx.clamp_min(0).flatten()).view(n, m, *rows.shape[1:])  # [n, M, H, X]
-    return padded.masked_fill_((idx < 0)[:, :, None, None], 0).transpose(1, 2)
+    src = torch.where(idx < 0, idx[:, :1], idx).clamp_min(0)  # a sequence with no rows: row 0, all dropped
+    padded = rows.index_select(0, src.flatten()).view(n, m, *rows.shape[1:])  # [n, M, H, X]
+    if zero:
+        padded.masked_fill_((idx < 0)[:, :, None, None], 0)
+    return padded.transpose(1, 2)
 
 
 def _to_rows(grid: torch.Tensor) -> torch.Tensor:
@@ -342,8 +349,8 @@ def jagged_causal_attention_torch_bwd(
             continue
         q_idx, k_idx = _chunk_grids(c, q_rows, k_rows, q.device)
         # Padded rows: dO = 0, q = 0 and lse = 0, so P = exp(0) = 1 stays finite and dS = 0 there.
-        lp = _pad_rows(lse_rows, q_idx)[..., 0].contiguous()  # [n, H, Qmax]
-        dqp, dkp, dvp = attend_bwd(_pad_rows(dout, q_idx), _pad_rows(q, q_idx), _pad_rows(k, k_idx),
+        lp = _pad_rows(lse_rows, q_idx, zero=True)[..., 0].contiguous()  # [n, H, Qmax]
+        dqp, dkp, dvp = attend_bwd(_pad_rows(dout, q_idx, True), _pad_rows(q, q_idx, True), _pad_rows(k, k_idx),
                                    _pad_rows(v, k_idx), _pad_rows(out, q_idx), lp, scale, **_chunk_mask(c, q.device))
         dq.index_copy_(0, _scatter_slots(q_idx, rows), _to_rows(dqp))
         k_dst = _scatter_slots(k_idx, n_k)
@@ -396,8 +403,8 @@ def _candidate_segments(po: list[int], co: list[int], n_tok: int, heads: int, bu
 class _PrefixGrid:
     """Padded layout of one chunk of segments: NS query rows ``[n, M]`` and prefix key rows ``[n, Lmax]``.
 
-    Index ``-1`` marks padding (zero slots, :func:`_pad_rows`). Padded keys are masked out; padded
-    query rows see real keys (every segment has L >= 1), so nothing is NaN, and they are dropped.
+    Index ``-1`` marks padding (:func:`_pad_rows`). Padded keys are masked out; padded query rows see
+    real keys (every segment has L >= 1), so nothing is NaN, and they are dropped.
     """
 
     def __init__(self, seg: list[tuple[int, int, int]], po: list[int], n_tok: int, device: torch.device) -> None:
@@ -418,11 +425,11 @@ class _PrefixGrid:
         self.visible = k_ok[:, None, None, :]  # [n, 1, 1, Lmax]: key padding only
 
     @staticmethod
-    def pad(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``rows [R, H, X]`` -> ``[n, H, M, X]``, zero where ``idx == -1`` (:func:`_pad_rows`: costs the
-        chunk's size; appending a zero row to ``rows`` instead copied the whole tensor, e.g. every
-        request's prefix for every candidate chunk of the scorer)."""
-        return _pad_rows(rows, idx)
+    def pad(rows: torch.Tensor, idx: torch.Tensor, zero: bool = False) -> torch.Tensor:
+        """``rows [R, H, X]`` -> ``[n, H, M, X]`` (:func:`_pad_rows`: costs the chunk's size; appending a
+        zero row to ``rows`` instead copied the whole tensor, e.g. every request's prefix for every
+        candidate chunk of the scorer)."""
+        return _pad_rows(rows, idx, zero)
 
     @staticmethod
     def _unpad(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -514,8 +521,8 @@ def candidate_prefix_attention_torch_bwd(
     for seg in _candidate_segments(po, co, n, h, _SCORE_BUDGET):
         g = _PrefixGrid(seg, po, n, q.device)
         # Padded query rows: dO = 0, q = 0, lse = 0 -> P = exp(0) = 1 stays finite and dS = 0 there.
-        lp = g.pad(l_src, g.q_idx)[..., 0].contiguous()  # [n, H, M]
-        dqp, dkp, dvp = attend_bwd(g.pad(do_src, g.q_idx), g.pad(q_src, g.q_idx), g.pad(k_src, g.k_idx),
+        lp = g.pad(l_src, g.q_idx, zero=True)[..., 0].contiguous()  # [n, H, M]
+        dqp, dkp, dvp = attend_bwd(g.pad(do_src, g.q_idx, True), g.pad(q_src, g.q_idx, True), g.pad(k_src, g.k_idx),
                                    g.pad(v_src, g.k_idx), g.pad(o_src, g.q_idx), lp, scale, visible=g.visible)
         dq.index_add_(0, g.q_rows, g.real_queries(dqp).float())
         dpk.index_add_(0, g.k_rows, g.real_keys(dkp).float())

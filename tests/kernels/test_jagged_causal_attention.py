@@ -81,9 +81,10 @@ def test_torch_backend_explicit_math_path(case, monkeypatch):
     _check_against_reference("torch", case, 2, 16, torch.bfloat16, "cpu")
 
 
-def test_chunk_grids_cover_every_row_once_and_pad_with_zeros():
+def test_chunk_grids_cover_every_row_once_and_pad_with_own_rows_or_zeros():
     """Slot grids over the original (unsorted) rows: every query row in exactly one chunk, every key row of a
-    sequence in the chunks of its queries, padding -1 -> zero slots, and the gather equals the obvious padding."""
+    sequence in the chunks of its queries, the gather equals the obvious padding, and padding -1 -> a copy of
+    the sequence's own first row (zero slots with ``zero=True``)."""
     from kernels import torch_attention as ta
 
     kv_len = [5, 0, 9, 2, 9, 1]
@@ -97,13 +98,16 @@ def test_chunk_grids_cover_every_row_once_and_pad_with_zeros():
             continue
         q_idx, k_idx = ta._chunk_grids(c, q_rows, k_rows, torch.device("cpu"))
         seen_q += q_idx[q_idx >= 0].tolist()
-        padded = ta._pad_rows(x, k_idx)  # [n, H, Lmax, 3]
+        padded, zeroed = ta._pad_rows(x, k_idx), ta._pad_rows(x, k_idx, zero=True)  # [n, H, Lmax, 3]
         for i in range(k_idx.shape[0]):
             real = k_idx[i][k_idx[i] >= 0]
-            torch.testing.assert_close(padded[i, :, : len(real)].transpose(0, 1), x[real], rtol=0, atol=0)
-            assert padded[i, :, len(real):].abs().sum() == 0
+            for grid in (padded, zeroed):
+                torch.testing.assert_close(grid[i, :, : len(real)].transpose(0, 1), x[real], rtol=0, atol=0)
+            assert zeroed[i, :, len(real):].abs().sum() == 0
             if not len(real):  # an empty sequence in the chunk
                 continue
+            own_first = x[real[0]].expand(k_idx.shape[1] - len(real), *x.shape[1:])
+            torch.testing.assert_close(padded[i, :, len(real):].transpose(0, 1), own_first, rtol=0, atol=0)
             seq = next(s for s in range(len(kv_len)) if kv[s] <= int(real[0]) < kv[s + 1])  # rows of one sequence
             assert real.tolist() == list(range(kv[seq], kv[seq] + len(real)))
     assert sorted(seen_q) == list(range(qo[-1]))

@@ -90,3 +90,51 @@ def test_candidate_prefix_heavy_tailed_matches_reference():
     got = run_with_grads(lambda: candidate_prefix_attention(q, k, v, pk, pv, po, co, backend="torch"), inputs, grad)
     for name, g, r in zip(("out", "dq", "dk", "dv", "dpk", "dpv"), got, ref):
         assert_close(g, r, torch.float32, f"sorted-prefix/{name}")
+
+
+def _clean(x: torch.Tensor, bad_rows: slice) -> torch.Tensor:
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    keep[bad_rows] = False
+    return x.detach()[keep]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu_flash", "explicit_math"])
+@pytest.mark.parametrize("subset", [False, True])
+def test_jagged_non_finite_row_stays_in_its_sequence(fused, subset, monkeypatch):
+    """A NaN in the batch's first row (sequence 0) reaches no other sequence's outputs or gradients: the
+    padded slots of a chunk hold copies of their own sequence's rows, never another's."""
+    monkeypatch.setattr(ta, "_CPU_FLASH", fused)
+    kv_len, q_len = [6, 4, 2, 5], ([2, 3, 1, 4] if subset else None)
+    gen = torch.Generator().manual_seed(3)
+    n_k, n_q = sum(kv_len), sum(q_len or kv_len)
+    q, k, v = (rand((n, 2, 8), torch.float32, "cpu", gen) for n in (n_q, n_k, n_k))
+    with torch.no_grad():
+        k[0, 0, 0] = v[0, 1, 2] = float("nan")
+    grad = torch.randn(n_q, 2, 8, generator=gen)
+    kv_off, q_off = offsets(kv_len), (offsets(q_len) if subset else None)
+    ref = run_with_grads(lambda: jagged_causal_attention(q, k, v, kv_off, q_off, backend="reference"), [q, k, v], grad)
+    got = run_with_grads(lambda: jagged_causal_attention(q, k, v, kv_off, q_off, backend="torch"), [q, k, v], grad)
+    bad_q, bad_k = slice(0, (q_len or kv_len)[0]), slice(0, kv_len[0])
+    for name, g, r, bad in zip(("out", "dq", "dk", "dv"), got, ref, (bad_q, bad_q, bad_k, bad_k)):
+        assert_close(_clean(g, bad), _clean(r, bad), torch.float32, f"nan-isolation/{name}")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu_flash", "explicit_math"])
+def test_candidate_prefix_non_finite_prefix_row_stays_in_its_request(fused, monkeypatch):
+    """A NaN in request 0's first prefix row reaches no other request's candidates or prefix gradients."""
+    monkeypatch.setattr(ta, "_CPU_FLASH", fused)
+    p_len, c_len = [5, 3, 4, 2], [2, 3, 1, 2]
+    gen = torch.Generator().manual_seed(4)
+    n_c, n_p = sum(c_len), sum(p_len)
+    q, k, v = (rand((n_c, 3, 2, 8), torch.float32, "cpu", gen) for _ in range(3))
+    pk, pv = (rand((n_p, 2, 8), torch.float32, "cpu", gen) for _ in range(2))
+    with torch.no_grad():
+        pk[0, 1, 3] = float("nan")
+    grad = torch.randn(n_c, 3, 2, 8, generator=gen)
+    po, co = offsets(p_len), offsets(c_len)
+    inputs = [q, k, v, pk, pv]
+    ref = run_with_grads(lambda: candidate_prefix_attention(q, k, v, pk, pv, po, co, backend="reference"), inputs, grad)
+    got = run_with_grads(lambda: candidate_prefix_attention(q, k, v, pk, pv, po, co, backend="torch"), inputs, grad)
+    bad_c, bad_p = slice(0, c_len[0]), slice(0, p_len[0])
+    for name, g, r, bad in zip(("out", "dq", "dk", "dv", "dpk", "dpv"), got, ref, (bad_c,) * 4 + (bad_p,) * 2):
+        assert_close(_clean(g, bad), _clean(r, bad), torch.float32, f"nan-isolation/{name}")
