@@ -220,11 +220,11 @@ def _pad_rows(rows: torch.Tensor, idx: torch.Tensor, zero: bool = False) -> torc
 
     Whole-row copies (``index_select``: 1.8x faster than advanced indexing with the 2-D index), handed
     out as a transposed view, not a copy: the CPU flash kernels and matmuls read strided ``[n, H, M, X]``
-    as they are. Only the backward's query side needs zeros (``q = dO = lse = 0``: ``P = 1`` stays finite and
-    ``dS = 0``, whatever the keys); elsewhere a padded slot is a masked key or a dropped output row (zeroing
-    them made the candidate-prefix op 1.2-1.4x slower on long histories), and copying the sequence's own row keeps
-    every value a fused call mixes into a sequence its own: a non-finite input stays in its sequence, as in
-    the reference.
+    as they are. Only the backward's query side needs zeros (``q = dO = lse = 0``: ``P = 1`` stays finite
+    and ``dS = 0``, whatever the keys); elsewhere a padded slot is a masked key or a dropped output row
+    (zeroing them made the candidate-prefix op ~1.2x slower on long histories,
+    ``bench/attention_op_compare.py``), and copying the sequence's own row keeps every value a fused call
+    mixes into a sequence its own: a non-finite input stays in its sequence, as in the reference.
     """
     n, m = idx.shape
     src = torch.where(idx < 0, idx[:, :1], idx).clamp_min(0)  # a sequence with no rows: row 0, all dropped
