@@ -49,6 +49,12 @@ class TokenizerConfig:
     ns_cross: bool = True
     """auto_split: add a multiplicative user x candidate term ``(U user) * (V cand)`` to the NS
     MLP's hidden layer (explicit feature crossing; the user factor is still computed once per request)."""
+    ns_seen_item: bool = False
+    """Give every candidate a "seen" input: 1 when its item id is in the request's history (any kind, as
+    the loader truncated it), else 0, appended to the candidate features of the NS tokenizer. What the
+    ranker makes of it is learnt: on a log where nobody takes an item twice (ml-100k) it learns "not one
+    of my history items", on one with repeat consumption the opposite. Trained with negatives that can
+    be history items (``train.hard_negatives``: history items are eligible by default)."""
     item_embedding: ItemEmbeddingConfig = field(default_factory=ItemEmbeddingConfig)
     """Item id / semantic-ID embeddings (default: id, the plain id table)."""
     long_seq: LongSeqConfig = field(default_factory=LongSeqConfig)

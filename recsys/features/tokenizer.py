@@ -96,7 +96,8 @@ class UnifiedTokenizer(nn.Module):
         self.recent = cfg.ns_recent_events
         recent_dim = len(self.kinds) * self.recent * e
         user_dim = self.embeddings.pooled_dim + self.n_dense + e + recent_dim  # + recency + recent events
-        cand_dim = 2 * e
+        cand_dim = 2 * e + int(cfg.ns_seen_item)
+        self.num_items = schema.num_items
         if cfg.ns_tokenizer == NsTokenizer.auto_split:
             self.n_ns = cfg.n_ns_tokens
             hidden = cfg.n_ns_tokens * d
@@ -201,6 +202,8 @@ class UnifiedTokenizer(nn.Module):
         b = batch.num_requests
         cand_lengths = batch.cand_offsets[1:] - batch.cand_offsets[:-1]
         cand_vec = torch.cat([emb["cand.item_id"].values(), emb["cand.category"].values()], -1)  # [sum C, 2E]
+        if self.cfg.ns_seen_item:
+            cand_vec = torch.cat([cand_vec, self.seen_items(batch).to(cand_vec.dtype)[:, None]], -1)  # [sum C, 2E+1]
         n_cand = cand_vec.shape[0]
 
         def per_candidate(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [sum C, ...]
@@ -220,6 +223,25 @@ class UnifiedTokenizer(nn.Module):
         if self.cfg.ns_cross:  # explicit user x candidate crossing (e.g. age bucket x category)
             h = h + self.ns_cand_x(cand_vec) * per_candidate(self.ns_user_x(user_in))
         return self.ns_out(nn.functional.silu(h)).view(-1, self.cfg.n_ns_tokens, self.cfg.d_model)  # [sum C, N, D]
+
+    def seen_items(self, batch: RequestBatch) -> torch.Tensor:
+        """``[sum C_b]`` bool: candidate c's item id is among its request's history item ids (every kind).
+
+        One membership test over (request, item) keys, ``request * (num_items + 1) + item``, for all
+        candidates at once (``torch.isin`` sorts; no per-request loop, no host sync).
+        """
+        seq, b = batch.seq.to_dict(), batch.num_requests
+        stride = self.num_items + 1
+        keys = []
+        for k in self.kinds:
+            jt = seq[f"{k}.item_id"]
+            req = torch.repeat_interleave(torch.arange(b, device=jt.values().device), jt.lengths().to(torch.int64),
+                                          output_size=jt.values().shape[0])
+            keys.append(req * stride + jt.values().to(torch.int64))
+        cand_items = batch.cand["item_id"].values().to(torch.int64)
+        cand_req = torch.repeat_interleave(torch.arange(b, device=cand_items.device),
+                                           batch.cand_offsets.diff().to(torch.int64), output_size=cand_items.shape[0])
+        return torch.isin(cand_req * stride + cand_items, torch.cat(keys))
 
     # ------------------------------------------------------------------ long history
     def long_event_features(self, long_seq: KeyedJaggedTensor) -> torch.Tensor:
