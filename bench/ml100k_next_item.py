@@ -15,7 +15,8 @@ Per seed, through the product's own commands (``python -m recsys.train`` / ``rec
    ``--retrieve-k`` (``train.hard_negatives``, ``listed_label=positive``: the ranked task is "the next item";
    the user's own later items never drawn), ``--ranker-loss`` (bce | listwise); ``--ranker-prior``: a
    residual ranker over (1)'s score (``train.hard_negatives.prior``); ``--ranker-retrieved-only``: negatives
-   only where (1)'s top K holds the next item (``train.hard_negatives.retrieved_only``);
+   only where (1)'s top K holds the next item (``train.hard_negatives.retrieved_only``); ``--ranker-seen-item``:
+   the ranker sees whether each candidate is in the request's history (``model.ns_seen_item``);
 4. **SID decoder** (generative retriever, ``model=sid_decoder``): semantic IDs from ``python -m recsys.quant
    content.source=checkpoint`` on (1)'s item table (collaborative SIDs), the decoder trained on every
    request's rated movie (``sid_targets=candidates``), early stopping on its beam-search ``valid_recall@10``;
@@ -105,7 +106,8 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                f"train.hard_negatives.retriever={retriever}", f"train.hard_negatives.retrieve_k={args.retrieve_k}",
                f"train.hard_negatives.num={args.negatives}", "train.hard_negatives.listed_label=positive",
                f"train.loss={args.ranker_loss}", f"train.hard_negatives.prior={str(args.ranker_prior).lower()}",
-               f"train.hard_negatives.retrieved_only={str(args.ranker_retrieved_only).lower()}")
+               f"train.hard_negatives.retrieved_only={str(args.ranker_retrieved_only).lower()}",
+               f"model.ns_seen_item={str(args.ranker_seen_item).lower()}")
     out: dict[str, Any] = {"train": {name: {k: r.get(k) for k in ("steps", "train_time_s", "wall_s", "early_stopping")}
                                      for name, r in (("two_tower", tt), ("sid", sid), ("sasrec", sas), ("ranker", rk))}}
     for conv, flag in (("kept", "false"), ("excluded", "true")):
@@ -175,6 +177,8 @@ def main() -> None:
     ap.add_argument("--ranker-retrieved-only", action="store_true",
                     help="negatives only for requests whose next item the two-tower's top K holds "
                          "(train.hard_negatives.retrieved_only; needs --ranker-loss listwise)")
+    ap.add_argument("--ranker-seen-item", action="store_true",
+                    help="the ranker's NS tokenizer gets each candidate's 'in my history' flag (model.ns_seen_item)")
     args = ap.parse_args()
     t0, load0 = time.time(), os.getloadavg()
     per_seed = {s: one_seed(args, s) for s in args.seeds}
