@@ -57,7 +57,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 from common import device_median_ms  # noqa: E402
 
 from kernels import candidate_prefix_attention, jagged_causal_attention  # noqa: E402
-from kernels.torch_attention import _to_jagged, _to_padded  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,13 +114,20 @@ def matmul_gflops(dtype: torch.dtype, device: str, sizes=(512, 1024, 2048), reps
 # ----------------------------------------------------------------------------------------------
 # providers
 # ----------------------------------------------------------------------------------------------
+def _padded_slots(kv_offsets: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows [B, max_len]`` (the jagged row of every padded slot, clamped) and ``ok [B, max_len]`` (slot is real)."""
+    j = torch.arange(max_len, device=kv_offsets.device)
+    ok = j < kv_offsets.diff()[:, None]
+    return (kv_offsets[:-1, None] + j).clamp_max(max(int(kv_offsets[-1]) - 1, 0)), ok
+
+
 def padded_sdpa(q, k, v, kv_offsets, max_len: int):
-    """Plain differentiable torch path for full causal attention (what torch.compile is given)."""
-    qp = _to_padded(q, kv_offsets, max_len)  # [B, H, L, Dh]
-    kp = _to_padded(k, kv_offsets, max_len)
-    vp = _to_padded(v, kv_offsets, max_len)
+    """Plain differentiable torch path for full causal attention (what torch.compile is given): every
+    sequence padded to ``max_len`` by a row gather, SDPA, the real rows gathered back."""
+    rows, ok = _padded_slots(kv_offsets, max_len)
+    qp, kp, vp = ((x[rows] * ok[..., None, None]).transpose(1, 2) for x in (q, k, v))  # [B, H, L, Dh]
     o = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-    return _to_jagged(o, kv_offsets)
+    return o.transpose(1, 2)[ok]  # [sum L_i, H, Dh]
 
 
 def make_provider(name: str, max_len: int):

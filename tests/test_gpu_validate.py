@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +88,16 @@ def test_autotune_spaces_parse(validate):
 
     for spec in [*validate.TEST_TILES, validate.SWEEP_SPACE]:
         assert parse_config_space(spec)
+
+
+def test_cpu_dry_run_passes_every_step(tmp_path):
+    """``bench/gpu/validate.sh --dry-run`` end to end (~30 s): a GPU window is short, so every step that can run
+    without CUDA must already run here (a bench importing a kernel helper that was removed broke two steps once)."""
+    env = {**os.environ, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu" / "validate.sh"), "--dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = json.loads((tmp_path / "gpu_validate.json").read_text())["steps"]
+    bad = {name: step.get("status") for name, step in steps.items() if step.get("status") not in ("ok", "skipped")}
+    assert not bad, f"dry-run steps not ok: {bad}\n{proc.stdout[-3000:]}"
+    assert steps["kernel_tests_interpreter"]["status"] == "ok" and steps["train_throughput"]["status"] == "ok"
