@@ -50,7 +50,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from common import machine  # noqa: E402
 
 RECBOLE_SASREC = {"hr@10": 0.1188, "ndcg@10": 0.0581}
-"""RecBole's published SASRec on ml-100k (seen items kept, as the issue quotes it)."""
+"""RecBole's published SASRec on ml-100k. Often quoted as "seen items kept", but RecBole's full-ranking evaluation
+masks the user's history (docs/retrieval.md), so it is a history-excluded figure; compared in both conventions."""
 
 
 def run(args: argparse.Namespace, module: str, *overrides: str) -> Path:
