@@ -145,6 +145,13 @@ def keep_last(offsets: torch.Tensor, budget: int, total: int | None = None) -> t
     return ranges(offsets[1:] - kept, kept, total)
 
 
+def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """``lengths [B]`` -> ``[total]`` int64: the sequence (request) index of every row of a jagged tensor
+    (``total = sum lengths``, a Python int: no host sync)."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths.to(torch.int64),
+                                   output_size=total)
+
+
 def positions_in_sequence(offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """``offsets [B+1]`` -> ``[sum L_b]`` index of every row inside its own sequence
     (``total = sum L_b`` if known, e.g. ``values.shape[0]``)."""

@@ -50,7 +50,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from recsys.data.batch import BatchSizes, RequestBatch
 from recsys.data.id_features import id_feature_keys, keyed_jagged
-from recsys.data.jagged import keep_last, kept_total, lengths_to_offsets
+from recsys.data.jagged import keep_last, kept_total, lengths_to_offsets, segment_ids
 from recsys.data.schema import DataSchema
 from recsys.embeddings.tables import FeatureEmbeddings
 from recsys.features.config import NsTokenizer, SeqMerge, TokenizerConfig
@@ -141,8 +141,7 @@ class UnifiedTokenizer(nn.Module):
             offsets = lengths_to_offsets(emb[f"{k}.item_id"].lengths())
             total = None if sizes is None else kept_total(sizes.seq_lengths[k], self.recent)
             rows, kept = keep_last(offsets, self.recent, total)
-            owner = torch.repeat_interleave(torch.arange(batch_size, device=vals.device), kept[1:] - kept[:-1],
-                                            output_size=rows.shape[0])
+            owner = segment_ids(kept[1:] - kept[:-1], rows.shape[0])
             slot = offsets[1:][owner] - 1 - rows  # 0 = most recent
             out = vals.new_zeros(batch_size * self.recent, vals.shape[-1])
             out[owner * self.recent + slot] = vals[rows]
@@ -230,18 +229,12 @@ class UnifiedTokenizer(nn.Module):
         One membership test over (request, item) keys, ``request * (num_items + 1) + item``, for all
         candidates at once (``torch.isin`` sorts; no per-request loop, no host sync).
         """
-        seq, b = batch.seq.to_dict(), batch.num_requests
         stride = self.num_items + 1
-        keys = []
-        for k in self.kinds:
-            jt = seq[f"{k}.item_id"]
-            req = torch.repeat_interleave(torch.arange(b, device=jt.values().device), jt.lengths().to(torch.int64),
-                                          output_size=jt.values().shape[0])
-            keys.append(req * stride + jt.values().to(torch.int64))
+        keys = [segment_ids(jt.lengths(), jt.values().shape[0]) * stride + jt.values().to(torch.int64)
+                for jt in (batch.seq[f"{k}.item_id"] for k in self.kinds)]
         cand_items = batch.cand["item_id"].values().to(torch.int64)
-        cand_req = torch.repeat_interleave(torch.arange(b, device=cand_items.device),
-                                           batch.cand_offsets.diff().to(torch.int64), output_size=cand_items.shape[0])
-        return torch.isin(cand_req * stride + cand_items, torch.cat(keys))
+        cand_keys = segment_ids(batch.cand_offsets.diff(), cand_items.shape[0]) * stride + cand_items
+        return torch.isin(cand_keys, torch.cat(keys))
 
     # ------------------------------------------------------------------ long history
     def long_event_features(self, long_seq: KeyedJaggedTensor) -> torch.Tensor:
