@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_native
+
 # Max transient elements per chunk (see _plan_chunks: padded rows, masks, or score matrices):
 # bounds memory independently of the batch size, the longest sequence and C.
 _SCORE_BUDGET = 1 << 23
@@ -45,6 +47,9 @@ _PAD_RATIO, _PAD_SLACK = 1.1, 16
 _PREFIX_PAD_RATIO, _PREFIX_PAD_SLACK = 1.5, 64
 # Use ATen's fused CPU flash kernels for CPU tensors (tests switch this off to cover the explicit path).
 _CPU_FLASH = True
+# Use the small-head native kernels (kernels/cpu_native.py) where they take the inputs: CPU fp32, head size
+# 16/32/48/64; the chunked ATen path below serves the rest (tests switch this off to cover it).
+_CPU_NATIVE = True
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -122,6 +127,11 @@ class _Chunk:
     def full(self) -> bool:
         """Every sequence queries all its positions (top-left causal on the padded grid is exact)."""
         return self.q_offs == self.k_offs
+
+
+def _native(*tensors: torch.Tensor) -> bool:
+    """True when the small-head native kernels run this call (see ``_CPU_NATIVE``)."""
+    return _CPU_NATIVE and cpu_native.supports(*tensors)
 
 
 def _fused(device: torch.device) -> bool:
@@ -307,6 +317,8 @@ def jagged_causal_attention_torch_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked padded attention. Returns ``out [sum q_i, H, Dh]`` and ``lse [H, sum q_i]`` (fp32)."""
+    if _native(q, k, v):
+        return cpu_native.jagged_fwd(q, k, v, kv_offsets, q_offsets, scale)
     kv = kv_offsets.tolist()  # host sync: chunk plan
     kv, qo, k_rows, q_rows = _length_sorted(kv, kv if q_offsets is None else q_offsets.tolist(), q.device)
     rows, h, d = q.shape
@@ -336,6 +348,8 @@ def jagged_causal_attention_torch_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward chunk by chunk (same sorted order and chunk plan as the forward). Returns ``(dq, dk, dv)``."""
+    if _native(dout, q, k, v, out):
+        return cpu_native.jagged_bwd(dout, q, k, v, out, lse, kv_offsets, q_offsets, scale)
     kv = kv_offsets.tolist()
     kv, qo, k_rows, q_rows = _length_sorted(kv, kv if q_offsets is None else q_offsets.tolist(), q.device)
     rows, h, d = q.shape
@@ -466,6 +480,8 @@ def candidate_prefix_attention_torch_fwd(
     many requests (one fused call per chunk, not per request: training batches have hundreds of
     requests with a handful of candidates each). The two partial softmaxes merge by log-sum-exp.
     """
+    if _native(q, k, v, prefix_k, prefix_v):
+        return cpu_native.prefix_fwd(q, k, v, prefix_k, prefix_v, prefix_offsets, cand_offsets, scale)
     c_tot, n, h, d = q.shape
     po, co = prefix_offsets.tolist(), cand_offsets.tolist()  # host sync: chunk plan
     # Own tokens: causal attention of C sequences of length N, one fused call ([C, H, N, Dh] views; the
@@ -505,6 +521,8 @@ def candidate_prefix_attention_torch_bwd(
     With the *joint* ``out``/``lse`` each key set's share of the gradient is exact on its own: own
     tokens by one fused causal backward for all candidates, the prefix by the fused backward per chunk.
     """
+    if _native(dout, q, k, v, prefix_k, prefix_v, out):
+        return cpu_native.prefix_bwd(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_offsets, cand_offsets, scale)
     c_tot, n, h, d = q.shape
     po, co = prefix_offsets.tolist(), cand_offsets.tolist()
     lse_rows = lse.T.contiguous()  # [C*N, H]

@@ -81,6 +81,8 @@ def test_wheel_installs_and_trains_outside_the_repo(tmp_path):
     assert package.is_relative_to(root.resolve()), found["file"]
     assert found["configs"] == sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml"))
     assert sorted(found["scripts"]) == sorted(SCRIPTS)
+    # The native CPU attention kernels' source ships too (compiled from it on first use).
+    assert (package.parent / "kernels" / "cpu" / "small_head_attention.cpp").is_file()
     for script, target in found["scripts"].items():
         stage = ALIASES.get(script, script.removeprefix("recsys-"))
         assert target == f"recsys.{stage}.__main__:main", (script, target)

@@ -41,10 +41,14 @@ def _check_against_reference(backend, case, n_tok, heads, dh, dtype, device):
         assert_close(g, r, dtype, f"{backend}/{case}/N={n_tok}/{name}")
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "aten"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("n_tok", [1, 3])
 @pytest.mark.parametrize("heads,dh", [(1, 16), (2, 32), (3, 64)])
-def test_torch_backend_fp32(case, n_tok, heads, dh):
+def test_torch_backend_fp32(case, n_tok, heads, dh, native, monkeypatch):
+    from kernels import torch_attention
+
+    monkeypatch.setattr(torch_attention, "_CPU_NATIVE", native)
     _check_against_reference("torch", case, n_tok, heads, dh, torch.float32, "cpu")
 
 
@@ -60,6 +64,7 @@ def test_torch_backend_chunked(fused, monkeypatch):
 
     monkeypatch.setattr(torch_attention, "_SCORE_BUDGET", 100)
     monkeypatch.setattr(torch_attention, "_CPU_FLASH", fused)
+    monkeypatch.setattr(torch_attention, "_CPU_NATIVE", False)  # the chunked ATen / explicit path
     _check_against_reference("torch", "mixed", 3, 2, 16, torch.float32, "cpu")
 
 
@@ -69,6 +74,7 @@ def test_torch_backend_explicit_math_path(n_tok, monkeypatch):
     from kernels import torch_attention
 
     monkeypatch.setattr(torch_attention, "_CPU_FLASH", False)
+    monkeypatch.setattr(torch_attention, "_CPU_NATIVE", False)
     _check_against_reference("torch", "mixed", n_tok, 2, 16, torch.float32, "cpu")
     _check_against_reference("torch", "mixed", n_tok, 2, 16, torch.bfloat16, "cpu")
 

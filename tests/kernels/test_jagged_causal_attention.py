@@ -45,9 +45,13 @@ def _check_against_reference(backend: str, case: str, heads: int, dh: int, dtype
         assert_close(g, r, dtype, f"{backend}/{case}/{name}")
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "aten"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("heads,dh", [(1, 16), (2, 32), (3, 64)])
-def test_torch_backend_fp32(case, heads, dh):
+def test_torch_backend_fp32(case, heads, dh, native, monkeypatch):
+    from kernels import torch_attention
+
+    monkeypatch.setattr(torch_attention, "_CPU_NATIVE", native)
     _check_against_reference("torch", case, heads, dh, torch.float32, "cpu")
 
 
@@ -64,6 +68,7 @@ def test_torch_backend_chunked(fused, monkeypatch):
 
     monkeypatch.setattr(torch_attention, "_SCORE_BUDGET", 120)
     monkeypatch.setattr(torch_attention, "_CPU_FLASH", fused)
+    monkeypatch.setattr(torch_attention, "_CPU_NATIVE", False)  # the chunked ATen / explicit path
     kv_len, q_len = CASES["long_short"]
     chunks = torch_attention._plan_chunks(offsets(kv_len).tolist(), offsets(q_len).tolist(), 2, 16, fused)
     assert any(c.q_hi - c.q_lo < q for c in chunks for q in q_len[:1]), "long sequence not split into row blocks"
@@ -77,6 +82,7 @@ def test_torch_backend_explicit_math_path(case, monkeypatch):
     from kernels import torch_attention
 
     monkeypatch.setattr(torch_attention, "_CPU_FLASH", False)
+    monkeypatch.setattr(torch_attention, "_CPU_NATIVE", False)
     _check_against_reference("torch", case, 2, 16, torch.float32, "cpu")
     _check_against_reference("torch", case, 2, 16, torch.bfloat16, "cpu")
 

@@ -1,0 +1,431 @@
+// Small-head CPU attention: both attention ops of recsys (jagged causal, candidate-prefix), forward and
+// backward, fp32, straight on the jagged row layout [rows, H, D] (no padding, no chunk plan).
+//
+// Why by hand: ATen's CPU flash kernels run at 4-24% of the fp32 matmul ceiling at head dim 16
+// (docs/performance.md): their per-block GEMMs are tiny and the softmax is not amortised. Here one
+// (sequence, head) is a task: its keys are gathered once into a transposed [D, T] buffer, each query
+// row's scores are 64-key blocks of register FMAs, exp is a vectorised polynomial, and P.V / the
+// backward's rank-1 updates are one 16-float vector per key (D = 16, 32, 48 or 64; any other D is not
+// built and the Python side falls back to ATen). Exact softmax per row (no online rescaling): a row's
+// scores fit a buffer of T floats.
+//
+// Math (natural log, fp32 accumulation), per query row q with visible keys t < lim:
+//   s_t = scale * q.k_t;  lse = max s + log sum exp(s - max);  out = sum_t exp(s_t - lse) v_t
+//   backward: p_t = exp(s_t - lse), delta = dO.out, ds_t = p_t (dO.v_t - delta),
+//             dq = scale sum_t ds_t k_t,  dk_t += scale ds_t q,  dv_t += p_t dO.
+//
+// Built by kernels/cpu_native.py (g++ -O3 -march=native -fopenmp), called through ctypes with raw
+// pointers of contiguous fp32 tensors; OpenMP threads come from torch's own libgomp (same soname).
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads / stores
+
+constexpr int W = 16;        // floats per vector
+constexpr int KB = 64;       // keys per score block (4 independent FMA chains)
+constexpr float NEG = -1.0e30f;  // masked score: exp(NEG - m) == 0, and NEG - x stays finite
+
+inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
+inline v16 splat(float x) { return v16{} + x; }
+inline float hsum(v16 x) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += x[i];
+  return s;
+}
+inline float hmax(v16 x) {
+  float m = x[0];
+  for (int i = 1; i < W; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// exp(x) for x <= ~88 (Cephes expf polynomial, ~1 ulp); exactly 0 below -87.3 (and for -inf).
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.3f);
+  v16i under = x < lo;
+  x = x < lo ? lo : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: round to nearest
+  v16 fx = (x * splat(1.44269504088896341f) + magic) - magic;
+  x = x - fx * splat(0.693359375f) - fx * splat(-2.12194440e-4f);
+  v16 z = x * x;
+  v16 y = splat(1.9875691500e-4f);
+  y = y * x + splat(1.3981999507e-3f);
+  y = y * x + splat(8.3334519073e-3f);
+  y = y * x + splat(4.1665795894e-2f);
+  y = y * x + splat(1.6666665459e-1f);
+  y = y * x + splat(5.0000001201e-1f);
+  y = y * z + x + splat(1.0f);
+  v16i e = (__builtin_convertvector(fx, v16i) + 127) << 23;
+  y = y * (v16)e;  // the exponent bits as a float: 2^fx
+  return under ? splat(0.f) : y;
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// One key set of a (sequence, head) task in task-local buffers: kt [D, ld] (transposed, ld a multiple of
+// KB, zero tail) for scores, rows [T, D] for the row updates, vt [D, ld] for the backward's dO.v.
+struct Keys {
+  int64_t n = 0, ld = 0;
+  std::vector<float> kt, k, vt, v;
+  // Gather rows [0, n) of head h from a [*, H, D] tensor: element (t, d) at src[(t*H + h)*D + d].
+  void gather(const float* ks, const float* vs, int64_t n_, int H, int h, int D, bool backward) {
+    n = n_;
+    ld = round_up(n > 0 ? n : 1, KB);
+    kt.assign(size_t(D) * ld, 0.f);
+    if (backward) {
+      vt.assign(size_t(D) * ld, 0.f);
+      k.resize(size_t(n) * D);
+    } else {
+      v.resize(size_t(n) * D);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const float* kr = ks + (t * H + h) * D;
+      const float* vr = vs + (t * H + h) * D;
+      for (int d = 0; d < D; ++d) kt[d * ld + t] = kr[d];
+      if (backward) {
+        for (int d = 0; d < D; ++d) vt[d * ld + t] = vr[d];
+        std::memcpy(&k[t * D], kr, sizeof(float) * D);
+      } else {
+        std::memcpy(&v[t * D], vr, sizeof(float) * D);
+      }
+    }
+  }
+};
+
+// s[t] = x . col_t(mt) for t < lim (mt [D, ld]); s[t] = NEG for lim <= t < round_up(lim, KB).
+template <int D>
+inline void dots(const float* x, const float* mt, int64_t ld, int64_t lim, float* s) {
+  for (int64_t t0 = 0; t0 < lim; t0 += KB) {
+    v16 a0{}, a1{}, a2{}, a3{};
+    const float* m = mt + t0;
+    for (int d = 0; d < D; ++d, m += ld) {
+      const v16 xd = splat(x[d]);
+      a0 += xd * load(m);
+      a1 += xd * load(m + W);
+      a2 += xd * load(m + 2 * W);
+      a3 += xd * load(m + 3 * W);
+    }
+    store(s + t0, a0);
+    store(s + t0 + W, a1);
+    store(s + t0 + 2 * W, a2);
+    store(s + t0 + 3 * W, a3);
+  }
+  for (int64_t t = lim; t < round_up(lim, KB); ++t) s[t] = NEG;
+}
+
+inline float block_max(const float* s, int64_t lim, float m) {
+  v16 mx = splat(m);
+  for (int64_t t0 = 0; t0 < lim; t0 += W) {
+    v16 x = load(s + t0);
+    mx = x > mx ? x : mx;
+  }
+  return hmax(mx);
+}
+
+// s[t] <- exp(s[t] - shift) over whole blocks (tails are NEG -> 0); returns the sum.
+inline float block_exp(float* s, int64_t lim, float shift) {
+  v16 acc{};
+  const v16 sh = splat(shift);
+  for (int64_t t0 = 0; t0 < lim; t0 += W) {
+    v16 e = vexp(load(s + t0) - sh);
+    store(s + t0, e);
+    acc += e;
+  }
+  return hsum(acc);
+}
+
+// acc[D] += sum_{t < lim} w[t] * rows[t, :]; four chains over t.
+template <int D>
+inline void weighted_rows(const float* w, const float* rows, int64_t lim, v16* acc) {
+  constexpr int DV = D / W;
+  v16 a[4][DV] = {};
+  int64_t t = 0;
+  for (; t + 4 <= lim; t += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const v16 wu = splat(w[t + u]);
+      for (int j = 0; j < DV; ++j) a[u][j] += wu * load(rows + (t + u) * D + j * W);
+    }
+  }
+  for (; t < lim; ++t) {
+    const v16 wt = splat(w[t]);
+    for (int j = 0; j < DV; ++j) a[0][j] += wt * load(rows + t * D + j * W);
+  }
+  for (int j = 0; j < DV; ++j) acc[j] += (a[0][j] + a[1][j]) + (a[2][j] + a[3][j]);
+}
+
+// rows[t, :] += w[t] * x for t < lim.
+template <int D>
+inline void rank1(const float* w, const float* x, int64_t lim, float* rows) {
+  constexpr int DV = D / W;
+  v16 xv[DV];
+  for (int j = 0; j < DV; ++j) xv[j] = load(x + j * W);
+  for (int64_t t = 0; t < lim; ++t) {
+    const v16 wt = splat(w[t]);
+    for (int j = 0; j < DV; ++j) store(rows + t * D + j * W, load(rows + t * D + j * W) + wt * xv[j]);
+  }
+}
+
+// Forward of one query row against key sets ks[0..n_sets) with lims; scratch s holds every set's block.
+template <int D>
+void row_forward(const float* q, float scale, const Keys* const* ks, const int64_t* lims, int n_sets, float* s,
+                 float* out, float* lse) {
+  float xs[D];
+  for (int d = 0; d < D; ++d) xs[d] = q[d] * scale;
+  float m = NEG;
+  int64_t off[4];
+  for (int i = 0, o = 0; i < n_sets; o += int(ks[i]->ld), ++i) {
+    off[i] = o;
+    dots<D>(xs, ks[i]->kt.data(), ks[i]->ld, lims[i], s + o);
+    m = block_max(s + o, lims[i], m);
+  }
+  float l = 0.f;
+  v16 acc[D / W] = {};
+  for (int i = 0; i < n_sets; ++i) {
+    l += block_exp(s + off[i], lims[i], m);
+    weighted_rows<D>(s + off[i], ks[i]->v.data(), lims[i], acc);
+  }
+  const float inv = 1.f / l;
+  for (int j = 0; j < D / W; ++j) store(out + j * W, acc[j] * inv);
+  *lse = m + std::log(l);
+}
+
+// Backward of one query row: dq written; dk / dv rows of every key set accumulated (scale folded in).
+template <int D>
+void row_backward(const float* q, const float* dout, const float* out, float lse, float scale, const Keys* const* ks,
+                  const int64_t* lims, int n_sets, float* s, float* dp, float* const* dk, float* const* dv,
+                  float* dq) {
+  float xs[D];
+  float delta = 0.f;
+  for (int d = 0; d < D; ++d) {
+    xs[d] = q[d] * scale;
+    delta += dout[d] * out[d];
+  }
+  v16 acc[D / W] = {};
+  for (int i = 0; i < n_sets; ++i) {
+    const Keys& kk = *ks[i];
+    const int64_t lim = lims[i];
+    dots<D>(xs, kk.kt.data(), kk.ld, lim, s);
+    block_exp(s, lim, lse);  // s <- p
+    dots<D>(dout, kk.vt.data(), kk.ld, lim, dp);
+    for (int64_t t0 = 0; t0 < lim; t0 += W) store(dp + t0, load(s + t0) * (load(dp + t0) - splat(delta)));  // ds
+    weighted_rows<D>(dp, kk.k.data(), lim, acc);
+    rank1<D>(dp, xs, lim, dk[i]);
+    rank1<D>(s, dout, lim, dv[i]);
+  }
+  for (int j = 0; j < D / W; ++j) store(dq + j * W, acc[j] * scale);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Jagged causal attention: sequence i has n_k keys and its last n_q positions query (n_q <= n_k);
+// query j sits at position n_k - n_q + j and sees keys 0 .. that position.
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t QBLOCK = 128;  // query rows per forward task
+
+template <int D>
+void jagged_fwd(const float* q, const float* k, const float* v, const int64_t* kv, const int64_t* qo, int64_t n_seq,
+                int H, float scale, float* out, float* lse, int threads) {
+  std::vector<int64_t> task_seq, task_row;
+  for (int64_t i = 0; i < n_seq; ++i)
+    for (int64_t j = 0; j < qo[i + 1] - qo[i]; j += QBLOCK) task_seq.push_back(i), task_row.push_back(j);
+  const int64_t n_tasks = int64_t(task_seq.size()) * H;
+  const int64_t rows = qo[n_seq];
+#pragma omp parallel num_threads(threads)
+  {
+    Keys keys;
+    std::vector<float> s;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      const int64_t i = task_seq[task / H], j0 = task_row[task / H];
+      const int h = int(task % H);
+      const int64_t n_k = kv[i + 1] - kv[i], n_q = qo[i + 1] - qo[i];
+      const int64_t j1 = j0 + QBLOCK < n_q ? j0 + QBLOCK : n_q;
+      const int64_t first = n_k - n_q;
+      keys.gather(k + kv[i] * H * D, v + kv[i] * H * D, first + j1, H, h, D, false);
+      s.resize(size_t(keys.ld));
+      const Keys* ks[1] = {&keys};
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t r = qo[i] + j, lim = first + j + 1;
+        row_forward<D>(q + (r * H + h) * D, scale, ks, &lim, 1, s.data(), out + (r * H + h) * D,
+                       lse + h * rows + r);
+      }
+    }
+  }
+}
+
+template <int D>
+void jagged_bwd(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                const float* lse, const int64_t* kv, const int64_t* qo, int64_t n_seq, int H, float scale, float* dq,
+                float* dk, float* dv, int threads) {
+  const int64_t rows = qo[n_seq];
+#pragma omp parallel num_threads(threads)
+  {
+    Keys keys;
+    std::vector<float> s, dp, gk, gv;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_seq * H; ++task) {
+      const int64_t i = task / H;
+      const int h = int(task % H);
+      const int64_t n_k = kv[i + 1] - kv[i], n_q = qo[i + 1] - qo[i], first = n_k - n_q;
+      keys.gather(k + kv[i] * H * D, v + kv[i] * H * D, n_k, H, h, D, true);
+      s.resize(size_t(keys.ld));
+      dp.resize(size_t(keys.ld));
+      gk.assign(size_t(n_k) * D, 0.f);
+      gv.assign(size_t(n_k) * D, 0.f);
+      const Keys* ks[1] = {&keys};
+      float* gks[1] = {gk.data()};
+      float* gvs[1] = {gv.data()};
+      for (int64_t j = 0; j < n_q; ++j) {
+        const int64_t r = qo[i] + j, lim = first + j + 1, at = (r * H + h) * D;
+        row_backward<D>(q + at, dout + at, out + at, lse[h * rows + r], scale, ks, &lim, 1, s.data(), dp.data(),
+                        gks, gvs, dq + at);
+      }
+      for (int64_t t = 0; t < n_k; ++t) {
+        std::memcpy(dk + ((kv[i] + t) * H + h) * D, &gk[t * D], sizeof(float) * D);
+        std::memcpy(dv + ((kv[i] + t) * H + h) * D, &gv[t * D], sizeof(float) * D);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Candidate-prefix attention: candidate c of request b has N own tokens (rows c*N .. c*N+N-1 of q, k, v);
+// own token n sees request b's whole prefix (prefix rows po[b] .. po[b+1]-1) and own tokens 0 .. n.
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t CBLOCK = 16;  // candidates per forward task
+
+template <int D>
+void prefix_fwd(const float* q, const float* k, const float* v, const float* pk, const float* pv, const int64_t* po,
+                const int64_t* co, int64_t n_req, int N, int H, float scale, float* out, float* lse, int threads) {
+  std::vector<int64_t> task_req, task_c0;
+  for (int64_t b = 0; b < n_req; ++b)
+    for (int64_t c = co[b]; c < co[b + 1]; c += CBLOCK) task_req.push_back(b), task_c0.push_back(c);
+  const int64_t n_tasks = int64_t(task_req.size()) * H;
+  const int64_t rows = co[n_req] * N;
+#pragma omp parallel num_threads(threads)
+  {
+    Keys prefix, own;
+    std::vector<float> s;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      const int64_t b = task_req[task / H], c0 = task_c0[task / H];
+      const int h = int(task % H);
+      const int64_t c1 = c0 + CBLOCK < co[b + 1] ? c0 + CBLOCK : co[b + 1];
+      prefix.gather(pk + po[b] * H * D, pv + po[b] * H * D, po[b + 1] - po[b], H, h, D, false);
+      const Keys* ks[2] = {&prefix, &own};
+      for (int64_t c = c0; c < c1; ++c) {
+        own.gather(k + c * N * H * D, v + c * N * H * D, N, H, h, D, false);
+        s.resize(size_t(prefix.ld + own.ld));
+        for (int n = 0; n < N; ++n) {
+          const int64_t r = c * N + n;
+          const int64_t lims[2] = {prefix.n, n + 1};
+          // an empty prefix: the own set alone (a set with lim 0 would only add NEG blocks)
+          const int first = prefix.n > 0 ? 0 : 1;
+          row_forward<D>(q + (r * H + h) * D, scale, ks + first, lims + first, 2 - first, s.data(),
+                         out + (r * H + h) * D, lse + h * rows + r);
+        }
+      }
+    }
+  }
+}
+
+template <int D>
+void prefix_bwd(const float* dout, const float* q, const float* k, const float* v, const float* pk, const float* pv,
+                const float* out, const float* lse, const int64_t* po, const int64_t* co, int64_t n_req, int N, int H,
+                float scale, float* dq, float* dk, float* dv, float* dpk, float* dpv, int threads) {
+  const int64_t rows = co[n_req] * N;
+#pragma omp parallel num_threads(threads)
+  {
+    Keys prefix, own;
+    std::vector<float> s, dp, gpk, gpv, gk, gv;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_req * H; ++task) {
+      const int64_t b = task / H, n_p = po[b + 1] - po[b];
+      const int h = int(task % H);
+      prefix.gather(pk + po[b] * H * D, pv + po[b] * H * D, n_p, H, h, D, true);
+      gpk.assign(size_t(n_p) * D, 0.f);
+      gpv.assign(size_t(n_p) * D, 0.f);
+      const Keys* ks[2] = {&prefix, &own};
+      const int first = n_p > 0 ? 0 : 1;
+      for (int64_t c = co[b]; c < co[b + 1]; ++c) {
+        own.gather(k + c * N * H * D, v + c * N * H * D, N, H, h, D, true);
+        s.resize(size_t(prefix.ld > own.ld ? prefix.ld : own.ld));
+        dp.resize(s.size());
+        gk.assign(size_t(N) * D, 0.f);
+        gv.assign(size_t(N) * D, 0.f);
+        float* gks[2] = {gpk.data(), gk.data()};
+        float* gvs[2] = {gpv.data(), gv.data()};
+        for (int n = 0; n < N; ++n) {
+          const int64_t r = c * N + n, at = (r * H + h) * D;
+          const int64_t lims[2] = {n_p, n + 1};
+          row_backward<D>(q + at, dout + at, out + at, lse[h * rows + r], scale, ks + first, lims + first,
+                          2 - first, s.data(), dp.data(), gks + first, gvs + first, dq + at);
+        }
+        for (int n = 0; n < N; ++n) {
+          std::memcpy(dk + ((c * N + n) * H + h) * D, &gk[n * D], sizeof(float) * D);
+          std::memcpy(dv + ((c * N + n) * H + h) * D, &gv[n * D], sizeof(float) * D);
+        }
+      }
+      for (int64_t t = 0; t < n_p; ++t) {
+        std::memcpy(dpk + ((po[b] + t) * H + h) * D, &gpk[t * D], sizeof(float) * D);
+        std::memcpy(dpv + ((po[b] + t) * H + h) * D, &gpv[t * D], sizeof(float) * D);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// C entry points (ctypes). Each returns 0, or -1 when D is not a built head size.
+#define DISPATCH(D_, CALL) \
+  switch (D_) {            \
+    case 16: CALL(16); break; \
+    case 32: CALL(32); break; \
+    case 48: CALL(48); break; \
+    case 64: CALL(64); break; \
+    default: return -1;    \
+  }                        \
+  return 0;
+
+extern "C" {
+
+int recsys_jagged_fwd(const float* q, const float* k, const float* v, const int64_t* kv, const int64_t* qo,
+                      int64_t n_seq, int H, int D, float scale, float* out, float* lse, int threads) {
+#define CALL(X) jagged_fwd<X>(q, k, v, kv, qo, n_seq, H, scale, out, lse, threads)
+  DISPATCH(D, CALL)
+#undef CALL
+}
+
+int recsys_jagged_bwd(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                      const float* lse, const int64_t* kv, const int64_t* qo, int64_t n_seq, int H, int D, float scale,
+                      float* dq, float* dk, float* dv, int threads) {
+#define CALL(X) jagged_bwd<X>(dout, q, k, v, out, lse, kv, qo, n_seq, H, scale, dq, dk, dv, threads)
+  DISPATCH(D, CALL)
+#undef CALL
+}
+
+int recsys_prefix_fwd(const float* q, const float* k, const float* v, const float* pk, const float* pv,
+                      const int64_t* po, const int64_t* co, int64_t n_req, int N, int H, int D, float scale, float* out,
+                      float* lse, int threads) {
+#define CALL(X) prefix_fwd<X>(q, k, v, pk, pv, po, co, n_req, N, H, scale, out, lse, threads)
+  DISPATCH(D, CALL)
+#undef CALL
+}
+
+int recsys_prefix_bwd(const float* dout, const float* q, const float* k, const float* v, const float* pk,
+                      const float* pv, const float* out, const float* lse, const int64_t* po, const int64_t* co,
+                      int64_t n_req, int N, int H, int D, float scale, float* dq, float* dk, float* dv, float* dpk,
+                      float* dpv, int threads) {
+#define CALL(X) prefix_bwd<X>(dout, q, k, v, pk, pv, out, lse, po, co, n_req, N, H, scale, dq, dk, dv, dpk, dpv, threads)
+  DISPATCH(D, CALL)
+#undef CALL
+}
+
+}  // extern "C"
