@@ -37,6 +37,7 @@ _SIGNATURES = {
     "recsys_jagged_bwd": [_P] * 8 + [_I64, _INT, _INT, _F, _P, _P, _P, _INT],
     "recsys_prefix_fwd": [_P] * 7 + [_I64, _INT, _INT, _INT, _F, _P, _P, _INT],
     "recsys_prefix_bwd": [_P] * 10 + [_I64, _INT, _INT, _INT, _F] + [_P] * 5 + [_INT],
+    "recsys_rotary": [_P, _I64, _P, _I64, _P, _P, _I64, _INT, _INT, _INT, _INT, _F, _INT],
 }
 
 
@@ -107,7 +108,7 @@ def _ptrs(*tensors: torch.Tensor | None) -> list[int | None]:
 
 def _check(rc: int) -> None:
     if rc != 0:
-        raise ValueError("small-head attention kernel: head size not built")
+        raise ValueError("small-head CPU kernel: shape not supported (head size not built, odd rotary size)")
 
 
 def _offsets(x: torch.Tensor) -> torch.Tensor:
@@ -162,3 +163,38 @@ def prefix_bwd(dout, q, k, v, prefix_k, prefix_v, out, lse, prefix_offsets, cand
     _check(library().recsys_prefix_bwd(*_ptrs(dout, q, k, v, prefix_k, prefix_v, out, lse, po, co), po.numel() - 1,
                                        n, h, d, scale, *_ptrs(*grads), torch.get_num_threads()))
     return tuple(grads)
+
+
+def rotary_supported(x: torch.Tensor) -> bool:
+    """True when :func:`rotary_parts` takes ``x``: CPU fp32 with an even head size, library available."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] % 2 == 0 and library() is not None
+
+
+def rotary_parts(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, sign: float = 1.0
+                 ) -> list[torch.Tensor]:
+    """``x [..., P, H, D]``, ``cos, sin [..., D/2]`` -> P contiguous ``[..., H, D]``: the first ``n_rot`` rotated
+    (rotate-half form) by ``sign`` x the angles, the others copied. ``sign=-1`` is the backward's rotation."""
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    p, h, d = x.shape[-3:]
+    m = cos.numel() // (d // 2)
+    outs = [torch.empty(*x.shape[:-3], h, d, dtype=x.dtype) for _ in range(p)]
+    src = (ctypes.c_void_p * p)(*(x.data_ptr() + i * h * d * 4 for i in range(p)))
+    dst = (ctypes.c_void_p * p)(*(o.data_ptr() for o in outs))
+    _check(library().recsys_rotary(src, p * h * d, dst, h * d, cos.data_ptr(), sin.data_ptr(), m, p, h, d, n_rot,
+                                   sign, torch.get_num_threads()))
+    return outs
+
+
+def unrotary_parts(grads: list[torch.Tensor | None], cos: torch.Tensor, sin: torch.Tensor, n_rot: int
+                   ) -> torch.Tensor:
+    """Backward of :func:`rotary_parts`: P gradients ``[..., H, D]`` (``None`` = zeros) -> ``[..., P, H, D]``."""
+    ref = next(g for g in grads if g is not None)
+    grads = [None if g is None else g.contiguous() for g in grads]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    p, (h, d) = len(grads), ref.shape[-2:]
+    gx = torch.empty(*ref.shape[:-2], p, h, d, dtype=ref.dtype)
+    src = (ctypes.c_void_p * p)(*(None if g is None else g.data_ptr() for g in grads))
+    dst = (ctypes.c_void_p * p)(*(gx.data_ptr() + i * h * d * 4 for i in range(p)))
+    _check(library().recsys_rotary(src, h * d, dst, p * h * d, cos.data_ptr(), sin.data_ptr(), cos.numel() // (d // 2),
+                                   p, h, d, n_rot, -1.0, torch.get_num_threads()))
+    return gx

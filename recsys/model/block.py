@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import cpu_native
+
 
 def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
     bound = 1.0 / math.sqrt(fan_in)
@@ -84,8 +86,11 @@ class _RotaryParts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin, n_rot: int):  # noqa: ANN001, ANN205
-        cos, sin = cos[..., None, :], sin[..., None, :]  # [..., 1, Dh/2]: broadcast over heads
+        ctx.n_rot, ctx.native = n_rot, cpu_native.rotary_supported(x)
         ctx.save_for_backward(cos, sin)
+        if ctx.native:  # one native pass (ATen's strided half-row products: ~75% of the S projection's time)
+            return tuple(cpu_native.rotary_parts(x, cos, sin, n_rot))
+        cos, sin = cos[..., None, :], sin[..., None, :]  # [..., 1, Dh/2]: broadcast over heads
         outs = []
         for p in range(x.shape[-3]):
             part = x.select(-3, p)
@@ -95,12 +100,14 @@ class _RotaryParts(torch.autograd.Function):
             else:
                 out.copy_(part)
             outs.append(out)
-        ctx.n_rot = n_rot
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001, ANN205
         cos, sin = ctx.saved_tensors
+        if ctx.native:
+            return cpu_native.unrotary_parts(list(grads), cos, sin, ctx.n_rot), None, None, None
+        cos, sin = cos[..., None, :], sin[..., None, :]
         ref = next(g for g in grads if g is not None)
         gx = torch.empty(*ref.shape[:-2], len(grads), *ref.shape[-2:], dtype=ref.dtype, device=ref.device)
         for p, g in enumerate(grads):

@@ -1,11 +1,27 @@
-"""The fused rotary (q and k in one pass, written into halves, no ``cat``) equals the obvious form."""
+"""The fused rotary (q and k in one pass, written into halves, no ``cat``) equals the obvious form, on both CPU
+paths: the native kernel (``kernels/cpu_native.py``, fp32) and the ATen one."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
+from kernels import cpu_native
 from recsys.model.block import OneTransBlock, rotary, rotary_parts, rotary_reference
+
+
+@pytest.fixture(autouse=True, params=["native", "aten"])
+def rotary_path(request, monkeypatch):
+    """Every test runs on both rotary paths; the native one must really be taken where it is asked for."""
+    if request.param == "aten":
+        monkeypatch.setattr(cpu_native, "rotary_supported", lambda x: False)
+    elif shutil.which("g++") is None:
+        pytest.skip("no g++ on this machine: the native rotary kernel cannot be built")
+    else:
+        assert cpu_native.rotary_supported(torch.zeros(1, 2)), "native kernels not built"
+    return request.param
 
 
 @pytest.mark.parametrize("m,h,dh", [(9, 4, 16), (1, 1, 2), (0, 2, 8), (37, 3, 6)])
