@@ -35,16 +35,21 @@ constexpr float NEG = -1.0e30f;  // masked score: exp(NEG - m) == 0, and NEG - x
 
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-inline v16 splat(float x) { return v16{} + x; }
+inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // (v16{} + x: a scalar add first)
+// Horizontal sum / max as balanced trees (depth 4): a left-to-right scalar chain of 15 dependent adds was a
+// visible share of the backward on short sequences.
 inline float hsum(v16 x) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += x[i];
-  return s;
+  float a[8], b[4];
+  for (int i = 0; i < 8; ++i) a[i] = x[i] + x[i + 8];
+  for (int i = 0; i < 4; ++i) b[i] = a[i] + a[i + 4];
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 inline float hmax(v16 x) {
-  float m = x[0];
-  for (int i = 1; i < W; ++i) m = x[i] > m ? x[i] : m;
-  return m;
+  float a[8], b[4];
+  for (int i = 0; i < 8; ++i) a[i] = x[i] > x[i + 8] ? x[i] : x[i + 8];
+  for (int i = 0; i < 4; ++i) b[i] = a[i] > a[i + 4] ? a[i] : a[i + 4];
+  const float c = b[0] > b[2] ? b[0] : b[2], d = b[1] > b[3] ? b[1] : b[3];
+  return c > d ? c : d;
 }
 
 // exp(x) for x <= ~88 (Cephes expf polynomial, ~1 ulp); exactly 0 below -87.3 (and for -inf).
@@ -101,25 +106,47 @@ struct Keys {
   }
 };
 
-// s[t] = x . col_t(mt) for t < lim (mt [D, ld]); s[t] = NEG for lim <= t < round_up(lim, KB).
+// A group of up to R query rows of one (sequence, head) is computed together: every key vector loaded for the
+// scores and every key row read or updated in the backward serves R rows (one row at a time was bound by loads).
+constexpr int R = 4;  // rank_r spells out its R = 4 rows
+
+// s[r][t] = x[r] . col_t(mt) for t < round_up(lim, W) (mt [D, ld], ld >= round_up(lim, KB)); rows of s are sld
+// apart. 64-key blocks (R x 4 accumulators), then 16-key vectors for the tail.
 template <int D>
-inline void dots(const float* x, const float* mt, int64_t ld, int64_t lim, float* s) {
-  for (int64_t t0 = 0; t0 < lim; t0 += KB) {
-    v16 a0{}, a1{}, a2{}, a3{};
+inline void dots(const float (*x)[D], const float* mt, int64_t ld, int64_t lim, float* s, int64_t sld) {
+  const int64_t need = round_up(lim, W);
+  int64_t t0 = 0;
+  for (; t0 + KB <= need; t0 += KB) {
+    v16 a[R][4] = {};
     const float* m = mt + t0;
     for (int d = 0; d < D; ++d, m += ld) {
-      const v16 xd = splat(x[d]);
-      a0 += xd * load(m);
-      a1 += xd * load(m + W);
-      a2 += xd * load(m + 2 * W);
-      a3 += xd * load(m + 3 * W);
+      const v16 k0 = load(m), k1 = load(m + W), k2 = load(m + 2 * W), k3 = load(m + 3 * W);
+      for (int r = 0; r < R; ++r) {
+        const v16 xd = splat(x[r][d]);
+        a[r][0] += xd * k0;
+        a[r][1] += xd * k1;
+        a[r][2] += xd * k2;
+        a[r][3] += xd * k3;
+      }
     }
-    store(s + t0, a0);
-    store(s + t0 + W, a1);
-    store(s + t0 + 2 * W, a2);
-    store(s + t0 + 3 * W, a3);
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < 4; ++u) store(s + r * sld + t0 + u * W, a[r][u]);
   }
-  for (int64_t t = lim; t < round_up(lim, KB); ++t) s[t] = NEG;
+  for (; t0 < need; t0 += W) {
+    v16 a[R] = {};
+    const float* m = mt + t0;
+    for (int d = 0; d < D; ++d, m += ld) {
+      const v16 k0 = load(m);
+      for (int r = 0; r < R; ++r) a[r] += splat(x[r][d]) * k0;
+    }
+    for (int r = 0; r < R; ++r) store(s + r * sld + t0, a[r]);
+  }
+}
+
+// Row r sees keys t < lims[r]: the rest of its first round_up(lim, W) scores become NEG.
+inline void mask(float* s, int64_t sld, const int64_t* lims, int64_t lim) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t t = lims[r]; t < round_up(lim, W); ++t) s[r * sld + t] = NEG;
 }
 
 inline float block_max(const float* s, int64_t lim, float m) {
@@ -131,8 +158,8 @@ inline float block_max(const float* s, int64_t lim, float m) {
   return hmax(mx);
 }
 
-// s[t] <- exp(s[t] - shift) over whole blocks (tails are NEG -> 0); returns the sum.
-inline float block_exp(float* s, int64_t lim, float shift) {
+// s[t] <- exp(s[t] - shift) over whole vectors (masked entries -> 0); returns the lane sums.
+inline v16 block_exp(float* s, int64_t lim, float shift) {
   v16 acc{};
   const v16 sh = splat(shift);
   for (int64_t t0 = 0; t0 < lim; t0 += W) {
@@ -140,89 +167,116 @@ inline float block_exp(float* s, int64_t lim, float shift) {
     store(s + t0, e);
     acc += e;
   }
-  return hsum(acc);
+  return acc;
 }
 
-// acc[D] += sum_{t < lim} w[t] * rows[t, :]; four chains over t.
+// acc[r][:] += sum_{t < lim} w[r][t] * rows[t, :] (w rows sld apart): each key row loaded once for all R rows.
 template <int D>
-inline void weighted_rows(const float* w, const float* rows, int64_t lim, v16* acc) {
-  constexpr int DV = D / W;
-  v16 a[4][DV] = {};
-  int64_t t = 0;
-  for (; t + 4 <= lim; t += 4) {
-    for (int u = 0; u < 4; ++u) {
-      const v16 wu = splat(w[t + u]);
-      for (int j = 0; j < DV; ++j) a[u][j] += wu * load(rows + (t + u) * D + j * W);
+inline void weighted_rows(const float* w, int64_t sld, const float* rows, int64_t lim, v16 (*acc)[D / W]) {
+  for (int64_t t = 0; t < lim; ++t) {
+    for (int j = 0; j < D / W; ++j) {
+      const v16 kv = load(rows + t * D + j * W);
+      for (int r = 0; r < R; ++r) acc[r][j] += splat(w[r * sld + t]) * kv;
     }
   }
-  for (; t < lim; ++t) {
-    const v16 wt = splat(w[t]);
-    for (int j = 0; j < DV; ++j) a[0][j] += wt * load(rows + t * D + j * W);
-  }
-  for (int j = 0; j < DV; ++j) acc[j] += (a[0][j] + a[1][j]) + (a[2][j] + a[3][j]);
 }
 
-// rows[t, :] += w[t] * x for t < lim.
+// rows[t, :] += sum_r w[r][t] * x[r] for t < lim: each key row read and written once for all R rows.
 template <int D>
-inline void rank1(const float* w, const float* x, int64_t lim, float* rows) {
+inline void rank_r(const float* w, int64_t sld, const float (*x)[D], int64_t lim, float* rows) {
   constexpr int DV = D / W;
-  v16 xv[DV];
-  for (int j = 0; j < DV; ++j) xv[j] = load(x + j * W);
+  v16 xv[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < DV; ++j) xv[r][j] = load(x[r] + j * W);
   for (int64_t t = 0; t < lim; ++t) {
-    const v16 wt = splat(w[t]);
-    for (int j = 0; j < DV; ++j) store(rows + t * D + j * W, load(rows + t * D + j * W) + wt * xv[j]);
+    const v16 w0 = splat(w[t]), w1 = splat(w[sld + t]), w2 = splat(w[2 * sld + t]), w3 = splat(w[3 * sld + t]);
+    for (int j = 0; j < DV; ++j) {  // a tree, not a chain of R dependent FMAs per key
+      const v16 a = (w0 * xv[0][j] + w1 * xv[1][j]) + (w2 * xv[2][j] + w3 * xv[3][j]);
+      store(rows + t * D + j * W, load(rows + t * D + j * W) + a);
+    }
   }
 }
 
-// Forward of one query row against key sets ks[0..n_sets) with lims; scratch s holds every set's block.
+// Up to R query rows of one (sequence, head) against key sets ks[0..n_sets): row r sees keys t < lims[i][r] of
+// set i. Padding rows (r >= n) have lims 0 and zero inputs and are not written.
 template <int D>
-void row_forward(const float* q, float scale, const Keys* const* ks, const int64_t* lims, int n_sets, float* s,
-                 float* out, float* lse) {
-  float xs[D];
-  for (int d = 0; d < D; ++d) xs[d] = q[d] * scale;
-  float m = NEG;
-  int64_t off[4];
-  for (int i = 0, o = 0; i < n_sets; o += int(ks[i]->ld), ++i) {
-    off[i] = o;
-    dots<D>(xs, ks[i]->kt.data(), ks[i]->ld, lims[i], s + o);
-    m = block_max(s + o, lims[i], m);
-  }
-  float l = 0.f;
-  v16 acc[D / W] = {};
-  for (int i = 0; i < n_sets; ++i) {
-    l += block_exp(s + off[i], lims[i], m);
-    weighted_rows<D>(s + off[i], ks[i]->v.data(), lims[i], acc);
-  }
-  const float inv = 1.f / l;
-  for (int j = 0; j < D / W; ++j) store(out + j * W, acc[j] * inv);
-  *lse = m + std::log(l);
-}
+struct Group {
+  int n = 0;
+  float xs[R][D];      // scale * q
+  int64_t lims[2][R];  // per key set, per row
+  int64_t lim[2];      // per key set: max over rows
 
-// Backward of one query row: dq written; dk / dv rows of every key set accumulated (scale folded in).
-template <int D>
-void row_backward(const float* q, const float* dout, const float* out, float lse, float scale, const Keys* const* ks,
-                  const int64_t* lims, int n_sets, float* s, float* dp, float* const* dk, float* const* dv,
-                  float* dq) {
-  float xs[D];
-  float delta = 0.f;
-  for (int d = 0; d < D; ++d) {
-    xs[d] = q[d] * scale;
-    delta += dout[d] * out[d];
+  // Row copies as whole vectors: a per-element form (r < n ? q[r][d] : 0) compiled to gathers, which were most
+  // of the backward's time on short sequences.
+  static void copy_rows(float (*dst)[D], const float* const* src, int n, float scale) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < D / W; ++j) store(dst[r] + j * W, r < n ? load(src[r] + j * W) * scale : v16{});
   }
-  v16 acc[D / W] = {};
-  for (int i = 0; i < n_sets; ++i) {
-    const Keys& kk = *ks[i];
-    const int64_t lim = lims[i];
-    dots<D>(xs, kk.kt.data(), kk.ld, lim, s);
-    block_exp(s, lim, lse);  // s <- p
-    dots<D>(dout, kk.vt.data(), kk.ld, lim, dp);
-    for (int64_t t0 = 0; t0 < lim; t0 += W) store(dp + t0, load(s + t0) * (load(dp + t0) - splat(delta)));  // ds
-    weighted_rows<D>(dp, kk.k.data(), lim, acc);
-    rank1<D>(dp, xs, lim, dk[i]);
-    rank1<D>(s, dout, lim, dv[i]);
+  void load_queries(const float* const* q, int n_rows, float scale) {
+    n = n_rows;
+    copy_rows(xs, q, n, scale);
   }
-  for (int j = 0; j < D / W; ++j) store(dq + j * W, acc[j] * scale);
-}
+  void set_lims(int i, const int64_t* row_lims) {
+    lim[i] = 0;
+    for (int r = 0; r < R; ++r) {
+      lims[i][r] = r < n ? row_lims[r] : 0;
+      lim[i] = lims[i][r] > lim[i] ? lims[i][r] : lim[i];
+    }
+  }
+
+  // out[r] (D floats) and lse[r] for the real rows; s: R rows of sld >= sum of the sets' ld.
+  void forward(const Keys* const* ks, int n_sets, float* s, int64_t sld, float* const* out, float* const* lse) {
+    int64_t off[2];
+    float m[R], l[R] = {};
+    for (int r = 0; r < R; ++r) m[r] = NEG;
+    for (int i = 0, o = 0; i < n_sets; o += int(ks[i]->ld), ++i) {
+      off[i] = o;
+      dots<D>(xs, ks[i]->kt.data(), ks[i]->ld, lim[i], s + o, sld);
+      mask(s + o, sld, lims[i], lim[i]);
+      for (int r = 0; r < R; ++r) m[r] = block_max(s + r * sld + o, lim[i], m[r]);
+    }
+    v16 acc[R][D / W] = {};
+    for (int i = 0; i < n_sets; ++i) {
+      for (int r = 0; r < R; ++r) l[r] += hsum(block_exp(s + r * sld + off[i], lim[i], m[r]));
+      weighted_rows<D>(s + off[i], sld, ks[i]->v.data(), lim[i], acc);
+    }
+    for (int r = 0; r < n; ++r) {
+      const float inv = 1.f / l[r];
+      for (int j = 0; j < D / W; ++j) store(out[r] + j * W, acc[r][j] * inv);
+      *lse[r] = m[r] + std::log(l[r]);
+    }
+  }
+
+  // dq[r] written; dk / dv rows of every key set accumulated. s, dp: R rows of sld >= every set's ld.
+  void backward(const float* const* dout, const float* const* out, const float* lse, const Keys* const* ks,
+                int n_sets, float* s, float* dp, int64_t sld, float* const* dk, float* const* dv, float* const* dq,
+                float scale) {
+    float dos[R][D], delta[R];
+    copy_rows(dos, dout, n, 1.f);
+    for (int r = 0; r < R; ++r) {
+      v16 acc{};
+      for (int j = 0; r < n && j < D / W; ++j) acc += load(dos[r] + j * W) * load(out[r] + j * W);
+      delta[r] = hsum(acc);
+    }
+    v16 acc[R][D / W] = {};
+    for (int i = 0; i < n_sets; ++i) {
+      const Keys& kk = *ks[i];
+      const int64_t lm = lim[i];
+      dots<D>(xs, kk.kt.data(), kk.ld, lm, s, sld);
+      mask(s, sld, lims[i], lm);
+      for (int r = 0; r < R; ++r) block_exp(s + r * sld, lm, r < n ? lse[r] : 0.f);  // s <- p (0 where masked)
+      dots<D>(dos, kk.vt.data(), kk.ld, lm, dp, sld);
+      for (int r = 0; r < R; ++r)
+        for (int64_t t0 = 0; t0 < lm; t0 += W)
+          store(dp + r * sld + t0, load(s + r * sld + t0) * (load(dp + r * sld + t0) - splat(delta[r])));  // ds
+      weighted_rows<D>(dp, sld, kk.k.data(), lm, acc);
+      rank_r<D>(dp, sld, xs, lm, dk[i]);
+      rank_r<D>(s, sld, dos, lm, dv[i]);
+    }
+    for (int r = 0; r < n; ++r)
+      for (int j = 0; j < D / W; ++j) store(dq[r] + j * W, acc[r][j] * scale);
+  }
+};
 
 // ------------------------------------------------------------------------------------------------
 // Jagged causal attention: sequence i has n_k keys and its last n_q positions query (n_q <= n_k);
@@ -241,6 +295,7 @@ void jagged_fwd(const float* q, const float* k, const float* v, const int64_t* k
 #pragma omp parallel num_threads(threads)
   {
     Keys keys;
+    Group<D> g;
     std::vector<float> s;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
@@ -250,12 +305,24 @@ void jagged_fwd(const float* q, const float* k, const float* v, const int64_t* k
       const int64_t j1 = j0 + QBLOCK < n_q ? j0 + QBLOCK : n_q;
       const int64_t first = n_k - n_q;
       keys.gather(k + kv[i] * H * D, v + kv[i] * H * D, first + j1, H, h, D, false);
-      s.resize(size_t(keys.ld));
+      s.resize(size_t(R * keys.ld));
       const Keys* ks[1] = {&keys};
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t r = qo[i] + j, lim = first + j + 1;
-        row_forward<D>(q + (r * H + h) * D, scale, ks, &lim, 1, s.data(), out + (r * H + h) * D,
-                       lse + h * rows + r);
+      for (int64_t j = j0; j < j1; j += R) {
+        const int n = int(j1 - j < R ? j1 - j : R);
+        const float* qr[R];
+        float* orow[R];
+        float* lrow[R];
+        int64_t lims[R];
+        for (int r = 0; r < n; ++r) {
+          const int64_t row = qo[i] + j + r;
+          qr[r] = q + (row * H + h) * D;
+          orow[r] = out + (row * H + h) * D;
+          lrow[r] = lse + h * rows + row;
+          lims[r] = first + j + r + 1;
+        }
+        g.load_queries(qr, n, scale);
+        g.set_lims(0, lims);
+        g.forward(ks, 1, s.data(), keys.ld, orow, lrow);
       }
     }
   }
@@ -269,6 +336,7 @@ void jagged_bwd(const float* dout, const float* q, const float* k, const float* 
 #pragma omp parallel num_threads(threads)
   {
     Keys keys;
+    Group<D> g;
     std::vector<float> s, dp, gk, gv;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_seq * H; ++task) {
@@ -276,17 +344,28 @@ void jagged_bwd(const float* dout, const float* q, const float* k, const float* 
       const int h = int(task % H);
       const int64_t n_k = kv[i + 1] - kv[i], n_q = qo[i + 1] - qo[i], first = n_k - n_q;
       keys.gather(k + kv[i] * H * D, v + kv[i] * H * D, n_k, H, h, D, true);
-      s.resize(size_t(keys.ld));
-      dp.resize(size_t(keys.ld));
+      s.resize(size_t(R * keys.ld));
+      dp.resize(size_t(R * keys.ld));
       gk.assign(size_t(n_k) * D, 0.f);
       gv.assign(size_t(n_k) * D, 0.f);
       const Keys* ks[1] = {&keys};
       float* gks[1] = {gk.data()};
       float* gvs[1] = {gv.data()};
-      for (int64_t j = 0; j < n_q; ++j) {
-        const int64_t r = qo[i] + j, lim = first + j + 1, at = (r * H + h) * D;
-        row_backward<D>(q + at, dout + at, out + at, lse[h * rows + r], scale, ks, &lim, 1, s.data(), dp.data(),
-                        gks, gvs, dq + at);
+      for (int64_t j = 0; j < n_q; j += R) {
+        const int n = int(n_q - j < R ? n_q - j : R);
+        const float *qr[R], *dor[R], *orow[R];
+        float* dqr[R];
+        float lr[R];
+        int64_t lims[R];
+        for (int r = 0; r < n; ++r) {
+          const int64_t row = qo[i] + j + r, at = (row * H + h) * D;
+          qr[r] = q + at, dor[r] = dout + at, orow[r] = out + at, dqr[r] = dq + at;
+          lr[r] = lse[h * rows + row];
+          lims[r] = first + j + r + 1;
+        }
+        g.load_queries(qr, n, scale);
+        g.set_lims(0, lims);
+        g.backward(dor, orow, lr, ks, 1, s.data(), dp.data(), keys.ld, gks, gvs, dqr, scale);
       }
       for (int64_t t = 0; t < n_k; ++t) {
         std::memcpy(dk + ((kv[i] + t) * H + h) * D, &gk[t * D], sizeof(float) * D);
@@ -299,8 +378,22 @@ void jagged_bwd(const float* dout, const float* q, const float* k, const float* 
 // ------------------------------------------------------------------------------------------------
 // Candidate-prefix attention: candidate c of request b has N own tokens (rows c*N .. c*N+N-1 of q, k, v);
 // own token n sees request b's whole prefix (prefix rows po[b] .. po[b+1]-1) and own tokens 0 .. n.
+// A group is up to R own tokens of one candidate. An empty prefix: the own set alone.
 // ------------------------------------------------------------------------------------------------
 constexpr int64_t CBLOCK = 16;  // candidates per forward task
+
+// Rows n0 .. n0+n-1 of candidate c: lims per key set ({prefix, own} or {own}) into the group.
+template <int D>
+inline void prefix_group_lims(Group<D>& g, int64_t n_p, int n0, int n) {
+  int64_t lp[R], lo[R];
+  for (int r = 0; r < n; ++r) lp[r] = n_p, lo[r] = n0 + r + 1;
+  if (n_p > 0) {
+    g.set_lims(0, lp);
+    g.set_lims(1, lo);
+  } else {
+    g.set_lims(0, lo);
+  }
+}
 
 template <int D>
 void prefix_fwd(const float* q, const float* k, const float* v, const float* pk, const float* pv, const int64_t* po,
@@ -313,24 +406,32 @@ void prefix_fwd(const float* q, const float* k, const float* v, const float* pk,
 #pragma omp parallel num_threads(threads)
   {
     Keys prefix, own;
+    Group<D> g;
     std::vector<float> s;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t b = task_req[task / H], c0 = task_c0[task / H];
+      const int64_t b = task_req[task / H], c0 = task_c0[task / H], n_p = po[b + 1] - po[b];
       const int h = int(task % H);
       const int64_t c1 = c0 + CBLOCK < co[b + 1] ? c0 + CBLOCK : co[b + 1];
-      prefix.gather(pk + po[b] * H * D, pv + po[b] * H * D, po[b + 1] - po[b], H, h, D, false);
+      prefix.gather(pk + po[b] * H * D, pv + po[b] * H * D, n_p, H, h, D, false);
       const Keys* ks[2] = {&prefix, &own};
+      const int first = n_p > 0 ? 0 : 1;
       for (int64_t c = c0; c < c1; ++c) {
         own.gather(k + c * N * H * D, v + c * N * H * D, N, H, h, D, false);
-        s.resize(size_t(prefix.ld + own.ld));
-        for (int n = 0; n < N; ++n) {
-          const int64_t r = c * N + n;
-          const int64_t lims[2] = {prefix.n, n + 1};
-          // an empty prefix: the own set alone (a set with lim 0 would only add NEG blocks)
-          const int first = prefix.n > 0 ? 0 : 1;
-          row_forward<D>(q + (r * H + h) * D, scale, ks + first, lims + first, 2 - first, s.data(),
-                         out + (r * H + h) * D, lse + h * rows + r);
+        const int64_t sld = prefix.ld + own.ld;
+        s.resize(size_t(R * sld));
+        for (int n0 = 0; n0 < N; n0 += R) {
+          const int n = N - n0 < R ? N - n0 : R;
+          const float* qr[R];
+          float* orow[R];
+          float* lrow[R];
+          for (int r = 0; r < n; ++r) {
+            const int64_t row = c * N + n0 + r;
+            qr[r] = q + (row * H + h) * D, orow[r] = out + (row * H + h) * D, lrow[r] = lse + h * rows + row;
+          }
+          g.load_queries(qr, n, scale);
+          prefix_group_lims(g, n_p, n0, n);
+          g.forward(ks + first, 2 - first, s.data(), sld, orow, lrow);
         }
       }
     }
@@ -345,6 +446,7 @@ void prefix_bwd(const float* dout, const float* q, const float* k, const float* 
 #pragma omp parallel num_threads(threads)
   {
     Keys prefix, own;
+    Group<D> g;
     std::vector<float> s, dp, gpk, gpv, gk, gv;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_req * H; ++task) {
@@ -357,17 +459,27 @@ void prefix_bwd(const float* dout, const float* q, const float* k, const float* 
       const int first = n_p > 0 ? 0 : 1;
       for (int64_t c = co[b]; c < co[b + 1]; ++c) {
         own.gather(k + c * N * H * D, v + c * N * H * D, N, H, h, D, true);
-        s.resize(size_t(prefix.ld > own.ld ? prefix.ld : own.ld));
+        const int64_t sld = prefix.ld > own.ld ? prefix.ld : own.ld;
+        s.resize(size_t(R * sld));
         dp.resize(s.size());
         gk.assign(size_t(N) * D, 0.f);
         gv.assign(size_t(N) * D, 0.f);
         float* gks[2] = {gpk.data(), gk.data()};
         float* gvs[2] = {gpv.data(), gv.data()};
-        for (int n = 0; n < N; ++n) {
-          const int64_t r = c * N + n, at = (r * H + h) * D;
-          const int64_t lims[2] = {n_p, n + 1};
-          row_backward<D>(q + at, dout + at, out + at, lse[h * rows + r], scale, ks + first, lims + first,
-                          2 - first, s.data(), dp.data(), gks + first, gvs + first, dq + at);
+        for (int n0 = 0; n0 < N; n0 += R) {
+          const int n = N - n0 < R ? N - n0 : R;
+          const float *qr[R], *dor[R], *orow[R];
+          float* dqr[R];
+          float lr[R];
+          for (int r = 0; r < n; ++r) {
+            const int64_t row = c * N + n0 + r, at = (row * H + h) * D;
+            qr[r] = q + at, dor[r] = dout + at, orow[r] = out + at, dqr[r] = dq + at;
+            lr[r] = lse[h * rows + row];
+          }
+          g.load_queries(qr, n, scale);
+          prefix_group_lims(g, n_p, n0, n);
+          g.backward(dor, orow, lr, ks + first, 2 - first, s.data(), dp.data(), sld, gks + first, gvs + first, dqr,
+                     scale);
         }
         for (int n = 0; n < N; ++n) {
           std::memcpy(dk + ((c * N + n) * H + h) * D, &gk[n * D], sizeof(float) * D);
