@@ -33,7 +33,10 @@ class PerPositionLinear(nn.Module):
         self.weight = nn.Parameter(_uniform_(torch.empty(n, d_in, d_out), d_in))
         self.bias = nn.Parameter(_uniform_(torch.empty(n, d_out), d_in))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+        """``bf16``: the product in bf16 from the fp32 weights, output bf16 (the caller casts back)."""
+        if bf16:
+            return torch.einsum("mni,nio->mno", x.bfloat16(), self.weight.bfloat16()) + self.bias.bfloat16()
         if torch.is_autocast_enabled(x.device.type):
             # einsum is not on autocast's lower-precision list: under train.bf16 it stayed fp32 and met the S side's
             # bf16 keys in the attention op. baddbmm (listed) runs in bf16; its transposed output costs a copy,
@@ -53,6 +56,13 @@ class PerPositionRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
+
+
+def dense(x: torch.Tensor, layer: nn.Linear, bf16: bool) -> torch.Tensor:
+    """``layer(x)``, or with ``bf16`` the same product in bf16 from its fp32 weights (output bf16)."""
+    if not bf16:
+        return layer(x)
+    return F.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16())
 
 
 def _angles(pos: torch.Tensor, half: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +159,11 @@ def rotary_reference(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) 
 
 
 class OneTransBlock(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, ffn_hidden: int, n_ns: int, rope: bool = True) -> None:
+    def __init__(self, d_model: int, n_heads: int, ffn_hidden: int, n_ns: int, rope: bool = True,
+                 dense_bf16: bool = False) -> None:
         super().__init__()
         self.d, self.h, self.dh = d_model, n_heads, d_model // n_heads
+        self.bf16 = dense_bf16  # projections and FFNs as bf16 matmuls (ModelConfig.dense_bf16)
         if rope and self.dh % 2:
             raise ValueError(f"rotary positions need an even head dim, got {self.dh}")
         self.rope = rope
@@ -186,12 +198,14 @@ class OneTransBlock(nn.Module):
         self._check_pos(pos)
         h = self.s_norm1(x)
         w, b = self.s_qkv.weight, self.s_qkv.bias
+        if self.bf16:
+            h, w, b = h.bfloat16(), w.bfloat16(), b.bfloat16()
         if keep is None:
-            qkv = F.linear(h, w, b).view(-1, 3, self.h, self.dh)
+            qkv = F.linear(h, w, b).float().view(-1, 3, self.h, self.dh)
             return qkv.unbind(1) if not self.rope else rotary_parts(qkv, pos, 2)
         d = self.d
-        q = F.linear(h[keep], w[:d], b[:d]).view(-1, self.h, self.dh)
-        kv = F.linear(h, w[d:], b[d:]).view(-1, 2, self.h, self.dh)
+        q = F.linear(h[keep], w[:d], b[:d]).float().view(-1, self.h, self.dh)
+        kv = F.linear(h, w[d:], b[d:]).float().view(-1, 2, self.h, self.dh)
         if not self.rope:
             k, v = kv.unbind(1)  # [M, H, Dh] each
             return q, k, v
@@ -202,15 +216,18 @@ class OneTransBlock(nn.Module):
 
     def s_finish(self, x_kept: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """``x_kept [M_q, D]`` residual inputs of the query rows, ``attn [M_q, H, Dh]`` -> ``[M_q, D]``."""
-        z = x_kept + self.s_out(attn.reshape(-1, self.d))
-        return z + self.s_ffn(self.s_norm2(z))
+        z = x_kept + dense(attn.reshape(-1, self.d), self.s_out, self.bf16).float()
+        if not self.bf16:
+            return z + self.s_ffn(self.s_norm2(z))
+        h = F.silu(dense(self.s_norm2(z), self.s_ffn[0], True))
+        return z + dense(h, self.s_ffn[2], True).float()
 
     # ---- NS tokens ---------------------------------------------------------------
     def ns_project(self, x: torch.Tensor, pos: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [C, N, D]``, ``pos [C, N]`` (= the request's S length + n) -> ``q, k, v [C, N, H, Dh]``."""
         self._check_pos(pos)
-        qkv = self.ns_qkv(self.ns_norm1(x))  # [C, N, 3D]
+        qkv = self.ns_qkv(self.ns_norm1(x), self.bf16).float()  # [C, N, 3D]
         qkv = qkv.view(x.shape[0], x.shape[1], 3, self.h, self.dh)
         if not self.rope:
             return qkv.unbind(2)
@@ -218,5 +235,5 @@ class OneTransBlock(nn.Module):
 
     def ns_finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """``x [C, N, D]``, ``attn [C, N, H, Dh]`` -> ``[C, N, D]``."""
-        z = x + self.ns_out(attn.reshape(x.shape[0], x.shape[1], self.d))
-        return z + self.ns_ffn2(F.silu(self.ns_ffn1(self.ns_norm2(z))))
+        z = x + self.ns_out(attn.reshape(x.shape[0], x.shape[1], self.d), self.bf16).float()
+        return z + self.ns_ffn2(F.silu(self.ns_ffn1(self.ns_norm2(z), self.bf16)), self.bf16).float()

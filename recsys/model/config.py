@@ -134,6 +134,10 @@ class ModelConfig(TokenizerConfig):
     """FFN hidden width = ffn_mult * D."""
     rope: bool = True
     """Rotary positions in attention (S position = index from the oldest event; NS = S length + n)."""
+    dense_bf16: bool = False
+    """The blocks' projections and FFNs (S and NS) as bf16 matmuls from fp32 master weights; the residual
+    stream, norms, rotary and attention stay fp32 (unlike ``train.bf16`` autocast, which also runs the
+    attention and elementwise ops in bf16). Applies in training and scoring alike."""
     head_hidden: int = 64
     """Hidden width of the task-head MLP."""
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)

@@ -72,7 +72,8 @@ class OneTransRanker(nn.Module):
         n_ns = self.tokenizer.n_ns
         self.schedule = PyramidSchedule.from_config(cfg.pyramid, cfg.n_layers, max_s_tokens)
         self.blocks = nn.ModuleList(
-            OneTransBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult * cfg.d_model, n_ns, rope=cfg.rope)
+            OneTransBlock(cfg.d_model, cfg.n_heads, cfg.ffn_mult * cfg.d_model, n_ns, rope=cfg.rope,
+                          dense_bf16=cfg.dense_bf16)
             for _ in range(cfg.n_layers))
         self.heads = TaskHeads(n_ns, cfg.d_model, cfg.head_hidden, len(self.tasks))
 

@@ -101,3 +101,32 @@ def test_ranker_trains_a_step_under_bf16_autocast():
     loss.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+
+def test_ranker_dense_bf16_matches_fp32_within_bf16_rounding():
+    """``model.dense_bf16``: the blocks' projections and FFNs as bf16 matmuls from the fp32 master weights. Logits and
+    weight gradients within bf16 rounding of the fp32 model's (same weights), gradients fp32 on fp32 parameters, and
+    the option is not ignored (the logits differ)."""
+    from recsys.model.config import ModelConfig
+    from recsys.model.heads import multitask_bce
+    from recsys.model.ranker import OneTransRanker
+    from recsys.testing import random_request_batch, tiny_schema
+
+    schema = tiny_schema()
+    batch = random_request_batch(schema, [9, 0, 4], [2, 1, 3], seed=1)
+    runs = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = OneTransRanker(schema, ModelConfig(d_model=32, n_heads=2, n_layers=2, n_ns_tokens=2, emb_dim=8,
+                                                   head_hidden=16, attention_backend="torch", dense_bf16=bf16), 64)
+        logits = model(batch)
+        multitask_bce(logits, batch.labels)[0].backward()
+        runs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (want, want_g), (got, got_g) = runs
+    assert got.dtype == torch.float32 and not torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+    assert want_g.keys() == got_g.keys()
+    for name, g in got_g.items():
+        assert g.dtype == torch.float32, name
+        scale = want_g[name].abs().max().clamp_min(1e-3)
+        assert (g - want_g[name]).abs().max() <= 0.1 * scale, name

@@ -77,9 +77,10 @@ def collate_rows(rows: list[Row], schema: DataSchema = SCHEMA, max_len: int = 10
 
 
 def make_model(n_layers: int = 2, pyramid: PyramidConfig | None = None, max_s: int = 64, d_model: int = 16,
-               seq_merge: str = "time_interleaved", backend: str = "torch") -> OneTransRanker:
+               seq_merge: str = "time_interleaved", backend: str = "torch", **config) -> OneTransRanker:
+    """A small eval-mode ranker; ``config``: further ``ModelConfig`` fields (e.g. ``dense_bf16=True``)."""
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=d_model, n_heads=2, n_layers=n_layers, ffn_mult=2, n_ns_tokens=3, emb_dim=8,
                       head_hidden=16, pyramid=pyramid or PyramidConfig(mode="none"), attention_backend=backend,
-                      seq_merge=seq_merge)
+                      seq_merge=seq_merge, **config)
     return OneTransRanker(SCHEMA, cfg, max_s_tokens=max_s).eval()

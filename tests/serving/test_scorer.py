@@ -41,11 +41,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("d_model", [16, 32], ids=["dh8_aten", "dh16_native"])
 @pytest.mark.parametrize("n_layers,pyramid", [(1, "none"), (1, "linear"), (1, "explicit1"), (3, "none"),
                                               (3, "linear"), (3, "explicit")])
-def test_cached_equals_per_candidate(n_layers, pyramid):
-    """encode_prefix once + chunked score_candidates (any chunk) == each candidate alone through [S ; NS]."""
-    model = make_model(n_layers, PYRAMIDS[pyramid], max_s=16)
+def test_cached_equals_per_candidate(n_layers, pyramid, d_model):
+    """encode_prefix once + chunked score_candidates (any chunk) == each candidate alone through [S ; NS]; head
+    dim 8 runs ATen's CPU attention, 16 the native kernels (kernels/cpu_native.py)."""
+    model = make_model(n_layers, PYRAMIDS[pyramid], max_s=16, d_model=d_model)
     for hist, cands in CASES:
         batch = random_request_batch(SCHEMA, hist, cands, seed=sum(cands))
         with torch.no_grad():
@@ -57,6 +59,21 @@ def test_cached_equals_per_candidate(n_layers, pyramid):
                 torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
                 cached = CachedScorer(model, UserKVCache(1 << 20), candidate_chunk=chunk).score_batch(batch)
                 torch.testing.assert_close(cached, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pyramid", ["none", "linear"])
+def test_dense_bf16_cached_equals_per_candidate_within_bf16_rounding(pyramid):
+    """``model.dense_bf16``: the cached scorer still equals the per-candidate path (bf16 tolerance: the two group
+    rows into different matmuls), and the option is not ignored (scores differ from fp32)."""
+    model = make_model(3, PYRAMIDS[pyramid], max_s=16, d_model=32, dense_bf16=True)
+    fp32 = make_model(3, PYRAMIDS[pyramid], max_s=16, d_model=32)  # the same weights (same seed)
+    batch = random_request_batch(SCHEMA, [(1, 0), (0, 1), (6, 5)], [7, 1, 30], seed=3)
+    slow = reference(model, batch)
+    cached = CachedScorer(model, UserKVCache(1 << 20), candidate_chunk=4).score_batch(batch)
+    torch.testing.assert_close(cached, slow, rtol=2e-2, atol=2e-2)
+    want = reference(fp32, batch)
+    torch.testing.assert_close(slow, want, rtol=5e-2, atol=5e-2)
+    assert not torch.equal(slow, want)
 
 
 @pytest.mark.parametrize("pyramid", ["none", "linear"])
