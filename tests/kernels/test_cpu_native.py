@@ -14,10 +14,12 @@ from attention_cases import assert_close, offsets, rand, run_with_grads
 from kernels import candidate_prefix_attention, cpu_native, jagged_causal_attention
 from kernels import torch_attention as ta
 
+NO_COMPILER = "no g++ on this machine: the native kernels cannot be built (ATen's path runs instead)"
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason=NO_COMPILER)
 
+
+@needs_compiler
 def test_library_builds_where_a_compiler_exists():
-    if shutil.which("g++") is None:
-        pytest.skip("no g++ on this machine: the native kernels cannot be built (ATen's path runs instead)")
     assert cpu_native.library() is not None
 
 
@@ -34,6 +36,7 @@ def _run_jagged(inputs, kv_off, q_off, grad, backend):
     return run_with_grads(lambda: jagged_causal_attention(q, k, v, kv_off, q_off, backend=backend), inputs, grad)
 
 
+@needs_compiler
 @pytest.mark.parametrize("subset", [False, True])
 @pytest.mark.parametrize("heads,dh", [(4, 16), (2, 48)])
 def test_jagged_long_and_heavy_tailed_match_reference(subset, heads, dh):
@@ -109,6 +112,7 @@ def test_results_do_not_depend_on_the_thread_count():
         assert torch.equal(a, b)
 
 
+@needs_compiler
 def test_calls_the_native_kernels_do_not_take_run_the_aten_path(monkeypatch):
     """bf16 and head sizes that are not built go to the chunked ATen path (still correct)."""
     q = torch.zeros(3, 2, 16)
