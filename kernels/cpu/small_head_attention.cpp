@@ -76,15 +76,15 @@ inline v16 vexp(v16 x) {
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// One key set of a (sequence, head) task in task-local buffers: kt [D, ld] (transposed, ld a multiple of
-// KB, zero tail) for scores, rows [T, D] for the row updates, vt [D, ld] for the backward's dO.v.
+// One key set of a (sequence, head) task in task-local buffers: kt [D, ld] (transposed, ld a multiple of the
+// vector width W, zero tail) for scores, rows [T, D] for the row updates, vt [D, ld] for the backward's dO.v.
 struct Keys {
   int64_t n = 0, ld = 0;
   std::vector<float> kt, k, vt, v;
   // Gather rows [0, n) of head h from a [*, H, D] tensor: element (t, d) at src[(t*H + h)*D + d].
   void gather(const float* ks, const float* vs, int64_t n_, int H, int h, int D, bool backward) {
     n = n_;
-    ld = round_up(n > 0 ? n : 1, KB);
+    ld = round_up(n > 0 ? n : 1, W);  // dots reads whole vectors only: a candidate's 4 own keys take 16 columns, not 64
     kt.assign(size_t(D) * ld, 0.f);
     if (backward) {
       vt.assign(size_t(D) * ld, 0.f);
@@ -110,7 +110,7 @@ struct Keys {
 // scores and every key row read or updated in the backward serves R rows (one row at a time was bound by loads).
 constexpr int R = 4;  // rank_r spells out its R = 4 rows
 
-// s[r][t] = x[r] . col_t(mt) for t < round_up(lim, W) (mt [D, ld], ld >= round_up(lim, KB)); rows of s are sld
+// s[r][t] = x[r] . col_t(mt) for t < round_up(lim, W) (mt [D, ld], ld >= round_up(lim, W)); rows of s are sld
 // apart. 64-key blocks (R x 4 accumulators), then 16-key vectors for the tail.
 template <int D>
 inline void dots(const float (*x)[D], const float* mt, int64_t ld, int64_t lim, float* s, int64_t sld) {
