@@ -36,7 +36,8 @@ class PerPositionLinear(nn.Module):
     def forward(self, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
         """``bf16``: the product in bf16 from the fp32 weights, output bf16 (the caller casts back)."""
         if bf16:
-            return torch.einsum("mni,nio->mno", x.bfloat16(), self.weight.bfloat16()) + self.bias.bfloat16()
+            m = x.shape[0]
+            return torch.einsum("mni,nio->mno", bf16_bucket_rows(x), self.weight.bfloat16())[:m] + self.bias.bfloat16()
         if torch.is_autocast_enabled(x.device.type):
             # einsum is not on autocast's lower-precision list: under train.bf16 it stayed fp32 and met the S side's
             # bf16 keys in the attention op. baddbmm (listed) runs in bf16; its transposed output costs a copy,
@@ -58,11 +59,34 @@ class PerPositionRMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
+def bucket_rows(m: int) -> int:
+    """``m`` rounded up to one of 8 sizes per octave (<= 12.5% padding; exact below 16)."""
+    step = 1 << max(m.bit_length() - 4, 0)
+    return -(-m // step) * step
+
+
+def bf16_bucket_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, ...]`` in bf16 with zero rows appended up to :func:`bucket_rows` ``(M)``.
+
+    oneDNN builds (JIT) and caches a bf16 matmul per shape. In training every batch brings a new S row count:
+    one new build per matmul, direction and step cost more than bf16 saved, and the cache of them grew the
+    process by ~1.8 GB in 60 steps (docs/performance.md). Bucketed, the shapes repeat; zero rows change
+    no real row's product and add nothing to the weight gradient.
+    """
+    m = x.shape[0]
+    x = x.bfloat16()
+    extra = bucket_rows(m) - m
+    return x if extra == 0 else F.pad(x, (0, 0) * (x.dim() - 1) + (0, extra))
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` as a bf16 matmul from fp32 ``weight [out, in]``, ``bias [out]``: ``x [M, in]`` -> bf16 ``[M, out]``."""
+    return F.linear(bf16_bucket_rows(x), weight.bfloat16(), bias.bfloat16())[: x.shape[0]]
+
+
 def dense(x: torch.Tensor, layer: nn.Linear, bf16: bool) -> torch.Tensor:
     """``layer(x)``, or with ``bf16`` the same product in bf16 from its fp32 weights (output bf16)."""
-    if not bf16:
-        return layer(x)
-    return F.linear(x.bfloat16(), layer.weight.bfloat16(), layer.bias.bfloat16())
+    return linear_bf16(x, layer.weight, layer.bias) if bf16 else layer(x)
 
 
 def _angles(pos: torch.Tensor, half: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,14 +222,13 @@ class OneTransBlock(nn.Module):
         self._check_pos(pos)
         h = self.s_norm1(x)
         w, b = self.s_qkv.weight, self.s_qkv.bias
-        if self.bf16:
-            h, w, b = h.bfloat16(), w.bfloat16(), b.bfloat16()
+        linear = linear_bf16 if self.bf16 else F.linear  # .float() below: a no-op in fp32
         if keep is None:
-            qkv = F.linear(h, w, b).float().view(-1, 3, self.h, self.dh)
+            qkv = linear(h, w, b).float().view(-1, 3, self.h, self.dh)
             return qkv.unbind(1) if not self.rope else rotary_parts(qkv, pos, 2)
         d = self.d
-        q = F.linear(h[keep], w[:d], b[:d]).float().view(-1, self.h, self.dh)
-        kv = F.linear(h, w[d:], b[d:]).float().view(-1, 2, self.h, self.dh)
+        q = linear(h[keep], w[:d], b[:d]).float().view(-1, self.h, self.dh)
+        kv = linear(h, w[d:], b[d:]).float().view(-1, 2, self.h, self.dh)
         if not self.rope:
             k, v = kv.unbind(1)  # [M, H, Dh] each
             return q, k, v

@@ -130,3 +130,26 @@ def test_ranker_dense_bf16_matches_fp32_within_bf16_rounding():
         assert g.dtype == torch.float32, name
         scale = want_g[name].abs().max().clamp_min(1e-3)
         assert (g - want_g[name]).abs().max() <= 0.1 * scale, name
+
+
+def test_bf16_row_buckets_bound_padding_and_leave_real_rows_alone():
+    """``model.dense_bf16`` pads the rows of its matmuls to a few sizes per octave (so oneDNN reuses its bf16
+    kernels across batches): at most 12.5% padding, exact below 16 rows, monotone; the padded product's real rows
+    and the weight gradient match the unpadded bf16 product."""
+    from recsys.model.block import bucket_rows, linear_bf16
+
+    sizes = [bucket_rows(m) for m in range(1, 5000)]
+    assert all(b >= m and b <= m * 1.125 for m, b in zip(range(1, 5000), sizes))
+    assert sizes[:15] == list(range(1, 16)) and sizes == sorted(sizes)
+    assert len(set(bucket_rows(m) for m in range(4097, 8193))) == 8  # 8 shapes per octave
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 24)
+    x = torch.randn(1001, 16)  # -> 1024 rows
+    assert bucket_rows(1001) == 1024
+    got = linear_bf16(x, lin.weight, lin.bias)
+    assert got.shape == (1001, 24) and got.dtype == torch.bfloat16
+    want = F.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16())
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
+    g = torch.randn(1001, 24)
+    (dw,) = torch.autograd.grad((linear_bf16(x, lin.weight, lin.bias).float() * g).sum(), lin.weight)
+    torch.testing.assert_close(dw, g.T @ x, atol=0.5, rtol=2e-2)  # bf16 products of 1001 rows
