@@ -54,3 +54,10 @@ def run_with_grads(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor):
     out = fn()
     grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     return (out, *grads)
+
+
+def without_rows(x: torch.Tensor, bad_rows: slice) -> torch.Tensor:
+    """``x`` (detached) without the rows ``bad_rows``: the outputs a non-finite input may reach."""
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    keep[bad_rows] = False
+    return x.detach()[keep]

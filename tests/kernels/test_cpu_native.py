@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from attention_cases import assert_close, offsets, rand, run_with_grads
+from attention_cases import assert_close, offsets, rand, run_with_grads, without_rows
 
 from kernels import candidate_prefix_attention, cpu_native, jagged_causal_attention
 from kernels import torch_attention as ta
@@ -74,26 +74,20 @@ def test_candidate_prefix_many_candidates_and_long_prefixes_match_reference(n_to
         assert_close(g, r, torch.float32, f"native-prefix/N={n_tok}/{name}")
 
 
-def _clean(x: torch.Tensor, bad_rows: slice) -> torch.Tensor:
-    keep = torch.ones(x.shape[0], dtype=torch.bool)
-    keep[bad_rows] = False
-    return x.detach()[keep]
-
-
 def test_non_finite_inputs_stay_in_their_sequence_and_request():
     inputs, kv_off, q_off, grad = _jagged([6, 70, 2, 5], None, 2, 16, seed=3)
     with torch.no_grad():
         inputs[1][0, 0, 0] = inputs[2][1, 1, 2] = float("nan")
     ref, got = _run_jagged(inputs, kv_off, q_off, grad, "reference"), _run_jagged(inputs, kv_off, q_off, grad, "torch")
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
-        assert_close(_clean(g, slice(0, 6)), _clean(r, slice(0, 6)), torch.float32, f"nan-jagged/{name}")
+        assert_close(without_rows(g, slice(0, 6)), without_rows(r, slice(0, 6)), torch.float32, f"nan-jagged/{name}")
     inputs, po, co, grad = _prefix([5, 3, 4], [2, 3, 1], 3, 2, 16, seed=4)
     with torch.no_grad():
         inputs[3][0, 1, 3] = float("nan")
     ref, got = _run_prefix(inputs, po, co, grad, "reference"), _run_prefix(inputs, po, co, grad, "torch")
     bad = (slice(0, 2),) * 4 + (slice(0, 5),) * 2
     for name, g, r, b in zip(("out", "dq", "dk", "dv", "dpk", "dpv"), got, ref, bad):
-        assert_close(_clean(g, b), _clean(r, b), torch.float32, f"nan-prefix/{name}")
+        assert_close(without_rows(g, b), without_rows(r, b), torch.float32, f"nan-prefix/{name}")
 
 
 def test_results_do_not_depend_on_the_thread_count():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from attention_cases import assert_close, offsets, rand, run_with_grads
+from attention_cases import assert_close, offsets, rand, run_with_grads, without_rows
 
 from kernels import candidate_prefix_attention, jagged_causal_attention
 from kernels import torch_attention as ta
@@ -92,12 +92,6 @@ def test_candidate_prefix_heavy_tailed_matches_reference():
         assert_close(g, r, torch.float32, f"sorted-prefix/{name}")
 
 
-def _clean(x: torch.Tensor, bad_rows: slice) -> torch.Tensor:
-    keep = torch.ones(x.shape[0], dtype=torch.bool)
-    keep[bad_rows] = False
-    return x.detach()[keep]
-
-
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu_flash", "explicit_math"])
 @pytest.mark.parametrize("subset", [False, True])
 def test_jagged_non_finite_row_stays_in_its_sequence(fused, subset, monkeypatch):
@@ -116,7 +110,7 @@ def test_jagged_non_finite_row_stays_in_its_sequence(fused, subset, monkeypatch)
     got = run_with_grads(lambda: jagged_causal_attention(q, k, v, kv_off, q_off, backend="torch"), [q, k, v], grad)
     bad_q, bad_k = slice(0, (q_len or kv_len)[0]), slice(0, kv_len[0])
     for name, g, r, bad in zip(("out", "dq", "dk", "dv"), got, ref, (bad_q, bad_q, bad_k, bad_k)):
-        assert_close(_clean(g, bad), _clean(r, bad), torch.float32, f"nan-isolation/{name}")
+        assert_close(without_rows(g, bad), without_rows(r, bad), torch.float32, f"nan-isolation/{name}")
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu_flash", "explicit_math"])
@@ -137,4 +131,4 @@ def test_candidate_prefix_non_finite_prefix_row_stays_in_its_request(fused, monk
     got = run_with_grads(lambda: candidate_prefix_attention(q, k, v, pk, pv, po, co, backend="torch"), inputs, grad)
     bad_c, bad_p = slice(0, c_len[0]), slice(0, p_len[0])
     for name, g, r, bad in zip(("out", "dq", "dk", "dv", "dpk", "dpv"), got, ref, (bad_c,) * 4 + (bad_p,) * 2):
-        assert_close(_clean(g, bad), _clean(r, bad), torch.float32, f"nan-isolation/{name}")
+        assert_close(without_rows(g, bad), without_rows(r, bad), torch.float32, f"nan-isolation/{name}")
