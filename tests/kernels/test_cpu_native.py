@@ -126,3 +126,25 @@ def test_switch_off_by_environment(monkeypatch):
     finally:
         monkeypatch.delenv("RECSYS_NATIVE_ATTENTION")
         cpu_native.library.cache_clear()
+
+
+@pytest.mark.parametrize("breakage", ["compiler_fails", "cache_unwritable"])
+def test_a_failed_build_says_why_and_falls_back_to_aten(breakage, monkeypatch, tmp_path, capfd):
+    """A compiler that fails or a cache folder that cannot be created: one line on stderr, ``library()`` is None,
+    the torch backend still gives the reference's results (ATen's path)."""
+    if breakage == "compiler_fails":
+        monkeypatch.setenv("CXX", "false")  # exits 1 without output
+        monkeypatch.setenv("RECSYS_KERNEL_CACHE", str(tmp_path / "cache"))
+    else:
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("RECSYS_KERNEL_CACHE", str(tmp_path / "file" / "cache"))  # below a regular file
+    cpu_native.library.cache_clear()
+    try:
+        assert cpu_native.library() is None
+        assert "small-head CPU attention kernels unavailable" in capfd.readouterr().err
+        args = _jagged([9, 4], None, 2, 16)
+        for name, g, r in zip(("out", "dq", "dk", "dv"), _run_jagged(*args, "torch"), _run_jagged(*args, "reference")):
+            assert_close(g, r, torch.float32, f"fallback/{name}")
+    finally:
+        monkeypatch.undo()
+        cpu_native.library.cache_clear()
