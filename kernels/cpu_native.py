@@ -172,13 +172,13 @@ def rotary_supported(x: torch.Tensor) -> bool:
 
 def rotary_parts(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, sign: float = 1.0
                  ) -> list[torch.Tensor]:
-    """``x [..., P, H, D]``, ``cos, sin [..., D/2]`` -> P contiguous ``[..., H, D]``: the first ``n_rot`` rotated
+    """``x [..., P, H, D]``, ``cos, sin [..., D/2]`` (the same leading shape) -> P contiguous ``[..., H, D]``: the first ``n_rot`` rotated
     (rotate-half form) by ``sign`` x the angles, the others copied. ``sign=-1`` is the backward's rotation."""
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     p, h, d = x.shape[-3:]
     m = cos.numel() // (d // 2)
     outs = [torch.empty(*x.shape[:-3], h, d, dtype=x.dtype) for _ in range(p)]
-    src = (ctypes.c_void_p * p)(*(x.data_ptr() + i * h * d * 4 for i in range(p)))
+    src = (ctypes.c_void_p * p)(*(x.data_ptr() + i * h * d * x.element_size() for i in range(p)))
     dst = (ctypes.c_void_p * p)(*(o.data_ptr() for o in outs))
     _check(library().recsys_rotary(src, p * h * d, dst, h * d, cos.data_ptr(), sin.data_ptr(), m, p, h, d, n_rot,
                                    sign, torch.get_num_threads()))
@@ -194,7 +194,7 @@ def unrotary_parts(grads: list[torch.Tensor | None], cos: torch.Tensor, sin: tor
     p, (h, d) = len(grads), ref.shape[-2:]
     gx = torch.empty(*ref.shape[:-2], p, h, d, dtype=ref.dtype)
     src = (ctypes.c_void_p * p)(*(None if g is None else g.data_ptr() for g in grads))
-    dst = (ctypes.c_void_p * p)(*(gx.data_ptr() + i * h * d * 4 for i in range(p)))
+    dst = (ctypes.c_void_p * p)(*(gx.data_ptr() + i * h * d * gx.element_size() for i in range(p)))
     _check(library().recsys_rotary(src, h * d, dst, p * h * d, cos.data_ptr(), sin.data_ptr(), cos.numel() // (d // 2),
                                    p, h, d, n_rot, -1.0, torch.get_num_threads()))
     return gx
