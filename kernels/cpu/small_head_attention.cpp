@@ -4,11 +4,11 @@
 //
 // Why by hand: ATen's CPU flash kernels run at 4-24% of the fp32 matmul ceiling at head dim 16
 // (docs/performance.md): their per-block GEMMs are tiny and the softmax is not amortised. Here one
-// (sequence, head) is a task: its keys are gathered once into a transposed [D, T] buffer, each query
-// row's scores are 64-key blocks of register FMAs, exp is a vectorised polynomial, and P.V / the
-// backward's rank-1 updates are one 16-float vector per key (D = 16, 32, 48 or 64; any other D is not
-// built and the Python side falls back to ATen). Exact softmax per row (no online rescaling): a row's
-// scores fit a buffer of T floats.
+// (sequence, head) is a task: its keys are gathered once into a transposed [D, T] buffer; query rows go in
+// groups of four whose scores are 64-key blocks of register FMAs sharing every key load; exp is a
+// vectorised polynomial; P.V and the backward's rank-four updates read or write each key row once per
+// group (D = 16, 32, 48 or 64; any other D is not built and the Python side falls back to ATen). Exact
+// softmax per row (no online rescaling): a row's scores fit a buffer of T floats.
 //
 // Math (natural log, fp32 accumulation), per query row q with visible keys t < lim:
 //   s_t = scale * q.k_t;  lse = max s + log sum exp(s - max);  out = sum_t exp(s_t - lse) v_t
