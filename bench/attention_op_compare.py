@@ -10,6 +10,10 @@ the lengths, the pyramid and the candidate counts are the real ones. Both arms r
 inputs; each round runs all calls of one op through arm A then arm B (B then A on odd rounds). The
 outputs and gradients of the two arms are compared too (max abs difference), since a lever here must
 not change results. Writes ``bench/results/attention_op_compare-<shape>.json`` with the load average.
+
+Only the Python file is swapped: where both commits dispatch fp32 calls to the native kernels
+(``kernels/cpu_native.py``), both arms load this tree's library, so kernel changes need
+``bench/native_kernel_compare.py`` (or ``RECSYS_NATIVE_ATTENTION=0`` to compare the ATen paths).
 """
 
 from __future__ import annotations
