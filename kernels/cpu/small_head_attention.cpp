@@ -282,7 +282,7 @@ struct Group {
 // Jagged causal attention: sequence i has n_k keys and its last n_q positions query (n_q <= n_k);
 // query j sits at position n_k - n_q + j and sees keys 0 .. that position.
 // ------------------------------------------------------------------------------------------------
-constexpr int64_t QBLOCK = 128;  // query rows per forward task
+constexpr int64_t QBLOCK = 512;  // query rows per forward task
 
 template <int D>
 void jagged_fwd(const float* q, const float* k, const float* v, const int64_t* kv, const int64_t* qo, int64_t n_seq,
