@@ -170,31 +170,37 @@ def rotary_supported(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] % 2 == 0 and library() is not None
 
 
-def rotary_parts(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, sign: float = 1.0
-                 ) -> list[torch.Tensor]:
-    """``x [..., P, H, D]``, ``cos, sin [..., D/2]`` (the same leading shape) -> P contiguous ``[..., H, D]``: the first ``n_rot`` rotated
-    (rotate-half form) by ``sign`` x the angles, the others copied. ``sign=-1`` is the backward's rotation."""
+def _rotary(src: list[int | None], src_row: int, dst: list[int], dst_row: int, cos: torch.Tensor, sin: torch.Tensor,
+            h: int, d: int, n_rot: int, sign: float) -> None:
+    """One ``recsys_rotary`` call: part p read at ``src[p]`` (``None``: zeros), written at ``dst[p]``, rows
+    ``src_row`` / ``dst_row`` floats apart; ``cos, sin [M, D/2]`` contiguous."""
+    p = len(src)
+    _check(library().recsys_rotary((ctypes.c_void_p * p)(*src), src_row, (ctypes.c_void_p * p)(*dst), dst_row,
+                                   cos.data_ptr(), sin.data_ptr(), cos.numel() // (d // 2), p, h, d, n_rot, sign,
+                                   torch.get_num_threads()))
+
+
+def rotary_parts(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -> list[torch.Tensor]:
+    """``x [..., P, H, D]``, ``cos, sin [..., D/2]`` (the same leading shape) -> P contiguous ``[..., H, D]``: the
+    first ``n_rot`` rotated (rotate-half form) by the angles, the others copied."""
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     p, h, d = x.shape[-3:]
-    m = cos.numel() // (d // 2)
     outs = [torch.empty(*x.shape[:-3], h, d, dtype=x.dtype) for _ in range(p)]
-    src = (ctypes.c_void_p * p)(*(x.data_ptr() + i * h * d * x.element_size() for i in range(p)))
-    dst = (ctypes.c_void_p * p)(*(o.data_ptr() for o in outs))
-    _check(library().recsys_rotary(src, p * h * d, dst, h * d, cos.data_ptr(), sin.data_ptr(), m, p, h, d, n_rot,
-                                   sign, torch.get_num_threads()))
+    part = h * d * x.element_size()
+    _rotary([x.data_ptr() + i * part for i in range(p)], p * h * d, [o.data_ptr() for o in outs], h * d, cos, sin,
+            h, d, n_rot, 1.0)
     return outs
 
 
 def unrotary_parts(grads: list[torch.Tensor | None], cos: torch.Tensor, sin: torch.Tensor, n_rot: int
                    ) -> torch.Tensor:
-    """Backward of :func:`rotary_parts`: P gradients ``[..., H, D]`` (``None`` = zeros) -> ``[..., P, H, D]``."""
+    """Backward of :func:`rotary_parts` (the rotation by the opposite angle): P gradients ``[..., H, D]``
+    (``None`` = zeros) -> ``[..., P, H, D]``."""
     ref = next(g for g in grads if g is not None)
     grads = [None if g is None else g.contiguous() for g in grads]
-    cos, sin = cos.contiguous(), sin.contiguous()
     p, (h, d) = len(grads), ref.shape[-2:]
     gx = torch.empty(*ref.shape[:-2], p, h, d, dtype=ref.dtype)
-    src = (ctypes.c_void_p * p)(*(None if g is None else g.data_ptr() for g in grads))
-    dst = (ctypes.c_void_p * p)(*(gx.data_ptr() + i * h * d * gx.element_size() for i in range(p)))
-    _check(library().recsys_rotary(src, h * d, dst, p * h * d, cos.data_ptr(), sin.data_ptr(), cos.numel() // (d // 2),
-                                   p, h, d, n_rot, -1.0, torch.get_num_threads()))
+    part = h * d * gx.element_size()
+    _rotary([None if g is None else g.data_ptr() for g in grads], h * d, [gx.data_ptr() + i * part for i in range(p)],
+            p * h * d, cos.contiguous(), sin.contiguous(), h, d, n_rot, -1.0)
     return gx

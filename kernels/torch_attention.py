@@ -1,6 +1,9 @@
 """CPU fast paths ("torch" backend) for both attention ops: forward (+ lse) and backward.
 
-Same math as the references in ``reference.py``, batched:
+Where ``kernels.cpu_native`` takes the call (CPU fp32, head size 16/32/48/64, the library built), each function
+hands it to the small-head native kernels, which work on the jagged rows directly. Everything below is the
+path for the other calls (bf16 / fp16, other head sizes, no compiler, CUDA tensors). Same math as the
+references in ``reference.py``, batched:
 
 - ``jagged_causal_attention_torch_{fwd,bwd}``: sequences are grouped into chunks (runs of
   sequences in longest-first order, ``_length_sorted``, or query-row blocks of one long sequence)

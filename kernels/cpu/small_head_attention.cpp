@@ -19,7 +19,6 @@
 // pointers of contiguous fp32 tensors; OpenMP threads come from torch's own libgomp (same soname).
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -30,7 +29,7 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads / stores
 
 constexpr int W = 16;        // floats per vector
-constexpr int KB = 64;       // keys per score block (4 independent FMA chains)
+constexpr int KB = 64;       // keys per score block (4 key vectors x R rows of accumulators)
 constexpr float NEG = -1.0e30f;  // masked score: exp(NEG - m) == 0, and NEG - x stays finite
 
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
@@ -107,7 +106,7 @@ struct Keys {
 };
 
 // A group of up to R query rows of one (sequence, head) is computed together: every key vector loaded for the
-// scores and every key row read or updated in the backward serves R rows (one row at a time was bound by loads).
+// scores and every key row read or updated in the backward serves R rows (instead of being reloaded per row).
 constexpr int R = 4;  // rank_r spells out its R = 4 rows
 
 // s[r][t] = x[r] . col_t(mt) for t < round_up(lim, W) (mt [D, ld], ld >= round_up(lim, W)); rows of s are sld
@@ -547,7 +546,7 @@ int recsys_prefix_bwd(const float* dout, const float* q, const float* k, const f
 // dst[p] + m*dst_row + h*D + d: one pass instead of ATen's four strided half-row passes per part.
 int recsys_rotary(const float* const* src, int64_t src_row, float* const* dst, int64_t dst_row, const float* cos,
                   const float* sin, int64_t M, int P, int H, int D, int n_rot, float sign, int threads) {
-  if (D % 2 != 0 || P > 8) return -1;
+  if (D % 2 != 0) return -1;
   const int half = D / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t m = 0; m < M; ++m) {
